@@ -1,0 +1,24 @@
+"""ASGI entry point: HTTP through Django, websockets through Channels (same-origin only)."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mistudio.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from mistudio.routing import websocket_urlpatterns  # noqa: E402
+from mistudio.wsauth import LoginRequiredWebsocket  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(LoginRequiredWebsocket(URLRouter(websocket_urlpatterns)))
+        ),
+    }
+)

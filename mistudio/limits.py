@@ -1,0 +1,22 @@
+"""Bounds shared by every extraction setting, wherever it comes from (modal, API, CLI, template
+import). One place, so there are never two different batch-size rules."""
+
+from __future__ import annotations
+
+HOOK_TYPES = ("residual", "mlp", "attention")
+HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": "Attention Output"}
+
+LAYER_INDEX_MAX = 1023  # no released decoder has more blocks; the model bound is checked on use
+LAYERS_PER_JOB_MAX = 256
+BATCH_SIZE_MIN, BATCH_SIZE_MAX = 1, 1024
+MAX_SAMPLES_MIN, MAX_SAMPLES_MAX = 1, 100_000_000
+CONTEXT_SIZE_MIN, CONTEXT_SIZE_MAX = 2, 131_072
+TOP_K_MIN, TOP_K_MAX = 1, 10_000
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_SAMPLES = 1000
+DEFAULT_CONTEXT_SIZE = 128
+DEFAULT_TOP_K = 100
+
+NAME_MAX = 255
+DESCRIPTION_MAX = 500

@@ -1,0 +1,22 @@
+"""Login gate: when MISTUDIO_LOGIN_REQUIRED is on, every page but login needs a signed-in user."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
+from django.http import JsonResponse
+
+OPEN_PREFIXES = ("/admin/login/", "/static/", "/accounts/login/")
+
+
+class LoginRequiredWhenEnabled:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if settings.LOGIN_REQUIRED and not request.user.is_authenticated:
+            if not request.path.startswith(OPEN_PREFIXES):
+                if request.path.startswith("/api/"):
+                    return JsonResponse({"detail": "Sign in first."}, status=401)
+                return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
+        return self.get_response(request)

@@ -1,0 +1,1 @@
+"""Offline test infrastructure: tiny real Hugging Face models and a loopback fake of the Hub."""

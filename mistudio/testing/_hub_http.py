@@ -1,0 +1,391 @@
+"""HTTP side of the fake hub: request handlers for the Hub API and for the "CDN" serving LFS blobs.
+
+Responses copy the real Hub's (as read by huggingface_hub 2.4): errors carry `X-Error-Code` /
+`X-Error-Message` headers and a JSON `{"error": ...}` body; `/resolve` answers small files itself
+(ETag = git oid) and redirects LFS files with 302 to another origin (the CDN port) with
+`X-Linked-Etag` (sha256) and `X-Linked-Size`, so huggingface_hub drops the token on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from mistudio.testing._hub_repos import HubFile, HubRepo, model_info, tree_listing
+
+if TYPE_CHECKING:
+    from mistudio.testing.fakehub import FakeHub
+
+INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class StreamStopped(Exception):
+    """The hub is stopping: abandon the body being sent."""
+
+
+class Valve:
+    """Shared throttle and pause switch for every file body the hub and CDN send.
+
+    Throttling is one global link of `rate` bytes/s that all streams share. While paused, a body
+    holds once it has sent `pause_after` bytes, so a test can stop a download mid-file.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.rate: float | None = None
+        self.paused = False
+        self.pause_after = 0
+        self.held = 0
+        self.bytes_sent = 0
+        self._stopped = False
+        self._link_free_at = 0.0  # time.monotonic() when the throttled link is idle again
+
+    def chunk_size(self, sent: int) -> int:
+        """Bytes to send next, given `sent` bytes of this body are out (never past a pause mark)."""
+        size = 256 * 1024 if self.rate is None else int(min(max(self.rate / 50, 1024), 64 * 1024))
+        if self.paused and sent < self.pause_after:
+            size = min(size, self.pause_after - sent)
+        return size
+
+    def before_chunk(self, sent: int) -> None:
+        """Block while paused past this body's pause mark; raise StreamStopped on stop."""
+        with self._cond:
+            if self.paused and sent >= self.pause_after:
+                self.held += 1
+                self._cond.notify_all()
+                try:
+                    self._cond.wait_for(lambda: not self.paused or self._stopped)
+                finally:
+                    self.held -= 1
+                    self._cond.notify_all()
+            if self._stopped:
+                raise StreamStopped
+
+    def after_chunk(self, n: int) -> None:
+        """Count `n` sent bytes and, when throttled, wait for the link's time slot for them."""
+        with self._cond:
+            self.bytes_sent += n
+            if self.rate is None:
+                return
+            now, rate = time.monotonic(), self.rate
+            self._link_free_at = max(now, self._link_free_at) + n / rate
+            # A new rate (or none) applies at once, even to a stream waiting for its slot.
+            self._cond.wait_for(
+                lambda: self._stopped or self.rate != rate, timeout=self._link_free_at - now
+            )
+            if self._stopped:
+                raise StreamStopped
+
+    def set(self, **changes: object) -> None:
+        with self._cond:
+            for name, value in changes.items():
+                setattr(self, name, value)
+            self._cond.notify_all()
+
+    def wait_until_held(self, count: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.held >= count, timeout=timeout)
+
+    def stop(self) -> None:
+        self.set(_stopped=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as huggingface_hub's pooled client expects
+    server_kind = "hub"
+
+    @property
+    def hub(self) -> FakeHub:
+        return self.server.hub  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # tests read hub.requests instead of stderr
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        self.method = method
+        url = urlsplit(self.path)
+        self.query = parse_qs(url.query)
+        self.form = self._read_form() if method == "POST" else {}
+        self.token = self._bearer_token()
+        had_authorization = self.headers.get("Authorization") is not None
+        self.hub.record(self.server_kind, method, url.path, had_authorization, self.token)
+        self.route(url.path)
+
+    def route(self, path: str) -> None:
+        raise NotImplementedError
+
+    def _read_form(self) -> dict[str, list[str]]:
+        length = int(self.headers.get("Content-Length") or 0)
+        return parse_qs(self.rfile.read(length).decode()) if length else {}
+
+    def _bearer_token(self) -> str | None:
+        header = self.headers.get("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    # -- responses -----------------------------------------------------------------------------
+
+    def send_json(self, data: object, status: int = 200) -> None:
+        self.send_bytes(json.dumps(data).encode(), status, {"Content-Type": "application/json"})
+
+    def send_bytes(self, body: bytes, status: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.method != "HEAD":
+            self.wfile.write(body)
+
+    def send_hub_error(
+        self, status: int, message: str, code: str | None = None, headers: dict | None = None
+    ) -> None:
+        extra = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {})}
+        body = json.dumps({"error": message}).encode()
+        self.send_bytes(
+            body, status, {"Content-Type": "application/json", **extra, **(headers or {})}
+        )
+
+    def send_file_body(self, f: HubFile, headers: dict[str, str]) -> None:
+        """Send `f` (or the byte range asked for) through the hub's throttle/pause valve."""
+        start, end = 0, f.size
+        status = 200
+        range_header = self.headers.get("Range")
+        if range_header:
+            parsed = _parse_range(range_header, f.size)
+            if parsed is None:
+                self.send_hub_error(416, "Requested range not satisfiable")
+                return
+            start, end = parsed
+            status = 206
+            headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{f.size}"}
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(end - start)}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.method != "HEAD":
+            self._stream(f.data, start, end)
+
+    def _stream(self, data: bytes, start: int, end: int) -> None:
+        valve, sent = self.hub.valve, 0
+        try:
+            while start + sent < end:
+                valve.before_chunk(sent)
+                n = min(valve.chunk_size(sent), end - start - sent)
+                self.wfile.write(data[start + sent : start + sent + n])
+                self.wfile.flush()
+                sent += n
+                valve.after_chunk(n)
+        except (StreamStopped, OSError):
+            self.close_connection = True  # the client sees a short body, as on a dropped link
+
+
+class HubHandler(_Handler):
+    """The Hub: `/api/models/...`, `/api/whoami-v2` and `/<repo>/resolve/<rev>/<path>`."""
+
+    def route(self, path: str) -> None:
+        resolve = _parse_resolve(path)
+        if self.token is not None and self.token not in self.hub.tokens:
+            self.send_hub_error(401, INVALID_CREDENTIALS)
+        elif path == "/api/whoami-v2":
+            self._whoami()
+        elif path.startswith("/api/models/"):
+            self._api_models([unquote(p) for p in path[len("/api/models/") :].split("/")])
+        elif resolve is not None:
+            self._resolve(*resolve)
+        else:
+            self.send_hub_error(404, "Sorry, we can't find the page you are looking for.")
+
+    def _whoami(self) -> None:
+        if self.token is None:
+            self.send_hub_error(401, INVALID_CREDENTIALS)
+            return
+        role = "read" if self.token in self.hub.approved_tokens else "fineGrained"
+        self.send_json(
+            {
+                "type": "user",
+                "name": "tester",
+                "fullname": "Test User",
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {"displayName": "tests", "role": role},
+                },
+            }
+        )
+
+    def _api_models(self, parts: list[str]) -> None:
+        repo_id, rest = self._split_repo(parts)
+        repo = self._repo_or_error(repo_id, files=rest == ["auth-check"])
+        if repo is None:
+            return
+        if rest == [] or (len(rest) == 2 and rest[0] == "revision"):
+            self._info(repo, rest[1] if rest else "main")
+        elif rest == ["auth-check"]:
+            self.send_json({})
+        elif rest[0] == "tree" and len(rest) >= 2:
+            self._tree(repo, rest[1], "/".join(rest[2:]))
+        elif rest[0] == "paths-info" and len(rest) == 2 and self.method == "POST":
+            self._paths_info(repo, rest[1])
+        else:
+            self.send_hub_error(404, "Sorry, we can't find the page you are looking for.")
+
+    def _split_repo(self, parts: list[str]) -> tuple[str, list[str]]:
+        """Split "owner/name/..." or "name/..." path parts into a repo id and the rest."""
+        if len(parts) >= 2 and "/".join(parts[:2]) in self.hub.repos:
+            return "/".join(parts[:2]), parts[2:]
+        if parts[0] in self.hub.repos or len(parts) == 1:
+            return parts[0], parts[1:]
+        return "/".join(parts[:2]), parts[2:]
+
+    def _repo_or_error(self, repo_id: str, *, files: bool) -> HubRepo | None:
+        """Return the repo if this caller may see it (and its files, if `files`), else answer."""
+        repo = self.hub.repos.get(repo_id)
+        approved = self.token is not None and self.token in self.hub.approved_tokens
+        if repo is None or (repo.private and not approved):
+            # Like the Hub: 401 to anonymous callers, 404 to signed-in ones; same error code.
+            status = 401 if self.token is None else 404
+            self.send_hub_error(status, "Repository not found", "RepoNotFound")
+            return None
+        if files and repo.gated and not approved:
+            self._gated_error(repo_id)
+            return None
+        return repo
+
+    def _gated_error(self, repo_id: str) -> None:
+        if self.token is None:
+            message = (
+                f"Access to model {repo_id} is restricted. You must have access to it and be"
+                " authenticated to access it. Please log in."
+            )
+            self.send_hub_error(401, message, "GatedRepo")
+        else:
+            message = (
+                f"Access to model {repo_id} is restricted and you are not in the authorized list."
+                f" Visit {self.hub.endpoint}/{repo_id} to ask for access."
+            )
+            self.send_hub_error(403, message, "GatedRepo")
+
+    def _commit_or_error(self, repo: HubRepo, revision: str) -> str | None:
+        sha = repo.resolve(revision)
+        if sha is None:
+            self.send_hub_error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return sha
+
+    def _info(self, repo: HubRepo, revision: str) -> None:
+        sha = self._commit_or_error(repo, revision)
+        if sha is None:
+            return
+        blobs = self.query.get("blobs", ["false"])[0].lower() == "true"
+        self.send_json(model_info(repo, sha, blobs=blobs))
+
+    def _tree(self, repo: HubRepo, revision: str, path: str) -> None:
+        sha = self._commit_or_error(repo, revision)
+        if sha is None:
+            return
+        recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
+        entries = tree_listing(repo.commits[sha], path, recursive=recursive)
+        if entries is None:
+            self.send_hub_error(404, f"Entry not found: {path}", "EntryNotFound")
+        else:
+            self.send_json(entries)
+
+    def _paths_info(self, repo: HubRepo, revision: str) -> None:
+        sha = self._commit_or_error(repo, revision)
+        if sha is None:
+            return
+        files = repo.commits[sha]
+        wanted = self.form.get("paths", [])
+        self.send_json([files[p].tree_entry() for p in wanted if p in files])
+
+    def _resolve(self, repo_id: str, revision: str, path: str) -> None:
+        repo = self._repo_or_error(repo_id, files=True)
+        if repo is None:
+            return
+        sha = self._commit_or_error(repo, revision)
+        if sha is None:
+            return
+        f = repo.commits[sha].get(path)
+        if f is None:
+            self.send_hub_error(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
+            return
+        headers = {
+            "X-Repo-Commit": sha,
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": _disposition(path),
+        }
+        if f.is_lfs:
+            self._redirect_to_cdn(f, headers)
+        else:
+            content_type = "application/json" if path.endswith(".json") else "text/plain"
+            self.send_file_body(f, {**headers, "ETag": f'"{f.oid}"', "Content-Type": content_type})
+
+    def _redirect_to_cdn(self, f: HubFile, headers: dict[str, str]) -> None:
+        name = quote(f.path.rsplit("/", 1)[-1])
+        location = f"{self.hub.cdn_endpoint}/lfs/{f.sha256}?filename={name}"
+        linked = {"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)}
+        body = f"Found. Redirecting to {location}".encode()
+        headers = {**headers, **linked, "ETag": f'"{f.oid}"', "Location": location}
+        self.send_bytes(body, 302, {**headers, "Content-Type": "text/plain"})
+
+
+class CdnHandler(_Handler):
+    """Stands in for the CDN an LFS redirect points to: `/lfs/<sha256>`, no auth (signed URL)."""
+
+    server_kind = "cdn"
+
+    def route(self, path: str) -> None:
+        sha256 = path.removeprefix("/lfs/")
+        f = self.hub.blob(sha256)
+        if f is None or self.method == "POST":
+            self.send_bytes(b"Not Found", 404, {"Content-Type": "text/plain"})
+            return
+        name = self.query.get("filename", [f.path.rsplit("/", 1)[-1]])[0]
+        headers = {
+            "ETag": f'"{f.sha256}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": _disposition(name),
+        }
+        self.send_file_body(f, headers)
+
+
+def _parse_resolve(path: str) -> tuple[str, str, str] | None:
+    """Split "/<repo>/resolve/<revision>/<file path>" into its three parts (None if not one)."""
+    parts = path.strip("/").split("/")
+    for at in (2, 1):  # "owner/name" first, then a bare "name"
+        if len(parts) > at + 2 and parts[at] == "resolve" and parts[0] != "api":
+            repo_id, revision = unquote("/".join(parts[:at])), unquote(parts[at + 1])
+            return repo_id, revision, unquote("/".join(parts[at + 2 :]))
+    return None
+
+
+def _disposition(path: str) -> str:
+    name = quote(path.rsplit("/", 1)[-1])
+    return f"inline; filename*=UTF-8''{name}; filename=\"{name}\";"
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """Parse a single "bytes=a-b" range into [start, end) within `size`; None if unsatisfiable."""
+    match = _RANGE_RE.match(header.strip())
+    if match is None or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first == "":  # suffix range: the last N bytes
+        start, end = max(size - int(last), 0), size
+    else:
+        start, end = int(first), size if last == "" else min(int(last) + 1, size)
+    return (start, end) if start < end else None

@@ -1,0 +1,1 @@
+"""Tests of the mistudio project package (settings, test infrastructure)."""

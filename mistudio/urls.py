@@ -1,0 +1,12 @@
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from mistudio.api import api
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="models:page", permanent=False)),
+    path("models/", include("models_app.urls")),
+    path("api/", api.urls),
+    path("admin/", admin.site.urls),
+]

@@ -1,0 +1,65 @@
+"""JSON API for models (architecture.md §6): same schemas and services as the HTML views."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+from ninja import Router
+
+from . import resident, services
+from .models import Model
+from .schemas import ArchitectureOut, DownloadIn, ErrorOut, ModelOut
+from .templatetags.mistudio_format import bytes_h, params_h
+
+router = Router(tags=["models"])
+ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut,
+          422: ErrorOut, 502: ErrorOut}
+
+
+def model_json(m: Model) -> dict:
+    mem = m.mem_req_bytes if m.mem_req_bytes is not None else m.mem_estimate_bytes
+    return {
+        **{f: getattr(m, f) for f in ModelOut.model_fields if hasattr(m, f)},
+        "params_display": params_h(m.params),
+        "memReq": bytes_h(mem),
+    }
+
+
+@router.get("", response=list[ModelOut])
+def models_list(request: HttpRequest, status: str | None = None):
+    return [model_json(m) for m in services.model_list(status=status)]
+
+
+@router.post("/download", response={201: ModelOut, **ERRORS})
+def models_download(request: HttpRequest, payload: DownloadIn):
+    return 201, model_json(services.model_download(**payload.model_dump()))
+
+
+@router.get("/{model_id}", response={200: ModelOut, **ERRORS})
+def models_get(request: HttpRequest, model_id: str):
+    return model_json(services.model_get(model_id))
+
+
+@router.delete("/{model_id}", response={204: None, **ERRORS})
+def models_delete(request: HttpRequest, model_id: str):
+    services.model_delete(model_id)
+    return 204, None
+
+
+@router.post("/{model_id}/cancel", response={200: ModelOut, **ERRORS})
+def models_cancel(request: HttpRequest, model_id: str):
+    return model_json(services.model_cancel(model_id))
+
+
+@router.post("/{model_id}/load", response={202: ModelOut, **ERRORS})
+def models_load(request: HttpRequest, model_id: str):
+    return 202, model_json(resident.model_load(model_id))
+
+
+@router.post("/{model_id}/unload", response={202: ModelOut, **ERRORS})
+def models_unload(request: HttpRequest, model_id: str):
+    return 202, model_json(resident.model_unload(model_id))
+
+
+@router.get("/{model_id}/architecture", response={200: ArchitectureOut, **ERRORS})
+def models_architecture(request: HttpRequest, model_id: str):
+    return services.model_architecture(model_id)

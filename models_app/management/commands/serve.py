@@ -1,0 +1,77 @@
+"""Start the whole app: daphne (web + websockets) and the two django-q2 clusters.
+
+    python manage.py serve [--host 127.0.0.1] [--port 8000]
+
+Children share this process's environment; Ctrl-C (or SIGTERM) stops all of them. If one child dies
+the others are stopped too, so a supervisor (systemd) can restart the set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from models_app.checks import serving_is_safe
+
+
+def _children(host: str, port: int) -> list[tuple[str, list[str], dict]]:
+    py = sys.executable
+    manage = [py, os.path.join(settings.BASE_DIR, "manage.py")]
+    base_env = dict(os.environ, MISTUDIO_HOST=host, PYTHONUNBUFFERED="1")
+    gpu_env = dict(base_env, Q_CLUSTER_NAME=settings.GPU_CLUSTER)
+    return [
+        ("web", [py, "-m", "daphne", "-b", host, "-p", str(port), "mistudio.asgi:application"],
+         base_env),
+        ("downloads", [*manage, "qcluster"], base_env),
+        ("gpu", [*manage, "qcluster"], gpu_env),
+    ]
+
+
+class Command(BaseCommand):
+    help = "Run daphne and the django-q2 clusters (downloads, gpu) together."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=settings.BIND_HOST)
+        parser.add_argument("--port", type=int, default=settings.BIND_PORT)
+
+    def handle(self, *args, host: str, port: int, **options):
+        if not serving_is_safe(host, settings.LOGIN_REQUIRED):
+            raise CommandError(
+                f"Refusing to serve on {host} without login: set MISTUDIO_LOGIN_REQUIRED=1 and"
+                " create a user (manage.py createsuperuser), or bind 127.0.0.1."
+            )
+        procs = {name: subprocess.Popen(cmd, env=env) for name, cmd, env in _children(host, port)}
+        self.stdout.write(f"miStudio on http://{host}:{port}  (Ctrl-C stops)")
+        stop = {"flag": False}
+
+        def on_signal(signum, frame):
+            stop["flag"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            while not stop["flag"]:
+                dead = [n for n, p in procs.items() if p.poll() is not None]
+                if dead:
+                    self.stderr.write(f"{', '.join(dead)} exited; stopping the others.")
+                    break
+                time.sleep(0.5)
+        finally:
+            self._stop_all(procs)
+
+    def _stop_all(self, procs: dict[str, subprocess.Popen]) -> None:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()

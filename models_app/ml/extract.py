@@ -1,0 +1,508 @@
+"""Activation extraction: validate a spec, self-check branch sites, stream batches to shards.
+
+    texts ─ pack_documents ─> (B, T) int64 ─ forward up to the deepest layer ─ hooks copy (B, T, d)
+          into a staging slot ─ writer thread ─> one shard buffer per hook ─> shards/…/k.safetensors
+                                                                          └─> manifest.json (last)
+
+Progress is reported in tokens through `on_progress(done, total)`; cancellation is polled between
+batches through `should_cancel()`. Nothing here knows about Django.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hooks import (
+    BRANCH_HOOK_TYPES,
+    HOOK_TYPES,
+    HookSiteError,
+    Site,
+    canonical_hook_type,
+    capture,
+    resolve_sites,
+)
+from .stats import SiteStats
+from .storage import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    STORAGE_DTYPES,
+    NonFiniteError,
+    ShardWriter,
+    Slot,
+    StagingPool,
+    dtype_name,
+    remove_partial,
+    write_manifest,
+)
+from .tokens import batched, bos_policy, pack_documents, token_budget
+
+SHARD_TARGET_BYTES = 128 * 2**20  # per hook and shard when shard_sequences is None
+SELF_CHECK_SEQUENCES = 2  # sequences of the first batch the sum check runs on
+POOL_SLOTS = 3  # staged batches in flight: one being filled, two queued for the writer
+# Relative tolerance of the sum check, by compute dtype: fp32 adds are exact up to rounding,
+# fp16/bf16 round the residual stream at every add.
+SUM_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+SUM_CHECK_TOLERANCE_HALF = 5e-2
+
+
+class ExtractionError(RuntimeError):
+    """An extraction that cannot run or failed; the message is meant for the user."""
+
+
+class ExtractionCancelled(Exception):  # noqa: N818 - an outcome, not an error
+    """The caller asked to stop; partial files were removed."""
+
+
+@dataclass
+class ExtractionSpec:
+    """What to extract. Sizes are counts of sequences or tokens."""
+
+    layers: list[int]  # block indices, 0-based
+    hook_types: list[str]  # residual/mlp/attention or resid_post/mlp_out/attn_out/resid_pre
+    context_size: int  # tokens per sequence (T)
+    batch_size: int  # sequences per forward (B)
+    max_samples: int  # sequences to extract at most
+    shard_sequences: int | None = None  # sequences per shard; None: ≈ SHARD_TARGET_BYTES per hook
+    dtype: str | None = None  # storage dtype float32|bfloat16; None: float32 on CPU, bf16 on GPU
+    include_resid_pre: bool = False  # also store blocks.{i}.hook_resid_pre
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise ExtractionError with a readable message when the spec cannot run on `model`."""
+        for name in ("context_size", "batch_size", "max_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ExtractionError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.shard_sequences is not None and self.shard_sequences < 1:
+            raise ExtractionError(f"shard_sequences must be at least 1, got {self.shard_sequences}")
+        if not self.layers or not self.hook_types:
+            raise ExtractionError("choose at least one layer and one hook type")
+        limit = max_positions(model.config)
+        if limit is not None and self.context_size > limit:
+            raise ExtractionError(f"context_size {self.context_size} exceeds the model's {limit}")
+        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
+            raise ExtractionError(
+                f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype}"
+            )
+        self.sites(model)
+
+    def canonical_hook_types(self) -> list[str]:
+        """Requested hook types in canonical form (plus resid_pre when asked), HOOK_TYPES order."""
+        try:
+            types = {canonical_hook_type(t) for t in self.hook_types}
+        except HookSiteError as exc:
+            raise ExtractionError(str(exc)) from exc
+        if self.include_resid_pre:
+            types.add("resid_pre")
+        return sorted(types, key=HOOK_TYPES.index)
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        """The sites this spec captures on `model` (ExtractionError when one does not exist)."""
+        try:
+            return resolve_sites(model, self.layers, self.canonical_hook_types())
+        except HookSiteError as exc:
+            raise ExtractionError(str(exc)) from exc
+
+    def storage_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype is not None:
+            return STORAGE_DTYPES[self.dtype]
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model accepts, from its config (None when it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def hidden_size(config) -> int:
+    """Width d of the residual stream."""
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ExtractionError(f"cannot find the hidden size in {type(config).__name__}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the input embeddings: where input ids must go."""
+    return model.get_input_embeddings().weight.device
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    return getattr(model, "dtype", torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-check: resid_post − resid_pre ≈ attn_out + mlp_out
+
+
+class _SumCheck:
+    """Sink that scores each layer as soon as its four sites arrived, then drops them."""
+
+    def __init__(self):
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.errors: dict[int, float] = {}
+        self.nonfinite: list[str] = []
+
+    def __call__(self, site: Site, t: torch.Tensor) -> None:
+        if not torch.isfinite(t).all():
+            self.nonfinite.append(site.name)
+        g = self.pending.setdefault(site.layer, {})
+        g[site.hook_type] = t.to(torch.float64, copy=True)  # (B, T, d)
+        if len(g) == len(HOOK_TYPES):
+            delta = g["resid_post"] - g["resid_pre"]  # (B, T, d)
+            residue = delta - (g["attn_out"] + g["mlp_out"])  # (B, T, d)
+            self.errors[site.layer] = float(residue.norm() / delta.norm().clamp_min(1e-30))
+            del self.pending[site.layer]
+
+
+def self_check(model: nn.Module, batch: torch.Tensor, layers: Iterable[int]) -> dict:
+    """Check, per layer, that the branch module outputs add up to the block's residual update.
+
+    batch: (B, T) token ids on the model's device. Returns {"passed", "nonfinite": [site names
+    with inf/NaN], "tolerance", "max_rel_error": {layer: ‖Δ − (attn + mlp)‖ / ‖Δ‖},
+    "worst_layer"} with Δ = resid_post − resid_pre, in float64. A layer fails when its error
+    exceeds the compute dtype's tolerance. Holds one layer's four sites at a time.
+    """
+    sites = resolve_sites(model, list(layers), HOOK_TYPES)
+    check = _SumCheck()
+    model.eval()
+    with capture(model, sites, check) as cap:
+        cap.forward(batch)
+    errors = check.errors
+    tol = SUM_CHECK_TOLERANCE.get(_compute_dtype(model), SUM_CHECK_TOLERANCE_HALF)
+    return {
+        "passed": not check.nonfinite and all(e <= tol for e in errors.values()),
+        "nonfinite": check.nonfinite,
+        "tolerance": tol,
+        "max_rel_error": {str(k): v for k, v in errors.items()},
+        "worst_layer": max(errors, key=lambda k: (math.isnan(errors[k]), errors[k])),
+    }
+
+
+def refuse_branch_sites(check: dict, model: nn.Module) -> None:
+    """Raise ExtractionError when a failed self-check makes attention/MLP sites untrustworthy."""
+    if check["passed"]:
+        return
+    if check["nonfinite"]:
+        names = ", ".join(check["nonfinite"])
+        raise ExtractionError(f"inf/NaN values in {names}: activations are not finite")
+    layer = check["worst_layer"]
+    err = check["max_rel_error"][str(layer)]
+    raise ExtractionError(
+        f"attention/mlp sites are refused for {type(model).__name__}: at layer {layer}, "
+        f"resid_post - resid_pre differs from attn_out + mlp_out by {err:.1%} "
+        f"(tolerance {check['tolerance']:.1%}). This architecture changes its branch outputs "
+        "after the attention/MLP modules (e.g. norms after each branch), so those modules' outputs "
+        "are not what the block adds to the residual stream. Extract 'residual' only."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch loop
+
+
+@dataclass
+class _Plan:
+    sites: list[Site]
+    device: torch.device
+    dtype: torch.dtype  # storage dtype
+    d: int
+    context_size: int
+    batch_size: int
+    shard_sequences: int
+    batch_size_used: int = 0  # after halving on GPU OOM
+    notes: list[str] = field(default_factory=list)
+
+
+class _Run:
+    """State of one extraction: staging pool, writer thread, statistics, the hook sink."""
+
+    def __init__(self, plan: _Plan, out_dir: Path):
+        self.plan = plan
+        self.cuda = plan.device.type == "cuda"
+        self.stats = {s.name: SiteStats() for s in plan.sites}
+        shape = (plan.batch_size, plan.context_size, plan.d)  # (B, T, d)
+        names = [s.name for s in plan.sites]
+        self.pool = StagingPool(POOL_SLOTS, dict.fromkeys(names, shape), plan.dtype, self.cuda)
+        self.writer = ShardWriter(
+            out_dir,
+            dict.fromkeys(names, plan.d),
+            plan.context_size,
+            plan.shard_sequences,
+            plan.dtype,
+            self.stats,
+            update_stats=not self.cuda,  # on CUDA the main thread updates them on the device
+            release=self.pool.release,
+            max_pending=POOL_SLOTS,
+        ).start()
+        plan.batch_size_used = plan.batch_size
+        self.slot: Slot | None = None
+        self.expected: tuple[int, int, int] = (0, 0, 0)  # (b, T, d) of the batch in flight
+        self.fired: dict[str, torch.Tensor] = {}
+
+    def sink(self, site: Site, t: torch.Tensor) -> None:
+        """Hook sink: one copy into the staging slot, nothing else."""
+        if tuple(t.shape) != self.expected:
+            raise ExtractionError(f"{site.name}: got shape {tuple(t.shape)}, want {self.expected}")
+        self.slot.buffers[site.name][: t.shape[0]].copy_(t, non_blocking=self.cuda)
+        self.fired[site.name] = t
+
+    def run_batch(self, cap, ids: torch.Tensor) -> None:
+        """Forward one batch (b, T) and hand its staged activations to the writer."""
+        slot = self.slot = self.pool.acquire()
+        self.expected = (ids.shape[0], self.plan.context_size, self.plan.d)  # (b, T, d)
+        try:
+            cap.forward(ids.to(self.plan.device, non_blocking=True))
+            self._after_forward(slot, ids)
+            self.writer.submit(slot)
+        except BaseException:
+            self.pool.release(slot)
+            raise
+        finally:
+            self.fired.clear()
+
+    def _after_forward(self, slot: Slot, ids: torch.Tensor) -> None:
+        missing = [s.name for s in self.plan.sites if s.name not in self.fired]
+        if missing:
+            raise ExtractionError(f"hooks did not fire for {missing}")
+        if self.cuda:
+            for name, t in self.fired.items():
+                self.stats[name].update(t)  # (b, T, d) on the device, no synchronisation
+            slot.event = torch.cuda.Event()
+            slot.event.record()
+        slot.n, slot.token_ids = ids.shape[0], ids.to(torch.int32)  # (b, T)
+
+    def process(self, cap, batch: torch.Tensor) -> None:
+        """Forward a (B, T) batch in chunks of the current batch size, halving it on GPU OOM."""
+        start = 0
+        while start < batch.shape[0]:
+            chunk = batch[start : start + self.plan.batch_size_used]  # (b, T)
+            try:
+                self.run_batch(cap, chunk)
+            except torch.OutOfMemoryError:
+                self._shrink(chunk.shape[0])
+                continue
+            start += chunk.shape[0]
+
+    def _shrink(self, failed: int) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+        if failed <= 1:
+            raise ExtractionError(
+                f"out of GPU memory even at batch size 1 with context_size "
+                f"{self.plan.context_size}: use a shorter context or a smaller quantization"
+            ) from None
+        self.plan.batch_size_used = failed // 2
+        self.plan.notes.append(
+            f"out of GPU memory at batch size {failed}; "
+            f"continued with batch size {self.plan.batch_size_used}"
+        )
+
+    def finish(self) -> dict[str, list[dict]]:
+        return self.writer.finish()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _loop(
+    run: _Run,
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    total: int,
+    on_progress: Callable[[int, int], None],
+    should_cancel: Callable[[], bool],
+) -> int:
+    """Run every batch; returns the number of tokens processed."""
+    done = 0
+    with capture(model, run.plan.sites, run.sink) as cap:
+        for batch in batches:  # (B, T)
+            if should_cancel():
+                raise ExtractionCancelled("extraction cancelled")
+            run.process(cap, batch)
+            done += batch.numel()
+            on_progress(done, total)
+    return done
+
+
+def _plan(model: nn.Module, spec: ExtractionSpec) -> _Plan:
+    device = model_device(model)
+    dtype = spec.storage_dtype(device)
+    d = hidden_size(model.config)
+    per_seq = spec.context_size * d * dtype.itemsize  # bytes of one sequence of one hook
+    shard = spec.shard_sequences or max(1, SHARD_TARGET_BYTES // per_seq)
+    batch = min(spec.batch_size, spec.max_samples)
+    return _Plan(spec.sites(model), device, dtype, d, spec.context_size, batch, shard)
+
+
+def _prepare_dir(out_dir: Path) -> None:
+    if (out_dir / MANIFEST_NAME).exists():
+        raise ExtractionError(f"{out_dir} already holds a finished extraction")
+    remove_partial(out_dir)  # leftovers of a crashed attempt: only listed shards are trusted
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_extraction(
+    model: nn.Module,
+    tokenizer,
+    texts: Iterable[str],
+    spec: ExtractionSpec,
+    out_dir: Path,
+    *,
+    meta: dict,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Extract activations of `spec`'s sites over `texts` into `out_dir`; returns the manifest.
+
+    meta: model_id, repo, commit, quantization, dataset_id (recorded as given; missing keys are
+    null). on_progress(done_tokens, total_tokens) is called after every batch and once at the end
+    with done == total. Raises ExtractionCancelled (partial files removed) when should_cancel()
+    turns true between batches, ExtractionError with a readable message otherwise (bad spec,
+    branch sites refused by the self-check, inf/NaN activations, GPU out of memory at batch 1).
+    """
+    spec.validate(model)
+    model.eval()
+    plan = _plan(model, spec)
+    out_dir = Path(out_dir)
+    _prepare_dir(out_dir)
+    total = token_budget(spec.max_samples, spec.context_size)
+    batches = batched(
+        pack_documents(tokenizer, texts, spec.context_size, spec.max_samples), plan.batch_size
+    )
+    first = next(batches, None)
+    if first is None:
+        remove_partial(out_dir)
+        raise ExtractionError(f"the dataset has fewer than {spec.context_size} tokens")
+    check = _check_branches(model, spec, first.to(plan.device), out_dir)
+    report = on_progress or (lambda done, total: None)
+    run = _Run(plan, out_dir)
+    try:
+        report(0, total)
+        done = _loop(run, model, chain([first], batches), total, report, should_cancel or _never)
+        records = run.finish()
+    except NonFiniteError as exc:
+        _fail(run, out_dir)
+        raise ExtractionError(f"{exc}; nothing was kept") from exc
+    except BaseException:
+        _fail(run, out_dir)
+        raise
+    manifest = build_manifest(model, tokenizer, spec, plan, records, run.stats, check, meta, done)
+    write_manifest(out_dir, manifest)
+    report(done, done)
+    return manifest
+
+
+def _never() -> bool:
+    return False
+
+
+def _check_branches(model, spec: ExtractionSpec, first: torch.Tensor, out_dir: Path) -> dict | None:
+    if not BRANCH_HOOK_TYPES & set(spec.canonical_hook_types()):
+        return None
+    try:
+        check = self_check(model, first[:SELF_CHECK_SEQUENCES], spec.layers)
+        refuse_branch_sites(check, model)
+    except torch.OutOfMemoryError:
+        remove_partial(out_dir)
+        raise ExtractionError(
+            f"out of GPU memory during the self-check on {SELF_CHECK_SEQUENCES} sequences of "
+            f"{spec.context_size} tokens: use a shorter context or a smaller quantization"
+        ) from None
+    except BaseException:
+        remove_partial(out_dir)
+        raise
+    return check
+
+
+def _fail(run: _Run, out_dir: Path) -> None:
+    run.abort()
+    remove_partial(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+def _tokenizer_info(tokenizer) -> dict:
+    return {
+        "name": getattr(tokenizer, "name_or_path", None) or None,
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _model_info(model: nn.Module, meta: dict) -> dict:
+    config = model.config
+    return {
+        "id": meta.get("model_id"),
+        "repo": meta.get("repo"),
+        "commit": meta.get("commit"),
+        "quantization": meta.get("quantization"),
+        "dtype": dtype_name(_compute_dtype(model)),
+        "architecture": getattr(config, "model_type", None),
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": hidden_size(config),
+    }
+
+
+def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, done) -> dict:
+    """The manifest.json content (architecture.md §5); see the README of this package."""
+    context = spec.context_size
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": _model_info(model, meta),
+        "tokenizer": _tokenizer_info(tokenizer),
+        "dataset": {"id": meta.get("dataset_id")},
+        "context_size": context,
+        "bos_policy": bos_policy(tokenizer),
+        "document_separator": "eos",
+        "n_sequences": done // context,
+        "n_tokens": done,
+        "batch_size": {"requested": spec.batch_size, "used": plan.batch_size_used},
+        "shard_sequences": plan.shard_sequences,
+        "spec": asdict(spec),
+        "self_check": check,
+        "notes": plan.notes,
+        "hooks": [
+            _hook_entry(site, plan, records[site.name], stats[site.name]) for site in plan.sites
+        ],
+    }
+
+
+def _hook_entry(site: Site, plan: _Plan, shards: list[dict], stats: SiteStats) -> dict:
+    return {
+        "name": site.name,
+        "layer": site.layer,
+        "hook_type": site.hook_type,
+        "module_path": site.module_path,
+        "d": plan.d,
+        "dtype": dtype_name(plan.dtype),
+        "shards": shards,
+        "statistics": _finite(stats.to_dict()),
+    }
+
+
+def _finite(obj):
+    """JSON has no inf/NaN: they become None (only possible for empty statistics)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

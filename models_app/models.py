@@ -1,0 +1,130 @@
+"""Model rows: the DB row is the truth for every download's status and progress."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+def new_model_id() -> str:
+    return f"m_{uuid.uuid4().hex}"
+
+
+class Quantization(models.TextChoices):
+    FP16 = "FP16", "FP16 (Full Precision)"
+    Q8 = "Q8", "Q8 (8-bit)"
+    Q4 = "Q4", "Q4 (4-bit)"
+    Q2 = "Q2", "Q2 (2-bit)"
+
+
+class ModelStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    DOWNLOADING = "downloading", "Downloading"
+    QUANTIZING = "quantizing", "Quantizing"
+    READY = "ready", "Ready"
+    ERROR = "error", "Error"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ACTIVE_STATUSES = (ModelStatus.QUEUED, ModelStatus.DOWNLOADING, ModelStatus.QUANTIZING)
+FAILED_STATUSES = (ModelStatus.ERROR, ModelStatus.CANCELLED)
+
+
+class Model(models.Model):
+    """A Hugging Face model downloaded at one quantization."""
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_model_id, editable=False)
+    name = models.CharField(max_length=200)
+    hf_repo_id = models.CharField(max_length=96)
+    revision = models.CharField(max_length=255, default="main")
+    commit_sha = models.CharField(max_length=40, blank=True)
+    quantization = models.CharField(max_length=4, choices=Quantization.choices)
+
+    status = models.CharField(
+        max_length=16, choices=ModelStatus.choices, default=ModelStatus.QUEUED, db_index=True
+    )
+    phase = models.CharField(max_length=200, blank=True)
+    progress = models.FloatField(default=0.0)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    speed_bps = models.FloatField(default=0.0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error_message = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    attempt = models.PositiveIntegerField(default=0)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    # Files: the snapshot folder inside the HF cache and the list of files we fetched.
+    local_path = models.CharField(max_length=1000, blank=True)
+    files = models.JSONField(default=list, blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+
+    # What the load check really found.
+    params = models.BigIntegerField(null=True, blank=True)
+    num_layers = models.PositiveIntegerField(null=True, blank=True)
+    hidden_dim = models.PositiveIntegerField(null=True, blank=True)
+    num_heads = models.PositiveIntegerField(null=True, blank=True)
+    vocab_size = models.PositiveIntegerField(null=True, blank=True)
+    max_position = models.PositiveIntegerField(null=True, blank=True)
+    architecture = models.CharField(max_length=120, blank=True)
+    dtype = models.CharField(max_length=32, blank=True)
+    quant_backend = models.CharField(max_length=40, blank=True)
+    mem_req_bytes = models.BigIntegerField(null=True, blank=True)
+    mem_estimate_bytes = models.BigIntegerField(null=True, blank=True)
+    load_notice = models.CharField(max_length=500, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+
+    is_loaded = models.BooleanField(default=False)
+    loaded_device = models.CharField(max_length=32, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        db_table = "models"
+        ordering = ["-created_at"]
+        constraints = [
+            # One live download per repo and quantization; failed or cancelled rows may be retried.
+            models.UniqueConstraint(
+                fields=["hf_repo_id", "quantization"],
+                condition=~Q(status__in=["error", "cancelled"]),
+                name="unique_live_repo_quantization",
+            ),
+            models.CheckConstraint(
+                condition=Q(progress__gte=0) & Q(progress__lte=100), name="progress_0_100"
+            ),
+            models.CheckConstraint(
+                condition=Q(quantization__in=["FP16", "Q8", "Q4", "Q2"]),
+                name="known_quantization",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hf_repo_id} [{self.quantization}]"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == ModelStatus.READY
+
+
+class HubCredential(models.Model):
+    """An access token for one download, encrypted at rest and deleted when the job ends.
+
+    Tasks receive the model id only; the worker decrypts the token from here.
+    """
+
+    model = models.OneToOneField(Model, on_delete=models.CASCADE, related_name="credential")
+    ciphertext = models.BinaryField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "hub_credentials"
+
+    def __str__(self) -> str:
+        return f"credential for {self.model_id}"

@@ -1,0 +1,25 @@
+"""django-q2 tasks: a thin interface that receives ids only and calls the services."""
+
+from __future__ import annotations
+
+from . import reconcile, resident, services
+
+
+def model_download_task(model_id: str) -> None:
+    services.model_download_run(model_id)
+
+
+def model_load_check_task(model_id: str) -> None:
+    resident.model_load_check_run(model_id)
+
+
+def model_load_task(model_id: str) -> None:
+    resident.model_load_run(model_id)
+
+
+def model_unload_task(model_id: str) -> None:
+    resident.model_unload_run(model_id)
+
+
+def reconcile_task() -> int:
+    return reconcile.jobs_reconcile()

@@ -1,0 +1,68 @@
+"""The progress websocket: card partials pushed on change, same-origin only, the embedded relay."""
+
+from __future__ import annotations
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.utils import timezone
+
+from mistudio.asgi import application
+from models_app.models import Model, ModelStatus
+from models_app.progress import notify
+from models_app.relay import Relay
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+
+
+def make_row(**fields) -> Model:
+    return Model.objects.create(name="m", hf_repo_id="o/m", quantization="Q4", **fields)
+
+
+async def connect(headers=ORIGIN):
+    comm = WebsocketCommunicator(application, "/ws/models/", headers=headers)
+    connected, _ = await comm.connect()
+    return comm, connected
+
+
+@pytest.mark.asyncio
+async def test_a_change_pushes_the_card_partial():
+    row = await database_sync_to_async(make_row)(status=ModelStatus.DOWNLOADING, progress=12.5)
+    comm, connected = await connect()
+    assert connected
+    await database_sync_to_async(notify)("model.changed", row.pk)
+    html = await comm.receive_from(timeout=5)
+    assert f'id="model-{row.pk}"' in html and 'hx-swap-oob="true"' in html and "12.5%" in html
+    await comm.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_a_deleted_model_removes_its_card():
+    comm, _ = await connect()
+    await database_sync_to_async(notify)("model.deleted", "m_gone")
+    assert 'hx-swap-oob="delete"' in await comm.receive_from(timeout=5)
+    await comm.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_a_foreign_origin_is_refused():
+    _, connected = await connect([(b"origin", b"http://evil.example")])
+    assert not connected
+
+
+@pytest.mark.asyncio
+async def test_the_relay_announces_rows_other_processes_changed():
+    row = await database_sync_to_async(make_row)(status=ModelStatus.DOWNLOADING)
+    relay = Relay()
+    await relay.poll_once()
+    comm, _ = await connect()
+
+    def worker_writes():  # what a worker process does: a plain UPDATE, no channel message
+        Model.objects.filter(pk=row.pk).update(progress=55.0, updated_at=timezone.now())
+
+    await database_sync_to_async(worker_writes)()
+    assert await relay.poll_once() == [row.pk]
+    assert "55.0%" in await comm.receive_from(timeout=5)
+    assert await relay.poll_once() == []  # nothing new, nothing sent
+    await comm.disconnect()

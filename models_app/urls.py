@@ -1,0 +1,18 @@
+from django.urls import path
+
+from . import views
+
+app_name = "models"
+
+urlpatterns = [
+    path("", views.models_page, name="page"),
+    path("download", views.model_download, name="download"),
+    path("estimate", views.model_estimate, name="estimate"),
+    path("device", views.device_badge, name="device"),
+    path("<str:model_id>/card", views.model_card, name="card"),
+    path("<str:model_id>/cancel", views.model_cancel, name="cancel"),
+    path("<str:model_id>/delete", views.model_delete, name="delete"),
+    path("<str:model_id>/load", views.model_load, name="load"),
+    path("<str:model_id>/unload", views.model_unload, name="unload"),
+    path("<str:model_id>/architecture", views.model_architecture, name="architecture"),
+]

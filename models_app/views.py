@@ -1,0 +1,136 @@
+"""HTML views of the Models panel: parse → one service call → render (page or HTMX partial)."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+from pydantic import ValidationError
+
+from mistudio.errors import ServiceError
+from mistudio.validation import validation_message
+
+from . import resident, services
+from .hub import HubError
+from .models import Quantization
+from .schemas import DownloadIn, EstimateIn
+
+PAGE = "models_app/models.html"
+
+
+def _page_context(**extra) -> dict:
+    return {
+        "models": services.model_list(),
+        "quantizations": Quantization.choices,
+        "default_quantization": Quantization.Q4,
+        **extra,
+    }
+
+
+def _partial(request: HttpRequest, name: str, context: dict, status: int = 200) -> HttpResponse:
+    return render(request, f"{PAGE}#{name}", context, status=status)
+
+
+def _error(request: HttpRequest, message: str, status: int, target: str) -> HttpResponse:
+    """A 4xx with the message: HTMX swaps it into `target`; a plain request gets the page."""
+    if request.htmx:
+        response = _partial(request, "form_error", {"error": message}, status=status)
+        response["HX-Retarget"] = target
+        response["HX-Reswap"] = "innerHTML"
+        return response
+    return render(request, PAGE, _page_context(error=message), status=status)
+
+
+@require_GET
+def models_page(request: HttpRequest) -> HttpResponse:
+    if request.htmx and not request.htmx.boosted:
+        return _partial(request, "model_section", _page_context())
+    return render(request, PAGE, _page_context())
+
+
+@require_POST
+def model_download(request: HttpRequest) -> HttpResponse:
+    try:
+        data = DownloadIn.model_validate(request.POST.dict())
+        services.model_download(**data.model_dump())
+    except ValidationError as exc:
+        return _error(request, validation_message(exc), 422, "#download-error")
+    except (ServiceError, HubError) as exc:
+        return _error(request, exc.message, exc.status, "#download-error")
+    if request.htmx:
+        return _partial(request, "model_section", _page_context(), status=201)
+    return redirect("models:page")
+
+
+@require_POST
+def model_estimate(request: HttpRequest) -> HttpResponse:
+    try:
+        data = EstimateIn.model_validate(request.POST.dict())
+        estimate = services.model_estimate(**data.model_dump())
+    except ValidationError as exc:
+        return _error(request, validation_message(exc), 422, "#estimate")
+    except (ServiceError, HubError) as exc:
+        return _error(request, exc.message, exc.status, "#estimate")
+    return _partial(request, "estimate", {"estimate": estimate})
+
+
+def _card_or_page(request: HttpRequest, model_id: str, status: int = 200) -> HttpResponse:
+    if request.htmx:
+        model = services.model_get(model_id)
+        return _partial(request, "model_card", {"model": model}, status=status)
+    return redirect("models:page")
+
+
+@require_GET
+def model_card(request: HttpRequest, model_id: str) -> HttpResponse:
+    try:
+        return _card_or_page(request, model_id)
+    except ServiceError as exc:
+        return _error(request, exc.message, exc.status, f"#model-{model_id}-error")
+
+
+def _card_action(action):
+    @require_POST
+    def view(request: HttpRequest, model_id: str) -> HttpResponse:
+        try:
+            action(model_id)
+            return _card_or_page(request, model_id)
+        except ServiceError as exc:
+            return _error(request, exc.message, exc.status, f"#model-{model_id}-error")
+
+    view.__name__ = f"model_{action.__name__}"
+    return view
+
+
+model_cancel = _card_action(services.model_cancel)
+model_load = _card_action(resident.model_load)
+model_unload = _card_action(resident.model_unload)
+
+
+@require_POST
+def model_delete(request: HttpRequest, model_id: str) -> HttpResponse:
+    try:
+        services.model_delete(model_id)
+    except ServiceError as exc:
+        return _error(request, exc.message, exc.status, f"#model-{model_id}-error")
+    if request.htmx:
+        return _partial(request, "model_section", _page_context())
+    return redirect("models:page")
+
+
+@require_GET
+def model_architecture(request: HttpRequest, model_id: str) -> HttpResponse:
+    try:
+        model = services.model_get(model_id)
+        arch = services.model_architecture(model_id)
+    except ServiceError as exc:
+        return _error(request, exc.message, exc.status, "#modal")
+    context = {"model": model, "arch": arch}
+    if request.htmx:
+        return _partial(request, "architecture_modal", context)
+    return render(request, PAGE, _page_context(modal="architecture", **context))
+
+
+@require_GET
+def device_badge(request: HttpRequest) -> HttpResponse:
+    return render(request, "shell.html#device_badge", {"device": resident.device_summary()})
