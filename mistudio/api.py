@@ -69,3 +69,6 @@ def _http_error(request, exc: HttpError):
 
 
 api.add_router("/models", "models_app.api.router")
+api.add_router("/datasets", "datasets_app.api.router")
+api.add_router("/extractions", "models_app.api.extractions_router")
+api.add_router("/templates", "templates_app.api.router")

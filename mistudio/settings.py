@@ -109,6 +109,7 @@ INSTALLED_APPS = [
     "django_q",
     "models_app",
     "templates_app",
+    "datasets_app",
 ]
 
 MIDDLEWARE = [
@@ -235,6 +236,10 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # Uploads: template imports are capped at 1 MB before parsing; dataset files stream to disk.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# Dataset uploads are refused above this size (checked before the body is parsed). Files up to
+# the inline size are normalized in the request (a bad line is a 4xx at once), larger by a worker.
+DATASET_UPLOAD_MAX_BYTES = env_int("MISTUDIO_DATASET_UPLOAD_MAX_MB", 2048) * 1024 * 1024
+DATASET_INLINE_MAX_BYTES = env_int("MISTUDIO_DATASET_INLINE_MAX_MB", 64) * 1024 * 1024
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # HTMX reads the token from the page, not the cookie

@@ -7,6 +7,8 @@ from mistudio.api import api
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="models:page", permanent=False)),
     path("models/", include("models_app.urls")),
+    path("templates/", include("templates_app.urls")),
+    path("datasets/", include("datasets_app.urls")),
     path("api/", api.urls),
     path("admin/", admin.site.urls),
 ]

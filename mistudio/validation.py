@@ -10,6 +10,12 @@ FIELD_LABELS = {
     "quantization": "Quantization",
     "access_token": "Access token",
     "revision": "Revision",
+    "dataset_id": "Dataset",
+    "layers": "Layers",
+    "hook_types": "Hook types",
+    "batch_size": "Batch size",
+    "max_samples": "Max samples",
+    "context_size": "Context size",
 }
 
 

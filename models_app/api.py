@@ -5,9 +5,17 @@ from __future__ import annotations
 from django.http import HttpRequest
 from ninja import Router
 
-from . import resident, services
-from .models import Model
-from .schemas import ArchitectureOut, DownloadIn, ErrorOut, ModelOut
+from . import extraction, resident, services
+from .models import ExtractionJob, Model
+from .schemas import (
+    ArchitectureOut,
+    DownloadIn,
+    ErrorOut,
+    ExtractionIn,
+    ExtractionOut,
+    ExtractionStarted,
+    ModelOut,
+)
 from .templatetags.mistudio_format import bytes_h, params_h
 
 router = Router(tags=["models"])
@@ -63,3 +71,37 @@ def models_unload(request: HttpRequest, model_id: str):
 @router.get("/{model_id}/architecture", response={200: ArchitectureOut, **ERRORS})
 def models_architecture(request: HttpRequest, model_id: str):
     return services.model_architecture(model_id)
+
+
+def extraction_json(job: ExtractionJob) -> dict:
+    return {f: getattr(job, f) for f in ExtractionOut.model_fields}
+
+
+@router.post("/{model_id}/extract-activations", response={202: ExtractionStarted, **ERRORS})
+def models_extract(request: HttpRequest, model_id: str, payload: ExtractionIn):
+    job = extraction.extraction_start(model_id=model_id, **payload.model_dump())
+    return 202, {"extraction_id": job.pk, "status": job.status}
+
+
+@router.get("/{model_id}/extractions", response={200: list[ExtractionOut], **ERRORS})
+def models_extractions(request: HttpRequest, model_id: str):
+    return [extraction_json(j) for j in extraction.extraction_list(model_id=model_id)]
+
+
+extractions_router = Router(tags=["extractions"])
+
+
+@extractions_router.get("/{extraction_id}", response={200: ExtractionOut, **ERRORS})
+def extractions_get(request: HttpRequest, extraction_id: str):
+    return extraction_json(extraction.extraction_get(extraction_id))
+
+
+@extractions_router.post("/{extraction_id}/cancel", response={200: ExtractionOut, **ERRORS})
+def extractions_cancel(request: HttpRequest, extraction_id: str):
+    return extraction_json(extraction.extraction_cancel(extraction_id))
+
+
+@extractions_router.delete("/{extraction_id}", response={204: None, **ERRORS})
+def extractions_delete(request: HttpRequest, extraction_id: str):
+    extraction.extraction_delete(extraction_id)
+    return 204, None

@@ -6,15 +6,18 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
-from .models import Model
+from mistudio.errors import NotFound
+
+from .services import model_card_get
 from .progress import MODELS_GROUP
 from .relay import relay_ensure_running
 
 
 def card_html(model_id: str) -> str | None:
     """The card partial as the page renders it, marked for an out-of-band swap; None if gone."""
-    model = Model.objects.filter(pk=model_id).first()
-    if model is None:
+    try:
+        model = model_card_get(model_id)
+    except NotFound:
         return None
     return render_to_string("models_app/models.html#model_card", {"model": model, "oob": True})
 

@@ -128,3 +128,77 @@ class HubCredential(models.Model):
 
     def __str__(self) -> str:
         return f"credential for {self.model_id}"
+
+
+def new_extraction_id() -> str:
+    return f"x_{uuid.uuid4().hex}"
+
+
+class ExtractionStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+EXTRACTION_ACTIVE = (ExtractionStatus.QUEUED, ExtractionStatus.RUNNING)
+
+
+class ExtractionJob(models.Model):
+    """One activation extraction: sites × dataset → shards + manifest under the data dir."""
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_extraction_id,
+                          editable=False)
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="extractions")
+    dataset_id = models.CharField(max_length=64)
+    dataset_name = models.CharField(max_length=255, blank=True)
+    layers = models.JSONField()
+    hook_types = models.JSONField()
+    batch_size = models.PositiveIntegerField()
+    batch_size_used = models.PositiveIntegerField(null=True, blank=True)
+    max_samples = models.PositiveIntegerField()
+    context_size = models.PositiveIntegerField()
+
+    status = models.CharField(max_length=16, choices=ExtractionStatus.choices,
+                              default=ExtractionStatus.QUEUED, db_index=True)
+    phase = models.CharField(max_length=200, blank=True)
+    progress = models.FloatField(default=0.0)
+    tokens_done = models.BigIntegerField(default=0)
+    tokens_total = models.BigIntegerField(default=0)
+    tokens_per_second = models.FloatField(default=0.0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error_message = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    attempt = models.PositiveIntegerField(default=0)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    output_path = models.CharField(max_length=1000, blank=True)
+    bytes_written = models.BigIntegerField(default=0)
+    manifest = models.JSONField(null=True, blank=True)
+    statistics = models.JSONField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "extraction_jobs"
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(progress__gte=0) & Q(progress__lte=100), name="extraction_progress"
+            ),
+            models.CheckConstraint(
+                condition=Q(batch_size__gte=1) & Q(max_samples__gte=1) & Q(context_size__gte=2),
+                name="extraction_sizes_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} on {self.model_id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in EXTRACTION_ACTIVE

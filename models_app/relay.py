@@ -15,7 +15,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from .models import Model
+from .models import ExtractionJob, Model
 from .progress import MODELS_GROUP
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,14 @@ OVERLAP = timedelta(seconds=2)
 _task: asyncio.Task | None = None
 
 
-def _changes(since: datetime) -> list[tuple[str, datetime]]:
-    return list(Model.objects.filter(updated_at__gte=since - OVERLAP).values_list("id", "updated_at"))
+def _changes(since: datetime) -> list[tuple[str, str, datetime]]:
+    """(row key, model id to announce, updated_at) of model and extraction rows written lately."""
+    window = since - OVERLAP
+    models = Model.objects.filter(updated_at__gte=window).values_list("id", "updated_at")
+    jobs = ExtractionJob.objects.filter(updated_at__gte=window).values_list(
+        "id", "model_id", "updated_at"
+    )
+    return [(pk, pk, ts) for pk, ts in models] + [(pk, mid, ts) for pk, mid, ts in jobs]
 
 
 class Relay:
@@ -38,9 +44,9 @@ class Relay:
 
     async def poll_once(self) -> list[str]:
         rows = await database_sync_to_async(_changes)(self.since)
-        changed = [pk for pk, ts in rows if self.seen.get(pk) != ts]
-        for pk, ts in rows:
-            self.seen[pk] = ts
+        changed = sorted({mid for key, mid, ts in rows if self.seen.get(key) != ts})
+        for key, _, ts in rows:
+            self.seen[key] = ts
             self.since = max(self.since, ts)
         layer = get_channel_layer()
         for pk in changed:

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
+from mistudio import limits
+
 from .hub import HubError, repo_id_clean, revision_clean
 
 QuantizationName = Literal["FP16", "Q8", "Q4", "Q2"]
@@ -94,3 +96,62 @@ class ArchitectureOut(Schema):
 class ErrorOut(Schema):
     detail: str
     code: str = "invalid"
+
+
+def _unique_sorted(values: list) -> list:
+    return sorted(set(values))
+
+
+LayerIndex = Annotated[int, Field(ge=0, le=limits.LAYER_INDEX_MAX)]
+HookType = Literal["residual", "mlp", "attention"]
+
+
+class ExtractionIn(Schema):
+    """An extraction request (modal, API, CLI). Model-specific bounds (layer count, context
+    length) are checked by the service against the real model."""
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    layers: Annotated[
+        list[LayerIndex], Field(min_length=1, max_length=limits.LAYERS_PER_JOB_MAX),
+        AfterValidator(_unique_sorted),
+    ]
+    hook_types: Annotated[list[HookType], Field(min_length=1, max_length=3),
+                          AfterValidator(_unique_sorted)]
+    batch_size: int = Field(default=limits.DEFAULT_BATCH_SIZE, ge=limits.BATCH_SIZE_MIN,
+                            le=limits.BATCH_SIZE_MAX)
+    max_samples: int = Field(default=limits.DEFAULT_MAX_SAMPLES, ge=limits.MAX_SAMPLES_MIN,
+                             le=limits.MAX_SAMPLES_MAX)
+    context_size: int | None = Field(default=None, ge=limits.CONTEXT_SIZE_MIN,
+                                     le=limits.CONTEXT_SIZE_MAX)
+
+
+class ExtractionOut(Schema):
+    id: str
+    model_id: str
+    dataset_id: str
+    dataset_name: str
+    status: str
+    phase: str
+    progress: float
+    layers: list[int]
+    hook_types: list[str]
+    batch_size: int
+    batch_size_used: int | None
+    max_samples: int
+    context_size: int
+    tokens_done: int
+    tokens_total: int
+    tokens_per_second: float
+    eta_seconds: float | None
+    output_path: str
+    bytes_written: int
+    manifest: dict | None
+    statistics: dict | None
+    error_message: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ExtractionStarted(Schema):
+    extraction_id: str
+    status: str

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Count, F, Prefetch
 from django.utils import timezone
 from django_q.tasks import async_task
 
@@ -21,6 +21,8 @@ from mistudio.secretbox import seal, unseal
 from . import hub
 from .models import (
     ACTIVE_STATUSES,
+    EXTRACTION_ACTIVE,
+    ExtractionJob,
     FAILED_STATUSES,
     HubCredential,
     Model,
@@ -39,12 +41,24 @@ def model_get(model_id: str) -> Model:
 
 
 def model_list(*, status: str | None = None):
-    qs = Model.objects.all()
+    """Models newest first, with `extraction_count` and `active_extractions` for the cards."""
+    active = ExtractionJob.objects.filter(status__in=EXTRACTION_ACTIVE).order_by("-created_at")
+    qs = Model.objects.annotate(extraction_count=Count("extractions")).prefetch_related(
+        Prefetch("extractions", queryset=active, to_attr="active_extractions")
+    )
     if status:
         if status not in ModelStatus.values:
             raise Invalid(f"status must be one of {', '.join(ModelStatus.values)}.")
         qs = qs.filter(status=status)
     return qs
+
+
+def model_card_get(model_id: str) -> Model:
+    """One model with what its card shows (see model_list)."""
+    try:
+        return model_list().get(pk=model_id)
+    except (Model.DoesNotExist, ValueError):
+        raise NotFound(f"No model with id {model_id}.") from None
 
 
 def _duplicate_check(repo_id: str, quantization: str) -> None:
@@ -244,6 +258,9 @@ def model_delete(model_id: str) -> None:
     row = model_get(model_id)
     if row.status in ACTIVE_STATUSES:
         raise Conflict(f"{row.hf_repo_id} is {row.status}; cancel it before deleting it.")
+    from .extraction import extractions_remove_for_model
+
+    extractions_remove_for_model(row)
     if row.is_loaded:
         enqueue_gpu("model_unload_task", model_id)
     _files_remove_if_unused(row)

@@ -17,6 +17,8 @@ def worker_started(sender, proc_name: str, **kwargs) -> None:
 
     from . import reconcile, resident
 
-    reconcile.jobs_reconcile()
+    reconcile.reconcile_all()
+    if Conf.CLUSTER_NAME == settings.DOWNLOAD_CLUSTER:
+        reconcile.schedule_ensure()
     if Conf.CLUSTER_NAME == settings.GPU_CLUSTER:
         resident.cache_reset()

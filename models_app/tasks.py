@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import reconcile, resident, services
+from . import extraction, reconcile, resident, services
 
 
 def model_download_task(model_id: str) -> None:
@@ -22,4 +22,9 @@ def model_unload_task(model_id: str) -> None:
 
 
 def reconcile_task() -> int:
-    return reconcile.jobs_reconcile()
+    """Scheduled every minute: end stale model, extraction and dataset jobs."""
+    return reconcile.reconcile_all()
+
+
+def extraction_run_task(extraction_id: str) -> None:
+    extraction.extraction_run(extraction_id)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import views, views_extraction
 
 app_name = "models"
 
@@ -15,4 +15,11 @@ urlpatterns = [
     path("<str:model_id>/load", views.model_load, name="load"),
     path("<str:model_id>/unload", views.model_unload, name="unload"),
     path("<str:model_id>/architecture", views.model_architecture, name="architecture"),
+    path("<str:model_id>/extract", views_extraction.extract_modal, name="extract"),
+    path("<str:model_id>/extract/start", views_extraction.extract_start, name="extract_start"),
+    path("<str:model_id>/extractions", views_extraction.extraction_history, name="extractions"),
+    path("extractions/<str:extraction_id>/cancel", views_extraction.extraction_cancel,
+         name="extraction_cancel"),
+    path("extractions/<str:extraction_id>/delete", views_extraction.extraction_delete,
+         name="extraction_delete"),
 ]

@@ -76,7 +76,7 @@ def model_estimate(request: HttpRequest) -> HttpResponse:
 
 def _card_or_page(request: HttpRequest, model_id: str, status: int = 200) -> HttpResponse:
     if request.htmx:
-        model = services.model_get(model_id)
+        model = services.model_card_get(model_id)
         return _partial(request, "model_card", {"model": model}, status=status)
     return redirect("models:page")
 

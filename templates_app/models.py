@@ -1,0 +1,97 @@
+"""Extraction templates: a saved extraction configuration (layers, hooks, sizes) to load again."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Length
+from django.db.models.lookups import Exact, GreaterThan, LessThanOrEqual
+from django.utils import timezone
+
+from mistudio import limits
+
+NUMBER_BOUNDS = {
+    "max_samples": (limits.MAX_SAMPLES_MIN, limits.MAX_SAMPLES_MAX),
+    "batch_size": (limits.BATCH_SIZE_MIN, limits.BATCH_SIZE_MAX),
+    "context_size": (limits.CONTEXT_SIZE_MIN, limits.CONTEXT_SIZE_MAX),
+    "top_k_examples": (limits.TOP_K_MIN, limits.TOP_K_MAX),
+}
+
+
+def _range(field: str) -> models.CheckConstraint:
+    low, high = NUMBER_BOUNDS[field]
+    return models.CheckConstraint(
+        condition=Q(**{f"{field}__gte": low, f"{field}__lte": high}),
+        name=f"extraction_template_{field}_range",
+    )
+
+
+class JSONType(models.Func):
+    """The JSON type of a value ('array', 'object', …): json_type on SQLite, jsonb_typeof on
+    PostgreSQL."""
+
+    function = "JSON_TYPE"
+    output_field = models.CharField()
+
+    def as_postgresql(self, compiler, connection, **extra):
+        return super().as_sql(compiler, connection, function="JSONB_TYPEOF", **extra)
+
+
+def _json_list(field: str, max_items: int) -> models.CheckConstraint:
+    # An array (PostgreSQL would read `-> 0` of a scalar as the scalar itself) with a first
+    # element and nothing past the bound: array-index lookups compile on both databases.
+    return models.CheckConstraint(
+        condition=Exact(JSONType(field), "array")
+        & Q(**{f"{field}__0__isnull": False, f"{field}__{max_items}__isnull": True}),
+        name=f"extraction_template_{field}_list",
+    )
+
+
+class ExtractionTemplate(models.Model):
+    """A named extraction configuration. Validation lives in `schemas.TemplateIn`; the constraints
+    below are the database's own guard, the same on SQLite and PostgreSQL."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=limits.NAME_MAX, unique=True)
+    description = models.CharField(max_length=limits.DESCRIPTION_MAX, blank=True, default="")
+    layers = models.JSONField(help_text="Sorted distinct block indices, e.g. [0, 6, 11].")
+    hook_types = models.JSONField(help_text="A non-empty subset of residual, mlp, attention.")
+    max_samples = models.IntegerField(default=limits.DEFAULT_MAX_SAMPLES)
+    batch_size = models.IntegerField(default=limits.DEFAULT_BATCH_SIZE)
+    context_size = models.IntegerField(default=limits.DEFAULT_CONTEXT_SIZE)
+    top_k_examples = models.IntegerField(default=limits.DEFAULT_TOP_K)
+    is_favorite = models.BooleanField(default=False, db_index=True)
+    # Not auto_now_add: an import restores the exported creation time.
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "extraction_templates"
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=GreaterThan(Length("name"), 0)
+                & LessThanOrEqual(Length("name"), limits.NAME_MAX),
+                name="extraction_template_name_length",
+            ),
+            models.CheckConstraint(
+                condition=LessThanOrEqual(Length("description"), limits.DESCRIPTION_MAX),
+                name="extraction_template_description_length",
+            ),
+            _json_list("layers", limits.LAYERS_PER_JOB_MAX),
+            _json_list("hook_types", len(limits.HOOK_TYPES)),
+            *(_range(field) for field in NUMBER_BOUNDS),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def hooks_display(self) -> str:
+        return ", ".join(self.hook_types)
+
+    @property
+    def layers_display(self) -> str:
+        return ", ".join(str(i) for i in self.layers)

@@ -26,7 +26,8 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from mistudio.testing._hub_http import CdnHandler, HubHandler, Valve
+from mistudio.testing._hub_datasets import DatasetRepos, HubWithDatasetsHandler
+from mistudio.testing._hub_http import CdnHandler, Valve
 from mistudio.testing._hub_repos import HubFile, HubRepo, read_files
 from mistudio.testing.tiny_models import build_catalogue
 
@@ -69,7 +70,7 @@ class _Server(ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RDWR)
 
 
-class FakeHub:
+class FakeHub(DatasetRepos):
     """The fake Hub: start on construction, `stop()` (or leave the `with` block) to shut down."""
 
     def __init__(self, root: Path | None = None, *, host: str = "127.0.0.1", port: int = 0):
@@ -77,12 +78,13 @@ class FakeHub:
         self.tokens: set[str] = {VALID_TOKEN, UNAPPROVED_TOKEN}
         self.approved_tokens: set[str] = {VALID_TOKEN}
         self.repos: dict[str, HubRepo] = {}
+        self.dataset_repos: dict[str, HubRepo] = {}  # add_dataset(), see _hub_datasets
         self.requests: list[HubRequest] = []
         self.valve = Valve()
         self._blobs: dict[str, HubFile] = {}
         self._lock = threading.Lock()
         self._stopped = False
-        self._hub = self._serve(HubHandler, host, port)
+        self._hub = self._serve(HubWithDatasetsHandler, host, port)
         self._cdn = self._serve(CdnHandler, host, 0)
 
     def _serve(self, handler: type, host: str, port: int) -> _Server:

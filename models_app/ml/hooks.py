@@ -158,21 +158,19 @@ class Capture:
             self.model(input_ids=input_ids, use_cache=False)
 
 
-def _register(model: nn.Module, sites: Sequence[Site], sink: Sink, stop: bool) -> list:
-    handles = []
+def _register(model: nn.Module, sites: Sequence[Site], sink: Sink, stop: bool, handles: list):
+    """Register the capture hooks (and the early stop) on `model`, appending to `handles`."""
     for site in sites:
         module = model.get_submodule(site.module_path)
         if site.hook_type == "resid_pre":
-            handles.append(
-                module.register_forward_pre_hook(_pre_hook(site, sink), with_kwargs=True)
-            )
+            hook = _pre_hook(site, sink)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         else:
             handles.append(module.register_forward_hook(_post_hook(site, sink)))
     if stop and sites:
         # Registered last, so it fires after every capture hook on the deepest block.
-        path, blocks = find_blocks(model)
+        _, blocks = find_blocks(model)
         handles.append(blocks[max(s.layer for s in sites)].register_forward_hook(_stop_hook))
-    return handles
 
 
 @contextmanager
@@ -187,8 +185,9 @@ def capture(
     the body (the early stop is then swallowed on leaving the block). Hooks are removed in
     `finally`.
     """
-    handles = _register(model, sites, sink, stop_after_deepest)
+    handles: list = []
     try:
+        _register(model, sites, sink, stop_after_deepest, handles)
         yield Capture(model)
     except _StopForward:
         pass

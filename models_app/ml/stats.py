@@ -5,16 +5,16 @@ accumulators, so the statistics of a billion-token extraction cost the same memo
 The accumulators are tensors on the input's device and `update` never synchronises a GPU after the
 first batch; `to_dict` turns them into plain floats.
 
-- mean / std: over every scalar value (Chan's parallel merge of per-batch mean and M2, fp64);
+- mean / std: over every scalar value (per-batch fp64 sums, Chan's merge of mean and M2 in fp64);
 - min / max: signed;
 - L2 norm of each token vector: mean, max, and p50/p99 from a fixed log-spaced histogram of norms
   (NORM_BINS_PER_DECADE bins per decade over 10^NORM_LOG10_MIN … 10^NORM_LOG10_MAX, relative error
   below 10^(1/NORM_BINS_PER_DECADE) - 1 ≈ 1.2%);
 - fraction near zero: |x| < near_zero (absolute threshold, recorded);
 - nonfinite: count of inf/NaN values (the caller treats any as a hard failure);
-- value histogram for the UI: VALUE_BINS equal bins whose range is fixed on the first batch to its
-  [min, max] widened by HIST_MARGIN of the span on each side; later values outside that range are
-  counted in `underflow` / `overflow` rather than moving the bins.
+- value histogram for the UI: VALUE_BINS equal half-open bins whose range is fixed on the first
+  batch to its [min, max] widened by HIST_MARGIN of the span on each side; later values outside
+  that range are counted in `underflow` / `overflow` rather than moving the bins.
 """
 
 from __future__ import annotations
@@ -42,21 +42,20 @@ class SiteStats:
         self._range: tuple[float, float] | None = None
 
     def _init(self, x: torch.Tensor) -> None:
-        zeros = torch.zeros((), dtype=torch.float64, device=x.device)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        i64 = dict(dtype=torch.int64, device=x.device)
         n_norm_bins = (NORM_LOG10_MAX - NORM_LOG10_MIN) * NORM_BINS_PER_DECADE
         self._acc = {
-            "mean": zeros.clone(),
-            "m2": zeros.clone(),
-            "min": torch.full_like(zeros, math.inf),
-            "max": torch.full_like(zeros, -math.inf),
-            "near_zero": zeros.clone(),
-            "nonfinite": zeros.clone(),
-            "norm_sum": zeros.clone(),
-            "norm_max": zeros.clone(),
-            "norm_hist": torch.zeros(n_norm_bins, dtype=torch.float64, device=x.device),
-            "hist": torch.zeros(self.value_bins, dtype=torch.float64, device=x.device),
-            "underflow": zeros.clone(),
-            "overflow": zeros.clone(),
+            "mean": torch.zeros((), **f64),
+            "m2": torch.zeros((), **f64),
+            "min": torch.full((), math.inf, **f64),
+            "max": torch.full((), -math.inf, **f64),
+            "near_zero": torch.zeros((), **i64),
+            "nonfinite": torch.zeros((), **i64),
+            "norm_sum": torch.zeros((), **f64),
+            "norm_max": torch.zeros((), **f64),
+            "norm_hist": torch.zeros(n_norm_bins, **i64),
+            "hist": torch.zeros(self.value_bins + 2, **i64),  # [underflow, bins…, overflow]
         }
         finite = x[torch.isfinite(x)]
         # The only synchronisation: the value bins adapt once, to the first batch.
@@ -66,26 +65,37 @@ class SiteStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Add one batch of activations, shape (…, d), any float dtype, any device."""
-        d = x.shape[-1]
-        x = x.detach().reshape(-1, d).double()  # (N, d)
+        x = x.detach().reshape(-1, x.shape[-1])  # (N, d)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # bf16/fp16 -> fp32 is exact; fp32 is used as is, without a copy
         if x.numel() == 0:
             return
         if self._acc is None:
             self._init(x)
         acc = self._acc
-        acc["nonfinite"] += (~torch.isfinite(x)).sum()
-        self._merge_moments(x)
-        acc["min"] = torch.minimum(acc["min"], x.min())
-        acc["max"] = torch.maximum(acc["max"], x.max())
-        acc["near_zero"] += (x.abs() < self.near_zero).sum()
-        self._update_norms(x.norm(dim=-1))  # (N,)
+        sq_norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square()  # (N,)
+        self._count_nonfinite(x, sq_norms)
+        self._merge_moments(x, sq_norms)
+        lo, hi = torch.aminmax(x)
+        acc["min"] = torch.minimum(acc["min"], lo.double())
+        acc["max"] = torch.maximum(acc["max"], hi.double())
+        acc["near_zero"] += torch.count_nonzero(x.abs() < self.near_zero)
+        self._update_norms(sq_norms.sqrt())
         self._update_hist(x)
         self.n_vectors += x.shape[0]
 
-    def _merge_moments(self, x: torch.Tensor) -> None:
+    def _count_nonfinite(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
+        # A token with inf/NaN has a non-finite fp64 norm. On CPU that check is free, so the full
+        # count only runs when needed; on a GPU it always runs, to avoid a synchronisation.
+        if x.is_cuda or not bool(torch.isfinite(sq_norms).all()):
+            self._acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x))
+
+    def _merge_moments(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
+        # Per batch: sum and sum of squares in fp64 (M2_b = Σx² − n·mean², exact enough unless
+        # |mean| > 1e6·std); across batches: Chan's merge, so the result does not drift.
         acc, n_b = self._acc, x.numel()
-        mean_b = x.mean()
-        m2_b = (x - mean_b).square().sum()
+        mean_b = x.sum(dtype=torch.float64) / n_b
+        m2_b = (sq_norms.sum() - n_b * mean_b.square()).clamp_min(0)
         total = self.count + n_b
         delta = mean_b - acc["mean"]
         acc["mean"] += delta * (n_b / total)
@@ -98,13 +108,14 @@ class SiteStats:
         acc["norm_max"] = torch.maximum(acc["norm_max"], norms.max())
         bins = acc["norm_hist"].numel()
         logn = norms.clamp(min=10.0**NORM_LOG10_MIN, max=10.0**NORM_LOG10_MAX).log10()  # (N,)
-        acc["norm_hist"] += torch.histc(logn, bins, NORM_LOG10_MIN, NORM_LOG10_MAX)
+        idx = ((logn - NORM_LOG10_MIN) * NORM_BINS_PER_DECADE).floor_().clamp_(0, bins - 1)
+        acc["norm_hist"] += _bincount(idx, bins)
 
     def _update_hist(self, x: torch.Tensor) -> None:
-        acc, (lo, hi) = self._acc, self._range
-        acc["hist"] += torch.histc(x, self.value_bins, lo, hi)  # out-of-range values ignored
-        acc["underflow"] += (x < lo).sum()
-        acc["overflow"] += (x > hi).sum()
+        # Bin i covers [lo + i·w, lo + (i+1)·w); slot 0 is underflow, slot bins + 1 overflow.
+        (lo, hi), bins = self._range, self.value_bins
+        idx = ((x - lo) * (bins / (hi - lo))).floor_().clamp_(-1, bins).add_(1)  # (N, d)
+        self._acc["hist"] += _bincount(idx, bins + 2)
 
     @property
     def nonfinite(self) -> int:
@@ -142,13 +153,28 @@ class SiteStats:
                 "p99": self.norm_quantile(0.99),
                 "max": float(acc["norm_max"]),
             },
-            "frac_near_zero": float(acc["near_zero"]) / self.count,
+            "frac_near_zero": int(acc["near_zero"]) / self.count,
             "near_zero_threshold": self.near_zero,
             "nonfinite": int(acc["nonfinite"]),
             "histogram": {
                 "edges": torch.linspace(lo, hi, self.value_bins + 1, dtype=torch.float64).tolist(),
-                "counts": [int(c) for c in acc["hist"].tolist()],
-                "underflow": int(acc["underflow"]),
-                "overflow": int(acc["overflow"]),
+                "counts": acc["hist"][1:-1].tolist(),
+                "underflow": int(acc["hist"][0]),
+                "overflow": int(acc["hist"][-1]),
             },
         }
+
+
+def _bincount(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 counts (n,) of the integer-valued float tensor idx, values in 0 … n-1.
+
+    torch.bincount reads max(idx) back to size its output, which would synchronise a GPU; there
+    histc counts instead, in chunks of 2^24 values so that its float32 counts stay exact.
+    """
+    flat = idx.reshape(-1)
+    if not flat.is_cuda:
+        return torch.bincount(flat.long().clamp_(0, n - 1), minlength=n)  # NaN casts to < 0
+    counts = torch.zeros(n, dtype=torch.int64, device=flat.device)
+    for part in flat.split(2**24):
+        counts += torch.histc(part, n, 0, n).long()
+    return counts

@@ -23,10 +23,11 @@ N_LAYERS = 3
 HIDDEN = 64
 CPU = torch.device("cpu")
 
-_WORDS = (
-    "the a model layer token stream residual attention sparse feature river garden train city "
-    "morning question answer number history science window rose boat library weight cache"
-).split()
+_WORDS = [
+    *("the", "a", "model", "layer", "token", "stream", "residual", "attention", "sparse"),
+    *("feature", "river", "garden", "train", "city", "morning", "question", "answer", "number"),
+    *("history", "science", "window", "rose", "boat", "library", "weight", "cache"),
+]
 
 
 def corpus(n_docs: int, seed: int = 0, min_words: int = 3, max_words: int = 60) -> Iterator[str]:
@@ -78,9 +79,7 @@ def post_norm_model():
             ),
             "olmo2": transformers.Olmo2Config(**common, intermediate_size=128),
             # the attention and MLP modules add the residual themselves
-            "bloom": transformers.BloomConfig(
-                vocab_size=384, n_layer=2, n_head=4, hidden_size=64
-            ),
+            "bloom": transformers.BloomConfig(vocab_size=384, n_layer=2, n_head=4, hidden_size=64),
         }
         torch.manual_seed(0)
         return transformers.AutoModelForCausalLM.from_config(configs[name]).eval()
@@ -115,7 +114,9 @@ def reference_branches(model, arch: str, layer: int, h: torch.Tensor):
             return a, blk.mlp(blk.post_attention_layernorm(h + a))
         if arch == "gpt_neox":  # parallel residual: both branches read the block input
             blk, pe = model.gpt_neox.layers[layer], model.gpt_neox.rotary_emb(h, pos)
-            a = blk.attention(blk.input_layernorm(h), attention_mask=mask, position_embeddings=pe)[0]
+            a = blk.attention(blk.input_layernorm(h), attention_mask=mask, position_embeddings=pe)[
+                0
+            ]
             return a, blk.mlp(blk.post_attention_layernorm(h))
         if arch == "phi":  # parallel: one shared layernorm
             blk, pe = model.model.layers[layer], model.model.rotary_emb(h, pos)

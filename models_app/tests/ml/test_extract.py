@@ -1,8 +1,9 @@
-"""End-to-end extraction: right numbers in the shards, refusals, progress, cancel, failures, memory."""
+"""End-to-end extraction: right numbers in shards, refusals, progress, cancel, failures, memory."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from models_app.ml.extract import (
     ExtractionCancelled,
@@ -92,6 +94,14 @@ def test_the_sum_check_holds_for_supported_architectures(tiny, arch):
     assert max(check["max_rel_error"].values()) < 1e-5
 
 
+def test_the_sum_check_tolerates_half_precision_rounding(tiny_repo):
+    model = AutoModelForCausalLM.from_pretrained(tiny_repo("llama"), dtype=torch.bfloat16)
+    ids = torch.randint(2, 384, (2, 32), generator=torch.Generator().manual_seed(0))
+    check = self_check(model.eval(), ids, range(N_LAYERS))
+    assert check["passed"] and check["tolerance"] == 0.1
+    assert max(check["max_rel_error"].values()) > 1e-3  # the fp32 tolerance would refuse it
+
+
 @pytest.mark.parametrize("name", ["gemma2", "olmo2", "bloom"])
 def test_branch_sites_are_refused_where_the_sum_check_fails(tiny, post_norm_model, tmp_path, name):
     model, tok = post_norm_model(name), tiny("llama")[1]
@@ -108,7 +118,13 @@ def test_branch_sites_are_refused_where_the_sum_check_fails(tiny, post_norm_mode
 def test_progress_counts_tokens_and_ends_at_the_total(tiny, tmp_path):
     model, tok = tiny("gpt2")
     calls: list[tuple[int, int]] = []
-    _run(model, tok, tmp_path, _spec(max_samples=10, batch_size=4), on_progress=lambda *c: calls.append(c))
+    _run(
+        model,
+        tok,
+        tmp_path,
+        _spec(max_samples=10, batch_size=4),
+        on_progress=lambda *c: calls.append(c),
+    )
     assert calls[0] == (0, 160)
     assert [c[0] for c in calls] == [0, 64, 128, 160, 160]
     assert calls[-1] == (160, 160)
@@ -175,7 +191,9 @@ def test_gpu_oom_halves_the_batch_and_records_it(tiny, tmp_path):
     model, tok = tiny("llama")
     handle = _oom_above(model, 2)
     try:
-        manifest = _run(model, tok, tmp_path, _spec(batch_size=8, max_samples=12, shard_sequences=5))
+        manifest = _run(
+            model, tok, tmp_path, _spec(batch_size=8, max_samples=12, shard_sequences=5)
+        )
     finally:
         handle.remove()
     assert manifest["batch_size"] == {"requested": 8, "used": 2}
@@ -184,7 +202,9 @@ def test_gpu_oom_halves_the_batch_and_records_it(tiny, tmp_path):
         "out of GPU memory at batch size 4; continued with batch size 2",
     ]
     assert manifest["n_sequences"] == 12 and verify(tmp_path) == []
-    ids = torch.cat([load_file(tmp_path / s["file"])["token_ids"] for s in manifest["hooks"][0]["shards"]])
+    ids = torch.cat(
+        [load_file(tmp_path / s["file"])["token_ids"] for s in manifest["hooks"][0]["shards"]]
+    )
     assert torch.equal(ids.long(), torch.stack(list(pack_documents(tok, corpus(400), 16, 12))))
 
 
@@ -269,9 +289,10 @@ repo, out, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 model, _ = load_model(repo, "FP16", torch.device("cpu"))
 tok = AutoTokenizer.from_pretrained(repo)
 
+T, B, S = (int(v) for v in sys.argv[4:7])
 def spec(n):
-    return ExtractionSpec(layers=[0, 2], hook_types=["residual"], context_size=64, batch_size=8,
-                          max_samples=n, shard_sequences=32)
+    return ExtractionSpec(layers=[0, 2], hook_types=["residual"], context_size=T, batch_size=B,
+                          max_samples=n, shard_sequences=S)
 
 with torch.inference_mode():
     model(input_ids=torch.zeros(1, 8, dtype=torch.long))  # lazy inits of the forward itself
@@ -284,14 +305,34 @@ print(manifest["n_sequences"], before, peak)
 
 
 def test_peak_host_memory_does_not_grow_with_the_dataset(tiny_repo, tmp_path):
-    repo = tiny_repo("llama")
-    root = Path(__file__).resolve().parents[3]
+    """Peak RSS above the loaded model, for 300 and for 3000 sequences (each in its own process).
+
+    glibc's mmap threshold is pinned so that RSS measures live memory: with the default dynamic
+    threshold, freed temporaries of the forward stay in a fragmented heap and the peak wanders by
+    ±10% from run to run (measured 85 → 91–102 MB for 1000 → 10000 sequences at batch 64).
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    context, batch, shard = 64, 32, 64
     procs = {
         n: subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(repo), str(tmp_path / str(n)), str(n)],
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-c",
+                _CHILD,
+                str(tiny_repo("llama")),
+                str(tmp_path / str(n)),
+                str(n),
+                str(context),
+                str(batch),
+                str(shard),
+            ],
+            cwd=Path(__file__).resolve().parents[3],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )  # fmt: skip
-        for n in (200, 2000)
+        for n in (300, 3000)
     }
     growth = {}
     for n, proc in procs.items():
@@ -300,8 +341,7 @@ def test_peak_host_memory_does_not_grow_with_the_dataset(tiny_repo, tmp_path):
         n_seq, before, peak = map(int, stdout.split()[-3:])
         assert n_seq == n
         growth[n] = peak - before
-    # Held unbounded, 2000 sequences × 64 tokens × 2 hooks × 64 × 4 bytes would add 65 MB; the
-    # bounded footprint (~13 MB: shard buffers, staging slots, forward temporaries) stays put.
-    # 1 MiB of slack absorbs allocator noise.
     print(json.dumps({"peak_growth_bytes": growth}))
-    assert growth[2000] < 1.10 * growth[200] + 2**20
+    held = 3000 * context * 64 * 4 * 2  # 98 MB: what keeping 2 hooks' activations would cost
+    assert growth[300] < held / 4  # the bounded footprint (~18 MB) is far below it
+    assert growth[3000] < 1.10 * growth[300]

@@ -1,0 +1,134 @@
+"""JSON API for datasets (architecture.md §6): same schemas and services as the HTML views.
+
+POST /api/datasets takes either a multipart upload (name?, file, text_field) → 201 when the
+dataset is ready at once (202 when a large file is queued), or JSON {hf_dataset_id, split,
+text_field, revision?, access_token?, name?} → 202 with the queued Hub import.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import wraps
+
+from django.http import HttpRequest, JsonResponse
+from ninja import Router
+from ninja.decorators import decorate_view
+from ninja.errors import ValidationError as NinjaValidationError
+from pydantic import BaseModel, ValidationError
+
+from mistudio.errors import Invalid, ServiceError
+from mistudio.validation import error_list
+from models_app.schemas import ErrorOut
+
+from . import selectors, services
+from .models import Dataset
+from .schemas import DatasetOut, HubImportIn, UploadIn
+
+router = Router(tags=["datasets"])
+ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 422, 502)}
+UPLOAD_FORM = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "description": ".txt (one document per line), .jsonl, .csv or .parquet",
+        },
+        "name": {"type": "string"},
+        "text_field": {
+            "type": "string",
+            "default": "text",
+            "description": "the JSON field or column holding the text",
+        },
+    },
+}
+CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": HubImportIn.model_json_schema()},
+            "multipart/form-data": {"schema": UPLOAD_FORM},
+        },
+    }
+}
+
+
+def dataset_json(d: Dataset) -> dict:
+    return {f: getattr(d, f) for f in DatasetOut.model_fields}
+
+
+def _upload_guard(run):
+    """Refuse an over-limit body (413) before anything parses it."""
+
+    @wraps(run)
+    def wrapper(request: HttpRequest, *args, **kwargs):
+        try:
+            services.upload_length_check(request.META.get("CONTENT_LENGTH"))
+        except ServiceError as exc:
+            return JsonResponse({"detail": exc.message, "code": exc.code}, status=exc.status)
+        return run(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _validated(schema: type[BaseModel], data: dict):
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"loc": ("body", e["field"]), "msg": e["message"]} for e in error_list(exc)]
+        raise NinjaValidationError(errors) from None
+
+
+def _json_object(request: HttpRequest) -> dict:
+    try:
+        body = json.loads(request.body or b"")
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise ServiceError(
+            "Send a JSON object {hf_dataset_id, split, text_field, revision?} or a"
+            " multipart upload with a file.",
+            code="bad_json",
+        )
+    return body
+
+
+def _create_from_upload(request: HttpRequest) -> Dataset:
+    data = _validated(UploadIn, request.POST.dict())
+    upload = request.FILES.get("file")
+    if upload is None:
+        raise Invalid("Attach the dataset file as the multipart field 'file'.", code="no_file")
+    return services.dataset_upload(upload=upload, **data.model_dump())
+
+
+@router.get("", response=list[DatasetOut])
+def datasets_list(request: HttpRequest, status: str | None = None):
+    return [dataset_json(d) for d in selectors.dataset_list(status=status)]
+
+
+@router.post("", response={201: DatasetOut, 202: DatasetOut, **ERRORS}, openapi_extra=CREATE_BODY)
+@decorate_view(_upload_guard)
+def datasets_create(request: HttpRequest):
+    if request.content_type == "multipart/form-data":
+        row = _create_from_upload(request)
+    else:
+        data = _validated(HubImportIn, _json_object(request))
+        row = services.dataset_import(**data.model_dump())
+    return (201 if row.is_ready else 202), dataset_json(row)
+
+
+@router.get("/{dataset_id}", response={200: DatasetOut, **ERRORS})
+def datasets_get(request: HttpRequest, dataset_id: str):
+    return dataset_json(services.dataset_get(dataset_id))
+
+
+@router.delete("/{dataset_id}", response={204: None, **ERRORS})
+def datasets_delete(request: HttpRequest, dataset_id: str):
+    services.dataset_delete(dataset_id)
+    return 204, None
+
+
+@router.post("/{dataset_id}/cancel", response={200: DatasetOut, **ERRORS})
+def datasets_cancel(request: HttpRequest, dataset_id: str):
+    return dataset_json(services.dataset_cancel(dataset_id))

@@ -1,0 +1,332 @@
+"""Dataset files → one stream of texts → the normalized `texts.jsonl` every dataset ends as.
+
+No Django here. Readers stream (a line or a Parquet batch at a time, never a whole file) and raise
+`FormatError` with a message that names the line and says what to fix. The writer skips empty rows,
+writes to a temporary name and renames it into place only when every row was read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Upload formats; Hub imports also read `.json` (as JSON Lines) and gzip-compressed text formats.
+UPLOAD_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+HUB_FORMATS = {**UPLOAD_FORMATS, ".json": "jsonl"}
+FIELD_FORMATS = ("jsonl", "csv", "parquet")  # formats that need a text field / column
+TEXTS_FILE = "texts.jsonl"
+PREVIEW_ROWS = 5
+PREVIEW_CHARS = 300
+PARQUET_BATCH_ROWS = 1024
+# A CSV cell can hold a whole document; the csv module's default cap is 128 KiB.
+csv.field_size_limit(2**31 - 1)
+
+
+class FormatError(Exception):
+    """The file cannot be read as the dataset asked for; `message` says what to fix."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ImportCancelled(Exception):
+    """Raised between rows, batches or download chunks when the job was cancelled."""
+
+
+def format_of(filename: str, formats: dict[str, str] = UPLOAD_FORMATS) -> str | None:
+    """'train.csv' → 'csv'; 'a.jsonl.gz' → 'jsonl' when gzip is allowed (Hub files); else None."""
+    name = filename.lower()
+    if name.endswith(".gz") and formats is HUB_FORMATS:
+        name = name[:-3]
+        if name.endswith(".parquet"):
+            return None
+    return formats.get(Path(name).suffix)
+
+
+@dataclass
+class Meter:
+    """How far a reader is through its file, in bytes or rows (whichever it can tell)."""
+
+    total: int = 0
+    done: int = 0
+
+    def fraction(self) -> float:
+        return min(self.done / self.total, 1.0) if self.total > 0 else 0.0
+
+
+@contextlib.contextmanager
+def _binary(path: Path, meter: Meter):
+    """Open `path` for reading bytes (gunzipped for `.gz`); the meter counts compressed bytes."""
+    meter.total = path.stat().st_size
+    with open(path, "rb") as raw:
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw) as stream:
+                yield stream, raw
+        else:
+            yield raw, raw
+
+
+def _decoded_lines(path: Path, meter: Meter) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line with its newline) decoded as strict UTF-8."""
+    with _binary(path, meter) as (stream, raw):
+        try:
+            for number, line in enumerate(stream, 1):
+                meter.done = raw.tell()
+                yield number, _utf8(line, number)
+        except (gzip.BadGzipFile, EOFError, zlib.error):
+            raise FormatError(f"{path.name} is not a valid gzip file.") from None
+
+
+def _utf8(line: bytes, number: int) -> str:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(
+            f"Line {number} is not valid UTF-8 text (byte {exc.start + 1} of the line). Save the"
+            " file with UTF-8 encoding and try again."
+        ) from None
+    return text.removeprefix("\ufeff") if number == 1 else text
+
+
+def _read_txt(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
+    for _, line in _decoded_lines(path, meter):
+        yield line.rstrip("\r\n")
+
+
+JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    bool: "true/false",
+    int: "a number",
+    float: "a number",
+}
+
+
+def _json_text(obj: object, text_field: str, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise FormatError(f"{where} is {JSON_TYPES.get(type(obj), 'not')} a JSON object.")
+    if text_field not in obj:
+        keys = ", ".join(list(obj)[:10]) or "none"
+        raise FormatError(f"{where} has no field '{text_field}' (its fields: {keys}).")
+    value = obj[text_field]
+    if value is None:
+        return ""  # a null text counts as an empty row
+    if not isinstance(value, str):
+        raise FormatError(
+            f"{where}: field '{text_field}' is {JSON_TYPES.get(type(value), 'not text')}, not a"
+            " string."
+        )
+    return value
+
+
+def _read_jsonl(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
+    assert text_field
+    for number, line in _decoded_lines(path, meter):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            hint = " (a JSON array file is not JSON Lines)" if line.lstrip().startswith("[") else ""
+            msg = getattr(exc, "msg", "invalid JSON")
+            raise FormatError(f"Line {number} is not valid JSON: {msg}{hint}.") from None
+        yield _json_text(obj, text_field, f"Line {number}")
+
+
+def _read_csv(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
+    assert text_field
+    lines = _decoded_lines(path, meter)
+    reader = csv.reader(line for _, line in lines)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        if text_field not in header:
+            columns = ", ".join(header[:20]) or "none"
+            raise FormatError(f"The CSV header has no column '{text_field}' (columns: {columns}).")
+        column = header.index(text_field)
+        for row in reader:
+            if not row:
+                continue
+            if column >= len(row):
+                raise FormatError(
+                    f"Line {reader.line_num} has {len(row)} columns; the header has {len(header)}."
+                )
+            yield row[column]
+    except csv.Error as exc:
+        raise FormatError(f"Line {reader.line_num} is not valid CSV: {exc}.") from None
+
+
+def _parquet_column(path: Path, text_field: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError):
+        raise FormatError(f"{path.name} is not a valid Parquet file.") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        columns = ", ".join(schema.names[:20]) or "none"
+        raise FormatError(f"The Parquet file has no column '{text_field}' (columns: {columns}).")
+    kind = schema.field(text_field).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not (
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    ):
+        raise FormatError(f"Column '{text_field}' holds {kind} values, not text.")
+    return pf
+
+
+def _read_parquet(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
+    import pyarrow as pa
+
+    assert text_field
+    pf = _parquet_column(path, text_field)
+    meter.total = pf.metadata.num_rows
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                yield value or ""  # null counts as an empty row
+            meter.done += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise FormatError(f"{path.name} could not be read: {exc}") from None
+
+
+READERS: dict[str, Callable[[Path, str | None, Meter], Iterator[str]]] = {
+    "txt": _read_txt,
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+    "parquet": _read_parquet,
+}
+
+
+def texts_read(
+    path: Path, fmt: str, text_field: str | None, meter: Meter | None = None
+) -> Iterator[str]:
+    """Every row's text in file order (empty rows included); raises FormatError on bad input."""
+    return READERS[fmt](path, text_field, meter or Meter())
+
+
+def texts_check(path: Path, fmt: str, text_field: str | None, *, rows: int = 200) -> None:
+    """Read the first `rows` rows only: catches a wrong field, format or encoding early."""
+    for n, _ in enumerate(texts_read(path, fmt, text_field), 1):
+        if n >= rows:
+            break
+
+
+@dataclass
+class Normalized:
+    """What the normalized file holds: rows kept, its size in bytes, the first texts."""
+
+    row_count: int = 0
+    size_bytes: int = 0
+    preview: list[str] = field(default_factory=list)
+
+
+def _json_line(text: str) -> bytes:
+    line = json.dumps(text, ensure_ascii=False)
+    try:
+        return (line + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it escaped
+        return (json.dumps(text) + "\n").encode("ascii")
+
+
+def _preview_text(text: str) -> str:
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS].rstrip() + "…"
+
+
+class _Ticker:
+    """Calls `on_tick(fraction, rows)` at most every `interval` seconds (checked every 64 rows)."""
+
+    def __init__(self, on_tick: Callable[[float, int], None] | None, interval: float = 0.25):
+        self.on_tick = on_tick
+        self.interval = interval
+        self.last = time.monotonic()
+
+    def maybe(self, rows: int, fraction: Callable[[], float]) -> None:
+        if self.on_tick is None or rows % 64:
+            return
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.on_tick(fraction(), rows)
+
+
+@dataclass
+class Source:
+    """One file to read: its path, format and the field holding the text."""
+
+    path: Path
+    fmt: str
+    text_field: str | None = None
+    label: str = ""  # prefixed to error messages when a dataset has several files
+
+
+def _write_rows(out, sources: list[Source], result: Normalized, ticker: _Ticker) -> None:
+    sizes = [max(s.path.stat().st_size, 1) for s in sources]
+    total, before = sum(sizes), 0
+    for source, size in zip(sources, sizes, strict=True):
+        meter = Meter()
+        try:
+            for text in texts_read(source.path, source.fmt, source.text_field, meter):
+                if not text.strip():
+                    continue
+                out.write(_json_line(text))
+                result.row_count += 1
+                if len(result.preview) < PREVIEW_ROWS:
+                    result.preview.append(_preview_text(text))
+                ticker.maybe(
+                    result.row_count,
+                    lambda m=meter, b=before, s=size: (b + s * m.fraction()) / total,
+                )
+        except FormatError as exc:
+            raise FormatError(
+                f"{source.label}: {exc.message}" if source.label else exc.message
+            ) from None
+        before += size
+
+
+def texts_normalize(
+    sources: list[Source],
+    dest: Path,
+    *,
+    on_tick: Callable[[float, int], None] | None = None,
+    tick_seconds: float = 0.25,
+) -> Normalized:
+    """Write every non-empty text of `sources` to `dest` as JSON Lines of strings, atomically.
+
+    `on_tick(fraction 0..1, rows so far)` is called every `tick_seconds` at most and may raise
+    ImportCancelled to stop. Raises FormatError (nothing left at `dest`) for bad input or no rows.
+    """
+    partial = dest.with_name(dest.name + ".partial")
+    result = Normalized()
+    try:
+        with open(partial, "wb", buffering=1024 * 1024) as out:
+            _write_rows(out, sources, result, _Ticker(on_tick, tick_seconds))
+            out.flush()
+            os.fsync(out.fileno())
+        if result.row_count == 0:
+            raise FormatError("No text found: every row is empty.")
+        result.size_bytes = partial.stat().st_size
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    return result
+
+
+def texts_iter(path: Path) -> Iterator[str]:
+    """The texts of a normalized file, one per line, in order."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)

@@ -1,0 +1,252 @@
+"""Hugging Face dataset repos: access check, the files of one split, byte-accurate downloads.
+
+No Django here: callers pass endpoint, token and folders explicitly (tests point them at the
+loopback fake hub). Every Hub failure becomes a `models_app.hub.HubError` (the API already answers
+those as 4xx/502 with the message) worded for datasets.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from tqdm.auto import tqdm
+
+from models_app.hub import HubError, RepoFile
+
+from .formats import HUB_FORMATS, ImportCancelled, format_of
+
+# Names the `datasets` library also accepts for the three usual splits.
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+# When a split has the same rows in several formats, read the first of these.
+FORMAT_PREFERENCE = ("parquet", "jsonl", "csv", "txt")
+SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class DatasetPreflight:
+    repo_id: str
+    commit_sha: str
+    split: str
+    fmt: str
+    files: list[RepoFile]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def hub_error(exc: Exception, repo_id: str, endpoint: str, has_token: bool) -> HubError:
+    """A Hub exception as a HubError whose message tells a researcher what to do."""
+    page = f"{endpoint}/datasets/{repo_id}"
+    if isinstance(exc, GatedRepoError):
+        hint = "" if has_token else " and paste an access token"
+        return HubError(
+            f"The dataset {repo_id} is gated: accept its conditions at {page}{hint},"
+            " then try again.",
+            code="gated",
+            status=403,
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubError(
+            f"The dataset {repo_id} was not found on the Hub, or it is private (a"
+            " private dataset needs a token with access).",
+            code="not_found",
+            status=404,
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(
+            f"The dataset {repo_id} has no such revision.", code="no_revision", status=404
+        )
+    if isinstance(exc, EntryNotFoundError):
+        return HubError(f"A file of {repo_id} is gone from the Hub.", code="no_file", status=404)
+    if isinstance(exc, HfHubHTTPError):
+        return _http_error(exc, endpoint)
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return HubError("The disk filled up during the download.", code="disk_full")
+    return HubError(
+        f"Could not reach the Hub at {endpoint}: {type(exc).__name__}.",
+        code="unreachable",
+        status=502,
+    )
+
+
+def _http_error(exc: HfHubHTTPError, endpoint: str) -> HubError:
+    status = exc.response.status_code if exc.response is not None else None
+    if status == 401:
+        return HubError(
+            "The access token is invalid or expired: create a new one at"
+            f" {endpoint}/settings/tokens.",
+            code="bad_token",
+            status=401,
+        )
+    if status == 429:
+        return HubError("The Hub is rate-limiting requests; try again later.", code="rate")
+    return HubError(f"The Hub answered HTTP {status}.", code="hub_http", status=502)
+
+
+def _split_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    """A file belongs to a split when a folder is named after it (`train/…`) or its file name
+    starts with the name after a separator (`data/train-00000-of-00002.parquet`, `train.jsonl`,
+    `c4-train.00000.json.gz`) — the same rule as the `datasets` library's default layouts."""
+    alt = "|".join(re.escape(n) for n in names)
+    return re.compile(
+        rf"(?:^|/)(?:{alt})/|(?:^|/|[-._ 0-9])(?:{alt})(?:[-._ 0-9][^/]*)?$", re.IGNORECASE
+    )
+
+
+def _data_files(files: list[RepoFile]) -> list[tuple[RepoFile, str]]:
+    """(file, format) for every readable data file; dot-folders and READMEs are not data, and
+    a name that could leave the download folder ('..', absolute) is never fetched."""
+    out = []
+    for f in files:
+        if f.name.startswith("/") or any(p.startswith(".") for p in f.name.split("/")):
+            continue
+        fmt = format_of(f.name, HUB_FORMATS)
+        if fmt and f.name.rsplit("/", 1)[-1].lower() not in ("readme.txt", "requirements.txt"):
+            out.append((f, fmt))
+    return out
+
+
+def splits_found(files: list[RepoFile]) -> list[str]:
+    """The usual split names that have data files in this listing."""
+    data = _data_files(files)
+    return [
+        s
+        for s, names in SPLIT_NAMES.items()
+        if any(_split_pattern(names).search(f.name) for f, _ in data)
+    ]
+
+
+def split_files(files: list[RepoFile], split: str, repo_id: str) -> tuple[str, list[RepoFile]]:
+    """(format, files) holding `split`, in name order. A repo with no split names holds only
+    `train`. Raises HubError(422) when there is no such split or no readable data file."""
+    data = _data_files(files)
+    if not data:
+        raise HubError(
+            f"The dataset {repo_id} has no data files miStudio can read (Parquet,"
+            " JSON Lines, CSV or text).",
+            code="no_data",
+        )
+    pattern = _split_pattern(SPLIT_NAMES.get(split.lower(), (split,)))
+    chosen = [(f, fmt) for f, fmt in data if pattern.search(f.name)]
+    if not chosen and split.lower() == "train" and not splits_found(files):
+        chosen = data
+    if not chosen:
+        found = ", ".join(splits_found(files)) or "none recognised"
+        raise HubError(
+            f"The dataset {repo_id} has no files for the split '{split}' (splits found: {found}).",
+            code="no_split",
+        )
+    fmt = next(p for p in FORMAT_PREFERENCE if any(f == p for _, f in chosen))
+    return fmt, sorted((f for f, f_fmt in chosen if f_fmt == fmt), key=lambda f: f.name)
+
+
+def _api(endpoint: str) -> HfApi:
+    return HfApi(endpoint=endpoint, library_name="mistudio")
+
+
+def dataset_preflight(
+    repo_id: str, *, split: str, revision: str, token: str | None, endpoint: str
+) -> DatasetPreflight:
+    """Check access and list the split's files with their sizes, before any byte of data."""
+    api = _api(endpoint)
+    try:
+        api.auth_check(repo_id, repo_type="dataset", token=token or False)
+        info = api.dataset_info(
+            repo_id, revision=revision, files_metadata=True, token=token or False
+        )
+    except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
+        raise hub_error(exc, repo_id, endpoint, bool(token)) from None
+    files = [RepoFile(s.rfilename, int(s.size or 0)) for s in (info.siblings or [])]
+    fmt, chosen = split_files(files, split, repo_id)
+    return DatasetPreflight(repo_id, info.sha or revision, split, fmt, chosen)
+
+
+class _ByteCounter:
+    """Counts bytes of the file in flight across the progress bars huggingface_hub opens."""
+
+    def __init__(self, on_bytes: Callable[[int], None], should_cancel: Callable[[], bool]):
+        self.on_bytes = on_bytes
+        self.should_cancel = should_cancel
+        self.current = 0
+        self.lock = threading.Lock()
+
+    def bar_class(self) -> type[tqdm]:
+        counter = self
+
+        class _Bar(tqdm):
+            def __init__(self, *args, **kwargs):
+                kwargs["disable"] = True  # progress goes to the row, not to worker logs
+                super().__init__(*args, **kwargs)
+                self._done = int(kwargs.get("initial") or 0)
+
+            def update(self, n=1):
+                self._done += int(n or 0)
+                counter.seen(self._done)
+                return None
+
+        return _Bar
+
+    def seen(self, done: int) -> None:
+        if self.should_cancel():
+            raise ImportCancelled()
+        with self.lock:
+            if done > self.current:
+                self.current = done
+                self.on_bytes(done)
+
+
+def files_download(
+    pre: DatasetPreflight,
+    *,
+    token: str | None,
+    endpoint: str,
+    local_dir: Path,
+    on_bytes: Callable[[int], None],
+    should_cancel: Callable[[], bool],
+) -> list[Path]:
+    """Fetch the split's files into `local_dir` (partial files stay inside it); return their
+    paths in the preflight's order. `on_bytes(total so far)` is monotonic over all files;
+    `should_cancel()` is polled on every chunk and between files (raises ImportCancelled)."""
+    done_before, paths = 0, []
+    for f in pre.files:
+        if should_cancel():
+            raise ImportCancelled()
+        counter = _ByteCounter(
+            lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)), should_cancel
+        )
+        try:
+            path = hf_hub_download(
+                pre.repo_id,
+                f.name,
+                repo_type="dataset",
+                revision=pre.commit_sha,
+                token=token or False,
+                endpoint=endpoint,
+                local_dir=local_dir,
+                tqdm_class=counter.bar_class(),
+            )
+        except ImportCancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise hub_error(exc, pre.repo_id, endpoint, bool(token)) from None
+        done_before += f.size
+        on_bytes(done_before)
+        paths.append(Path(path))
+    return paths

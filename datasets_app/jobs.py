@@ -1,0 +1,196 @@
+"""Dataset import jobs, run by the download cluster's workers (tasks pass the dataset id only).
+
+A job claims its row exactly once, reports progress on the row (download bytes fill the first
+DOWNLOAD_SHARE percent of the bar, normalizing the rest), checks for cancellation between chunks
+and batches, and always ends `ready`, `error` (readable message) or `cancelled`, with no partial
+files left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+
+from django.conf import settings
+from django.db.models import F
+from django.utils import timezone
+
+from mistudio.secretbox import unseal
+from models_app.hub import HubError
+from models_app.progress import ByteProgress, heartbeat
+
+from . import formats, hubdata
+from .formats import TEXTS_FILE, FormatError, ImportCancelled, Normalized, Source
+from .models import Dataset, DatasetCredential, DatasetStatus
+from .progress import notify, row_update
+from .services import credential_drop, dataset_dir, files_remove
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_SHARE = 60.0
+UNEXPECTED = (
+    "The import stopped on an unexpected error ({name}); the worker log has the"
+    " details. Delete this entry and try again."
+)
+
+
+def job_claim(dataset_id: str, **fields) -> bool:
+    """Move a queued row to `importing` exactly once; a second delivery finds nothing to claim."""
+    now = timezone.now()
+    n = Dataset.objects.filter(
+        pk=dataset_id, status=DatasetStatus.QUEUED, cancel_requested=False
+    ).update(
+        status=DatasetStatus.IMPORTING,
+        attempt=F("attempt") + 1,
+        heartbeat_at=now,
+        updated_at=now,
+        **fields,
+    )
+    if n:
+        notify("dataset.changed", dataset_id)
+    return n == 1
+
+
+def _job_end(dataset_id: str, status: str, **fields) -> None:
+    row_update(dataset_id, status=status, speed_bps=0, eta_seconds=None, phase="", **fields)
+
+
+def job_fail(dataset_id: str, message: str) -> None:
+    """End a job in `error` with `message`; its files and token are removed."""
+    log.warning("dataset %s failed: %s", dataset_id, message)
+    files_remove(dataset_id)
+    credential_drop(dataset_id)
+    _job_end(dataset_id, DatasetStatus.ERROR, error_message=message)
+
+
+def job_cancelled(dataset_id: str) -> None:
+    files_remove(dataset_id)
+    credential_drop(dataset_id)
+    _job_end(dataset_id, DatasetStatus.CANCELLED, error_message="Cancelled by the user.")
+
+
+def _job_ready(dataset_id: str, result: Normalized) -> None:
+    credential_drop(dataset_id)
+    _job_end(
+        dataset_id,
+        DatasetStatus.READY,
+        progress=100.0,
+        row_count=result.row_count,
+        size_bytes=result.size_bytes,
+        preview=result.preview,
+    )
+
+
+def cancel_requested(dataset_id: str) -> bool:
+    """Whether the user asked to cancel (polled per download chunk and per progress tick)."""
+    return Dataset.objects.filter(pk=dataset_id, cancel_requested=True).exists()
+
+
+def _normalize(dataset_id: str, sources: list[Source], start: float) -> Normalized:
+    """Normalize `sources` into texts.jsonl; progress runs from `start` to just under 100."""
+    if cancel_requested(dataset_id):  # between the download and the first batch
+        raise ImportCancelled()
+
+    def tick(fraction: float, rows: int) -> None:
+        if cancel_requested(dataset_id):
+            raise ImportCancelled()
+        row_update(
+            dataset_id,
+            progress=min(start + (100.0 - start) * fraction, 99.9),
+            row_count=rows,
+            phase=f"normalizing · {rows:,} rows",
+        )
+
+    row_update(dataset_id, progress=start, phase="normalizing", speed_bps=0, eta_seconds=None)
+    return formats.texts_normalize(sources, dataset_dir(dataset_id) / TEXTS_FILE, on_tick=tick)
+
+
+def _run(dataset_id: str, work: Callable[[], Normalized]) -> None:
+    """Run `work` under a heartbeat and end the row in exactly one terminal state."""
+    try:
+        with heartbeat(Dataset, dataset_id):
+            result = work()
+    except ImportCancelled:
+        job_cancelled(dataset_id)
+    except (HubError, FormatError) as exc:
+        job_fail(dataset_id, exc.message)
+    except Exception as exc:  # noqa: BLE001 - a bug must still end the job with a message
+        log.exception("dataset %s import crashed", dataset_id)
+        job_fail(dataset_id, UNEXPECTED.format(name=type(exc).__name__))
+    else:
+        _job_ready(dataset_id, result)
+
+
+def _token_for(dataset_id: str) -> str | None:
+    cred = DatasetCredential.objects.filter(dataset_id=dataset_id).first()
+    return unseal(cred.ciphertext) if cred else None
+
+
+def _download_progress(dataset_id: str, *, progress: float, **fields) -> None:
+    row_update(dataset_id, progress=progress * DOWNLOAD_SHARE / 100.0, **fields)
+
+
+def _hub_files(row: Dataset, token: str | None) -> Normalized:
+    pre = hubdata.dataset_preflight(
+        row.hf_dataset_id,
+        split=row.split,
+        revision=row.commit_sha or row.revision,
+        token=token,
+        endpoint=settings.HF_ENDPOINT,
+    )
+    row_update(
+        row.pk,
+        bytes_total=pre.total_bytes,
+        phase="downloading",
+        file_format=pre.fmt,
+        files=[{"name": f.name, "size": f.size} for f in pre.files],
+    )
+    tracker = ByteProgress(lambda **kw: _download_progress(row.pk, **kw), pre.total_bytes)
+    raw = dataset_dir(row.pk) / "raw"
+    paths = hubdata.files_download(
+        pre,
+        token=token,
+        endpoint=settings.HF_ENDPOINT,
+        local_dir=raw,
+        on_bytes=tracker,
+        should_cancel=lambda: cancel_requested(row.pk),
+    )
+    tracker.flush()
+    sources = [
+        Source(p, pre.fmt, row.text_field or None, label=f.name)
+        for p, f in zip(paths, pre.files, strict=True)
+    ]
+    result = _normalize(row.pk, sources, DOWNLOAD_SHARE)
+    shutil.rmtree(raw, ignore_errors=True)
+    return result
+
+
+def dataset_import_run(dataset_id: str) -> None:
+    """The Hub import job: preflight again (pinned commit), download the split's files with
+    byte progress, normalize them with row progress. Ends ready, error or cancelled."""
+    if not job_claim(dataset_id, phase="checking the repo", progress=0, bytes_done=0):
+        return
+    row = Dataset.objects.get(pk=dataset_id)
+    token = _token_for(dataset_id)
+    try:
+        _run(dataset_id, lambda: _hub_files(row, token))
+    finally:
+        token = None
+
+
+def dataset_normalize_run(dataset_id: str) -> None:
+    """The large-upload job: normalize the stored upload with progress, then drop the upload."""
+    if not job_claim(dataset_id, phase="normalizing", progress=0):
+        return
+    row = Dataset.objects.get(pk=dataset_id)
+    upload = dataset_dir(dataset_id) / f"upload.{row.file_format}"
+
+    def work() -> Normalized:
+        result = _normalize(
+            dataset_id, [Source(upload, row.file_format, row.text_field or None)], 0.0
+        )
+        upload.unlink(missing_ok=True)
+        return result
+
+    _run(dataset_id, work)

@@ -1,0 +1,119 @@
+"""Dataset rows: what a text dataset is, where it came from, and its import job's state.
+
+Every dataset, whatever its source, ends as one file `<DATASETS_DIR>/<id>/texts.jsonl`
+(one JSON string per line); the row holds its row count, size and a short preview.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+def new_dataset_id() -> str:
+    return f"d_{uuid.uuid4().hex}"
+
+
+class DatasetSource(models.TextChoices):
+    UPLOAD = "upload", "Upload"
+    HUB = "hub", "Hugging Face Hub"
+
+
+class DatasetStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    IMPORTING = "importing", "Importing"
+    READY = "ready", "Ready"
+    ERROR = "error", "Error"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ACTIVE_STATUSES = (DatasetStatus.QUEUED, DatasetStatus.IMPORTING)
+FAILED_STATUSES = (DatasetStatus.ERROR, DatasetStatus.CANCELLED)
+
+
+class Dataset(models.Model):
+    """A text dataset registered from an uploaded file or a Hub dataset repo split."""
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_dataset_id, editable=False)
+    name = models.CharField(max_length=200)
+    source = models.CharField(max_length=8, choices=DatasetSource.choices)
+    # Upload: the file's name and format; Hub: repo, split, revision and the commit fetched.
+    original_filename = models.CharField(max_length=255, blank=True)
+    file_format = models.CharField(max_length=16, blank=True)
+    hf_dataset_id = models.CharField(max_length=96, blank=True)
+    split = models.CharField(max_length=64, blank=True)
+    revision = models.CharField(max_length=255, blank=True)
+    commit_sha = models.CharField(max_length=40, blank=True)
+    text_field = models.CharField(max_length=200, blank=True)
+    files = models.JSONField(default=list, blank=True)
+
+    status = models.CharField(
+        max_length=16, choices=DatasetStatus.choices, default=DatasetStatus.QUEUED, db_index=True
+    )
+    phase = models.CharField(max_length=200, blank=True)
+    progress = models.FloatField(default=0.0)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    speed_bps = models.FloatField(default=0.0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error_message = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    attempt = models.PositiveIntegerField(default=0)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    # The normalized file: rows kept (empty rows skipped), its size in bytes, the first texts.
+    row_count = models.BigIntegerField(default=0)
+    size_bytes = models.BigIntegerField(default=0)
+    preview = models.JSONField(default=list, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        db_table = "datasets"
+        ordering = ["-created_at"]
+        constraints = [
+            # Names tell datasets apart in the extraction form; failed rows free their name.
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=~Q(status__in=["error", "cancelled"]),
+                name="unique_live_dataset_name",
+            ),
+            models.CheckConstraint(
+                condition=Q(progress__gte=0) & Q(progress__lte=100),
+                name="dataset_progress_0_100",
+            ),
+            models.CheckConstraint(
+                condition=Q(source__in=["upload", "hub"]), name="known_dataset_source"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == DatasetStatus.READY
+
+
+class DatasetCredential(models.Model):
+    """An access token for one Hub import, encrypted at rest and deleted when the job ends.
+
+    Tasks receive the dataset id only; the worker decrypts the token from here.
+    """
+
+    dataset = models.OneToOneField(Dataset, on_delete=models.CASCADE, related_name="credential")
+    ciphertext = models.BinaryField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "dataset_credentials"
+
+    def __str__(self) -> str:
+        return f"credential for {self.dataset_id}"

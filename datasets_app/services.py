@@ -1,0 +1,321 @@
+"""Dataset services: the one place for the rules of registering, cancelling, deleting and reading
+datasets. Views, the JSON API, tasks and the extraction job call these.
+
+Storage: every dataset ends as `<DATASETS_DIR>/<id>/texts.jsonl`, one JSON string per line (empty
+rows skipped). Uploads up to DATASET_INLINE_MAX_BYTES are normalized inside the request, so a bad
+line is a 4xx at once and nothing is kept; larger uploads and Hub imports run as worker jobs
+(`jobs.py`) with progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django_q.tasks import async_task
+
+from mistudio.errors import Conflict, Invalid, NotFound, ServiceError
+from mistudio.secretbox import seal
+from models_app.templatetags.mistudio_format import bytes_h
+
+from . import formats, hubdata
+from .formats import FIELD_FORMATS, TEXTS_FILE, FormatError, Source
+from .models import (
+    ACTIVE_STATUSES,
+    FAILED_STATUSES,
+    Dataset,
+    DatasetCredential,
+    DatasetSource,
+    DatasetStatus,
+    new_dataset_id,
+)
+from .progress import notify
+from .schemas import NAME_MAX
+
+log = logging.getLogger(__name__)
+
+WAITING = "waiting for a worker"
+# A multipart body carries a few hundred bytes besides the file; allow for them.
+MULTIPART_SLACK = 64 * 1024
+
+
+def dataset_dir(dataset_id: str) -> Path:
+    """The folder holding one dataset's files."""
+    return Path(settings.DATASETS_DIR) / dataset_id
+
+
+def texts_path(dataset_id: str) -> Path:
+    """The normalized file: one JSON string per line."""
+    return dataset_dir(dataset_id) / TEXTS_FILE
+
+
+def dataset_get(dataset_id: str) -> Dataset:
+    try:
+        return Dataset.objects.get(pk=dataset_id)
+    except (Dataset.DoesNotExist, ValueError):
+        raise NotFound(f"No dataset with id {dataset_id}.") from None
+
+
+def _too_large(size: int) -> ServiceError:
+    cap = settings.DATASET_UPLOAD_MAX_BYTES
+    return ServiceError(
+        f"The file is {bytes_h(size)}; uploads are limited to {bytes_h(cap)}"
+        " (MISTUDIO_DATASET_UPLOAD_MAX_MB).",
+        code="too_large",
+        status=413,
+    )
+
+
+def upload_length_check(content_length: str | int | None) -> None:
+    """Refuse (413) a request body larger than the upload limit before it is parsed."""
+    try:
+        length = int(content_length or 0)
+    except (TypeError, ValueError):
+        return  # no usable length: the file's own size is checked once it is parsed
+    if length > settings.DATASET_UPLOAD_MAX_BYTES + MULTIPART_SLACK:
+        raise _too_large(length)
+
+
+def _upload_format(filename: str) -> str:
+    fmt = formats.format_of(filename)
+    if fmt is None:
+        ext = Path(filename).suffix or "(none)"
+        raise Invalid(
+            f"Unsupported file type {ext}: upload a .txt, .jsonl, .csv or .parquet file.",
+            code="unsupported",
+        )
+    return fmt
+
+
+def _upload_size_check(size: int) -> None:
+    if size == 0:
+        raise Invalid("The file is empty.", code="empty")
+    if size > settings.DATASET_UPLOAD_MAX_BYTES:
+        raise _too_large(size)
+
+
+def _name_free(name: str) -> None:
+    if Dataset.objects.filter(name=name).exclude(status__in=FAILED_STATUSES).exists():
+        raise Conflict(
+            f"A dataset named '{name}' already exists; choose another name or delete it first.",
+            code="duplicate",
+        )
+
+
+def _disk_check(needed: int) -> None:
+    root = Path(settings.DATASETS_DIR)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if needed + settings.DISK_MARGIN_BYTES > free:
+        raise Invalid(
+            f"Not enough disk space in {root}: the dataset needs about"
+            f" {bytes_h(needed)} and {bytes_h(free)} are free.",
+            code="disk_full",
+        )
+
+
+def _enqueue(task: str, dataset_id: str) -> None:
+    async_task(
+        f"datasets_app.tasks.{task}",
+        dataset_id,
+        cluster=settings.DOWNLOAD_CLUSTER,
+        task_name=f"{task} {dataset_id}",
+    )
+
+
+def _row_create(*, task: str | None = None, token: str | None = None, **fields) -> Dataset:
+    """Insert the row (and the sealed token) and queue `task` once the transaction commits."""
+    try:
+        with transaction.atomic():
+            row = Dataset.objects.create(**fields)
+            if token:
+                DatasetCredential.objects.create(dataset=row, ciphertext=seal(token))
+            if task:
+                transaction.on_commit(lambda: _enqueue(task, row.pk))
+    except IntegrityError:
+        raise Conflict(
+            f"A dataset named '{fields['name']}' already exists.", code="duplicate"
+        ) from None
+    notify("dataset.changed", row.pk)
+    return row
+
+
+def _save_upload(upload: UploadedFile, dest: Path) -> None:
+    with open(dest, "wb") as out:
+        for chunk in upload.chunks():  # Django's uploads are spooled: never whole in memory
+            out.write(chunk)
+
+
+def dataset_upload(
+    *, upload: UploadedFile, text_field: str = "text", name: str | None = None
+) -> Dataset:
+    """Register an uploaded .txt/.jsonl/.csv/.parquet file (inputs validated by UploadIn).
+
+    Small files come back `ready`; larger ones `queued` for a worker (after a check of their
+    first rows). Raises Invalid (422: type, empty, bad line), 413 (too large) or Conflict (name);
+    on any error nothing stays on disk and no row exists.
+    """
+    filename = Path(upload.name or "upload").name
+    fmt = _upload_format(filename)
+    _upload_size_check(upload.size or 0)
+    name = name or Path(filename).stem[:NAME_MAX] or "dataset"
+    _name_free(name)
+    _disk_check(2 * upload.size)
+    dataset_id = new_dataset_id()
+    folder = dataset_dir(dataset_id)
+    folder.mkdir(parents=True)
+    fields = {
+        "id": dataset_id,
+        "name": name,
+        "source": DatasetSource.UPLOAD,
+        "original_filename": filename[:255],
+        "file_format": fmt,
+        "text_field": text_field if fmt in FIELD_FORMATS else "",
+    }
+    try:
+        _save_upload(upload, folder / f"upload.{fmt}")
+        return _upload_register(
+            Source(folder / f"upload.{fmt}", fmt, fields["text_field"]), upload.size, fields
+        )
+    except FormatError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise Invalid(exc.message, code="bad_file") from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _upload_register(source: Source, size: int, fields: dict) -> Dataset:
+    if size > settings.DATASET_INLINE_MAX_BYTES:
+        formats.texts_check(source.path, source.fmt, source.text_field)
+        return _row_create(
+            task="dataset_normalize_task",
+            status=DatasetStatus.QUEUED,
+            phase=WAITING,
+            bytes_total=size,
+            **fields,
+        )
+    result = formats.texts_normalize([source], source.path.with_name(TEXTS_FILE))
+    source.path.unlink()
+    return _row_create(
+        status=DatasetStatus.READY,
+        progress=100,
+        bytes_done=size,
+        bytes_total=size,
+        row_count=result.row_count,
+        size_bytes=result.size_bytes,
+        preview=result.preview,
+        **fields,
+    )
+
+
+def dataset_import(
+    *,
+    hf_dataset_id: str,
+    split: str = "train",
+    text_field: str = "text",
+    revision: str | None = None,
+    access_token: str | None = None,
+    name: str | None = None,
+) -> Dataset:
+    """Check the Hub repo (access, the split's files, disk) and queue the import job.
+
+    Inputs are validated by HubImportIn. Returns the `queued` row. Raises Conflict (name taken),
+    HubError (403 gated, 401 bad token, 404 missing, 422 no such split / no data files) or
+    Invalid (disk full); nothing is created then.
+    """
+    revision = revision or "main"
+    name = name or f"{hf_dataset_id} ({split})"
+    _name_free(name)
+    pre = hubdata.dataset_preflight(
+        hf_dataset_id,
+        split=split,
+        revision=revision,
+        token=access_token,
+        endpoint=settings.HF_ENDPOINT,
+    )
+    _disk_check(2 * pre.total_bytes)
+    return _row_create(
+        task="dataset_import_task",
+        token=access_token,
+        name=name,
+        source=DatasetSource.HUB,
+        hf_dataset_id=hf_dataset_id,
+        split=split,
+        revision=revision,
+        commit_sha=pre.commit_sha,
+        text_field=text_field,
+        file_format=pre.fmt,
+        bytes_total=pre.total_bytes,
+        phase=WAITING,
+        files=[{"name": f.name, "size": f.size} for f in pre.files],
+    )
+
+
+def files_remove(dataset_id: str) -> None:
+    shutil.rmtree(dataset_dir(dataset_id), ignore_errors=True)
+
+
+def credential_drop(dataset_id: str) -> None:
+    DatasetCredential.objects.filter(dataset_id=dataset_id).delete()
+
+
+def dataset_cancel(dataset_id: str) -> Dataset:
+    """Cancel a queued or running import. Queued rows end at once; a running job stops at the
+    next chunk or batch and removes its files. Returns the row; Conflict if nothing to cancel."""
+    row = dataset_get(dataset_id)
+    if row.status not in ACTIVE_STATUSES:
+        raise Conflict(f"{row.name} is {row.status}; there is nothing to cancel.")
+    now = timezone.now()
+    Dataset.objects.filter(pk=dataset_id).update(cancel_requested=True, updated_at=now)
+    # A job that has not started will never see the flag: end it here.
+    if Dataset.objects.filter(pk=dataset_id, status=DatasetStatus.QUEUED).update(
+        status=DatasetStatus.CANCELLED,
+        error_message="Cancelled by the user.",
+        phase="",
+        updated_at=now,
+    ):
+        credential_drop(dataset_id)
+        files_remove(dataset_id)
+    notify("dataset.changed", dataset_id)
+    return dataset_get(dataset_id)
+
+
+def dataset_delete(dataset_id: str) -> None:
+    """Delete a dataset and its files. Raises Conflict (409) while its import is queued or
+    running, NotFound for an unknown id."""
+    from models_app.extraction import dataset_in_use
+
+    row = dataset_get(dataset_id)
+    if row.status in ACTIVE_STATUSES:
+        raise Conflict(f"{row.name} is {row.status}; cancel the import before deleting it.")
+    if dataset_in_use(dataset_id):
+        raise Conflict(f"An extraction is reading {row.name}; wait for it or cancel it first.")
+    row.delete()
+    files_remove(dataset_id)
+    notify("dataset.deleted", dataset_id)
+
+
+def dataset_texts(dataset_id: str) -> Iterator[str]:
+    """The dataset's texts in order, streamed from its normalized file (one str per row).
+
+    Checks eagerly: NotFound for an unknown id, Conflict when the dataset is not ready or its
+    file is missing; the returned iterator then reads lazily.
+    """
+    row = dataset_get(dataset_id)
+    if not row.is_ready:
+        raise Conflict(f"{row.name} is {row.status}; only ready datasets can be read.")
+    path = texts_path(dataset_id)
+    if not path.is_file():
+        raise Conflict(
+            f"The file of {row.name} is missing from {path.parent}; delete the"
+            " dataset and register it again.",
+            code="missing_files",
+        )
+    return formats.texts_iter(path)

@@ -1,0 +1,294 @@
+"""Extraction services: start, run (in the GPU worker), cancel, delete, list.
+
+The job runs the model exactly as it was downloaded (its quantization, from the loaded-model
+cache), tokenizes with the model's own tokenizer and writes shards + manifest per
+architecture.md §5 under ACTIVATIONS_DIR/<job id>/.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from django.conf import settings
+from django.db.models import F
+from django.utils import timezone
+
+from mistudio.errors import Conflict, Invalid, NotFound
+
+from .models import (
+    EXTRACTION_ACTIVE,
+    ExtractionJob,
+    ExtractionStatus,
+    Model,
+    ModelStatus,
+    new_extraction_id,
+)
+from .progress import heartbeat, notify
+from .services import enqueue_gpu, model_get
+
+log = logging.getLogger(__name__)
+PROGRESS_INTERVAL = 0.5  # seconds between progress writes
+
+
+def extraction_get(extraction_id: str) -> ExtractionJob:
+    try:
+        return ExtractionJob.objects.select_related("model").get(pk=extraction_id)
+    except (ExtractionJob.DoesNotExist, ValueError):
+        raise NotFound(f"No extraction with id {extraction_id}.") from None
+
+
+def extraction_list(*, model_id: str):
+    model_get(model_id)
+    return ExtractionJob.objects.filter(model_id=model_id)
+
+
+def output_dir(extraction_id: str) -> Path:
+    """Where a job writes unless told otherwise: ACTIVATIONS_DIR/<id>."""
+    return Path(settings.ACTIVATIONS_DIR) / extraction_id
+
+
+def _dataset(dataset_id: str):
+    from datasets_app.models import Dataset
+
+    dataset = Dataset.objects.filter(pk=dataset_id).first()
+    if dataset is None:
+        raise Invalid(f"No dataset with id {dataset_id}.", code="no_dataset")
+    if dataset.status != "ready":
+        raise Conflict(f"Dataset {dataset.name} is {dataset.status}, not ready.")
+    return dataset
+
+
+def _check_against_model(model: Model, layers: list[int], context_size: int) -> None:
+    if model.status != ModelStatus.READY:
+        raise Conflict(f"{model.hf_repo_id} is {model.status}; extraction needs a ready model.",
+                       code="model_not_ready")
+    n = model.num_layers or 0
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise Invalid(f"Layers {bad} do not exist: {model.name} has layers 0–{n - 1}.",
+                      code="bad_layers")
+    if model.max_position and context_size > model.max_position:
+        raise Invalid(f"Context size {context_size} exceeds the model's maximum of"
+                      f" {model.max_position} positions.", code="bad_context")
+
+
+def output_bytes_estimate(model: Model, n_sites: int, max_samples: int, context_size: int) -> int:
+    """Upper bound of the shard bytes: activations (4 bytes/value on CPU) plus int32 token ids."""
+    width = 4 if (model.loaded_device or "cpu").startswith("cpu") else 2
+    per_seq = context_size * ((model.hidden_dim or 0) * width + 4)
+    return n_sites * max_samples * per_seq
+
+
+def _disk_check(needed: int) -> None:
+    root = Path(settings.ACTIVATIONS_DIR)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if needed + settings.DISK_MARGIN_BYTES > free:
+        raise Invalid(
+            f"Not enough disk space: this extraction writes up to {needed / 1e9:.2f} GB and"
+            f" {free / 1e9:.2f} GB are free in {root}. Lower max samples or choose fewer sites.",
+            code="disk_full",
+        )
+
+
+def default_context_size(model: Model) -> int:
+    from mistudio.limits import DEFAULT_CONTEXT_SIZE
+
+    return min(DEFAULT_CONTEXT_SIZE, model.max_position or DEFAULT_CONTEXT_SIZE)
+
+
+def _out_dir_check(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise Invalid(f"{out} exists and is not an empty folder; choose a new output folder.",
+                      code="bad_output")
+    return out
+
+
+def extraction_start(
+    *, model_id: str, dataset_id: str, layers: list[int], hook_types: list[str],
+    batch_size: int, max_samples: int, context_size: int | None = None,
+    out: Path | None = None, enqueue: bool = True,
+) -> ExtractionJob:
+    """Validate against the real model and dataset, check disk, queue the job on the GPU worker.
+
+    Inputs are already shape-checked by `schemas.ExtractionIn`. Raises Conflict (409) for a model
+    or dataset that is not ready, Invalid (422) for layers/context the model lacks or a full disk.
+    `out` (CLI) writes somewhere else than ACTIVATIONS_DIR/<id>; `enqueue=False` leaves the job
+    queued for the caller to run in-process.
+    """
+    model = model_get(model_id)
+    context_size = context_size or default_context_size(model)
+    _check_against_model(model, layers, context_size)
+    dataset = _dataset(dataset_id)
+    out = _out_dir_check(out) if out else None
+    _disk_check(output_bytes_estimate(model, len(layers) * len(hook_types), max_samples,
+                                      context_size))
+    job_id = new_extraction_id()
+    job = ExtractionJob.objects.create(
+        id=job_id, model=model, dataset_id=dataset.pk, dataset_name=dataset.name, layers=layers,
+        hook_types=hook_types, batch_size=batch_size, max_samples=max_samples,
+        context_size=context_size, phase="waiting for the GPU worker",
+        output_path=str(out or output_dir(job_id)),
+    )
+    if enqueue:
+        enqueue_gpu("extraction_run_task", job.pk)
+    notify("model.changed", model.pk)
+    return extraction_get(job.pk)
+
+
+def _job_update(job_id: str, **fields) -> None:
+    now = timezone.now()
+    ExtractionJob.objects.filter(pk=job_id).update(updated_at=now, heartbeat_at=now, **fields)
+    model_id = ExtractionJob.objects.filter(pk=job_id).values_list("model_id", flat=True).first()
+    if model_id:
+        notify("model.changed", model_id)
+
+
+def _claim(job_id: str) -> bool:
+    now = timezone.now()
+    n = ExtractionJob.objects.filter(
+        pk=job_id, status=ExtractionStatus.QUEUED, cancel_requested=False
+    ).update(status=ExtractionStatus.RUNNING, attempt=F("attempt") + 1, started_at=now,
+             heartbeat_at=now, updated_at=now, phase="loading the model")
+    return n == 1
+
+
+class _Progress:
+    """Throttled progress writes with tokens/s and ETA."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL and done < total:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-6)
+        eta = (total - done) / rate if rate > 0 else None
+        _job_update(self.job_id, tokens_done=done, tokens_total=total,
+                    progress=min(100.0, 100.0 * done / max(total, 1)), tokens_per_second=rate,
+                    eta_seconds=eta, phase="extracting")
+
+
+def _cancel_requested(job_id: str) -> bool:
+    return ExtractionJob.objects.filter(pk=job_id, cancel_requested=True).exists()
+
+
+def extraction_end(job: ExtractionJob, status: str, **fields) -> None:
+    _job_update(job.pk, status=status, finished_at=timezone.now(), eta_seconds=None, **fields)
+
+
+def extraction_files_remove(job: ExtractionJob) -> None:
+    if job.output_path:
+        shutil.rmtree(job.output_path, ignore_errors=True)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(local_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
+
+
+def _run(job: ExtractionJob) -> dict:
+    from datasets_app.services import dataset_texts
+
+    from .ml.extract import ExtractionSpec, run_extraction
+    from .resident import model_resident
+
+    model, report = model_resident(job.model_id)
+    spec = ExtractionSpec(layers=job.layers, hook_types=job.hook_types,
+                          context_size=job.context_size, batch_size=job.batch_size,
+                          max_samples=job.max_samples)
+    row = job.model
+    meta = {"model_id": row.pk, "repo": row.hf_repo_id, "commit": row.commit_sha,
+            "quantization": row.quantization, "backend": report.backend,
+            "dataset_id": job.dataset_id, "extraction_id": job.pk}
+    _job_update(job.pk, phase="extracting")
+    return run_extraction(
+        model, _tokenizer(row.local_path), dataset_texts(job.dataset_id), spec,
+        Path(job.output_path), meta=meta, on_progress=_Progress(job.pk),
+        should_cancel=lambda: _cancel_requested(job.pk),
+    )
+
+
+def _completed(job: ExtractionJob, manifest: dict) -> None:
+    hooks = manifest.get("hooks", [])
+    stats = {h["name"]: h.get("statistics") for h in hooks}
+    written = sum(s.get("bytes", 0) for h in hooks for s in h.get("shards", []))
+    extraction_end(job, ExtractionStatus.COMPLETED, manifest=manifest, statistics=stats,
+         bytes_written=written, progress=100.0, phase="",
+         batch_size_used=manifest.get("batch_size") or job.batch_size)
+
+
+def extraction_run(extraction_id: str) -> None:
+    """The GPU job. Ends `completed`, `failed` (readable reason, no files) or `cancelled`."""
+    from .ml.extract import ExtractionCancelled, ExtractionError
+
+    if not _claim(extraction_id):
+        return
+    job = extraction_get(extraction_id)
+    try:
+        with heartbeat(ExtractionJob, job.pk):
+            manifest = _run(job)
+    except ExtractionCancelled:
+        extraction_files_remove(job)
+        extraction_end(job, ExtractionStatus.CANCELLED, error_message="Cancelled by the user.", phase="")
+    except (ExtractionError, Conflict, Invalid, NotFound, OSError) as exc:
+        extraction_files_remove(job)
+        message = getattr(exc, "message", None) or str(exc)
+        extraction_end(job, ExtractionStatus.FAILED, error_message=message, phase="")
+    except Exception as exc:  # noqa: BLE001 - a failing job ends readable, never stuck
+        log.exception("extraction %s crashed", extraction_id)
+        extraction_files_remove(job)
+        extraction_end(job, ExtractionStatus.FAILED, phase="",
+             error_message=f"Extraction failed: {type(exc).__name__}: {exc}")
+    else:
+        _completed(job, manifest)
+
+
+def extraction_cancel(extraction_id: str) -> ExtractionJob:
+    """Stop a queued or running extraction; the worker stops between batches and cleans up."""
+    job = extraction_get(extraction_id)
+    if job.status not in EXTRACTION_ACTIVE:
+        raise Conflict(f"This extraction is {job.status}; there is nothing to cancel.")
+    ExtractionJob.objects.filter(pk=job.pk).update(cancel_requested=True)
+    if ExtractionJob.objects.filter(pk=job.pk, status=ExtractionStatus.QUEUED).update(
+        status=ExtractionStatus.CANCELLED, error_message="Cancelled by the user.",
+        finished_at=timezone.now(), updated_at=timezone.now(), phase="",
+    ):
+        extraction_files_remove(job)
+    notify("model.changed", job.model_id)
+    return extraction_get(job.pk)
+
+
+def extraction_delete(extraction_id: str) -> None:
+    """Delete an extraction and its files; 409 while it runs."""
+    job = extraction_get(extraction_id)
+    if job.is_active:
+        raise Conflict("This extraction is still running; cancel it first.")
+    extraction_files_remove(job)
+    job.delete()
+    notify("model.changed", job.model_id)
+
+
+def extractions_remove_for_model(model: Model) -> None:
+    """Before a model is deleted: refuse while one of its extractions runs, else delete files."""
+    if model.extractions.filter(status__in=EXTRACTION_ACTIVE).exists():
+        raise Conflict(f"An extraction of {model.hf_repo_id} is running; cancel it first.")
+    for job in model.extractions.all():
+        extraction_files_remove(job)
+
+
+def dataset_in_use(dataset_id: str) -> bool:
+    """True while a queued or running extraction reads this dataset."""
+    return ExtractionJob.objects.filter(dataset_id=dataset_id,
+                                        status__in=EXTRACTION_ACTIVE).exists()

@@ -1,0 +1,156 @@
+"""HTML views for activation extraction: the modal, start, cancel, history, delete."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+from pydantic import ValidationError
+
+from mistudio import limits
+from mistudio.errors import Conflict, ServiceError
+from mistudio.validation import validation_message
+
+from . import extraction, services
+from .models import Model
+from .schemas import ExtractionIn
+
+MODAL = "models_app/extract.html"
+HISTORY = "models_app/extractions.html"
+
+
+def _default_form(model: Model) -> dict:
+    n = model.num_layers or 1
+    return {
+        "dataset_id": "",
+        "layers": sorted({0, n // 2, n - 1}),
+        "hook_types": ["residual"],
+        "batch_size": limits.DEFAULT_BATCH_SIZE,
+        "max_samples": limits.DEFAULT_MAX_SAMPLES,
+        "context_size": extraction.default_context_size(model),
+    }
+
+
+def _template_form(model: Model, template_id: str) -> dict:
+    from templates_app.services import template_get
+
+    t = template_get(template_id)
+    form = _default_form(model)
+    n = model.num_layers or 0
+    form.update(layers=[i for i in t.layers if i < n] or form["layers"],
+                hook_types=list(t.hook_types), batch_size=t.batch_size,
+                max_samples=t.max_samples, context_size=min(t.context_size,
+                                                            model.max_position or t.context_size))
+    return form
+
+
+def _posted_form(request: HttpRequest) -> dict:
+    post = request.POST
+    return {
+        "dataset_id": post.get("dataset_id", ""),
+        "layers": post.getlist("layers"),
+        "hook_types": post.getlist("hook_types"),
+        "batch_size": post.get("batch_size") or limits.DEFAULT_BATCH_SIZE,
+        "max_samples": post.get("max_samples") or limits.DEFAULT_MAX_SAMPLES,
+        "context_size": post.get("context_size") or None,
+    }
+
+
+def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **extra) -> dict:
+    from datasets_app.selectors import dataset_options
+    from templates_app.selectors import section_context
+
+    return {
+        "model": model,
+        "form": form,
+        "layer_range": range(model.num_layers or 0),
+        "hook_choices": list(limits.HOOK_LABELS.items()),
+        "datasets": dataset_options(),
+        "limits": limits,
+        "template_section": section_context(open=templates_open),
+        **extra,
+    }
+
+
+@require_GET
+def extract_modal(request: HttpRequest, model_id: str) -> HttpResponse:
+    try:
+        model = services.model_get(model_id)
+        if not model.is_ready:
+            raise Conflict(f"{model.hf_repo_id} is {model.status}, not ready.")
+        template_id = request.GET.get("template")
+        form = _template_form(model, template_id) if template_id else _default_form(model)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    context = _modal_context(model, form, templates_open=request.GET.get("templates") == "open",
+                             loaded_template=template_id)
+    if request.htmx:
+        return render(request, f"{MODAL}#extract_modal", context)
+    return render(request, MODAL, context)
+
+
+def _start_error(request: HttpRequest, model: Model, message: str, status: int) -> HttpResponse:
+    if request.htmx:
+        response = render(request, "models_app/models.html#form_error", {"error": message},
+                          status=status)
+        response["HX-Retarget"] = "#extract-error"
+        response["HX-Reswap"] = "innerHTML"
+        return response
+    context = _modal_context(model, _posted_form(request), error=message)
+    return render(request, MODAL, context, status=status)
+
+
+@require_POST
+def extract_start(request: HttpRequest, model_id: str) -> HttpResponse:
+    try:
+        model = services.model_get(model_id)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    try:
+        data = ExtractionIn.model_validate(_posted_form(request))
+        extraction.extraction_start(model_id=model.pk, **data.model_dump())
+    except ValidationError as exc:
+        return _start_error(request, model, validation_message(exc), 422)
+    except ServiceError as exc:
+        return _start_error(request, model, exc.message, exc.status)
+    if request.htmx:
+        response = render(request, "models_app/models.html#model_card",
+                          {"model": services.model_card_get(model_id)}, status=202)
+        response["HX-Retarget"] = f"#model-{model_id}"
+        response["HX-Reswap"] = "outerHTML"
+        response["HX-Trigger"] = "closeModal"
+        return response
+    return redirect("models:extractions", model_id=model_id)
+
+
+@require_GET
+def extraction_history(request: HttpRequest, model_id: str) -> HttpResponse:
+    try:
+        model = services.model_get(model_id)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    context = {"model": model, "jobs": extraction.extraction_list(model_id=model_id)}
+    if request.htmx:
+        return render(request, f"{HISTORY}#history", context)
+    return render(request, HISTORY, context)
+
+
+def _job_action(action):
+    @require_POST
+    def view(request: HttpRequest, extraction_id: str) -> HttpResponse:
+        try:
+            job = extraction.extraction_get(extraction_id)
+            action(extraction_id)
+        except ServiceError as exc:
+            return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+        if request.htmx:
+            context = {"model": job.model, "jobs": extraction.extraction_list(model_id=job.model_id)}
+            return render(request, f"{HISTORY}#history", context)
+        return redirect("models:extractions", model_id=job.model_id)
+
+    view.__name__ = action.__name__
+    return view
+
+
+extraction_cancel = _job_action(extraction.extraction_cancel)
+extraction_delete = _job_action(extraction.extraction_delete)
