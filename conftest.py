@@ -44,4 +44,3 @@ def isolated_dirs(settings, tmp_path):
     from models_app.ml.cache import MODEL_CACHE
 
     MODEL_CACHE.clear()
-

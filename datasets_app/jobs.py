@@ -48,7 +48,7 @@ def job_claim(dataset_id: str, **fields) -> bool:
         **fields,
     )
     if n:
-        notify("dataset.changed", dataset_id)
+        notify("card.changed", dataset_id)
     return n == 1
 
 

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.utils import timezone
 
-from .models import Dataset
+from mistudio.realtime import group_notify
 
-log = logging.getLogger(__name__)
+from .models import Dataset
 
 DATASETS_GROUP = "datasets"
 
 
 def notify(event: str, dataset_id: str) -> None:
-    """Tell connected pages that a dataset row changed (`dataset.changed`) or went away
-    (`dataset.deleted`). Best effort: the row stays the truth; the relay finds worker changes."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(DATASETS_GROUP, {"type": event, "id": dataset_id})
-    except Exception:  # noqa: BLE001 - a lost hint must never fail a job
-        log.warning("could not send %s for %s", event, dataset_id, exc_info=True)
+    """Tell connected pages a dataset card changed (`card.changed`) or went (`card.deleted`)."""
+    group_notify(DATASETS_GROUP, event, dataset_id)
 
 
 def row_update(dataset_id: str, **fields) -> int:
@@ -33,5 +22,5 @@ def row_update(dataset_id: str, **fields) -> int:
     now = timezone.now()
     n = Dataset.objects.filter(pk=dataset_id).update(updated_at=now, heartbeat_at=now, **fields)
     if n:
-        notify("dataset.changed", dataset_id)
+        notify("card.changed", dataset_id)
     return n

@@ -142,7 +142,7 @@ def _row_create(*, task: str | None = None, token: str | None = None, **fields) 
         raise Conflict(
             f"A dataset named '{fields['name']}' already exists.", code="duplicate"
         ) from None
-    notify("dataset.changed", row.pk)
+    notify("card.changed", row.pk)
     return row
 
 
@@ -283,7 +283,7 @@ def dataset_cancel(dataset_id: str) -> Dataset:
     ):
         credential_drop(dataset_id)
         files_remove(dataset_id)
-    notify("dataset.changed", dataset_id)
+    notify("card.changed", dataset_id)
     return dataset_get(dataset_id)
 
 
@@ -299,7 +299,7 @@ def dataset_delete(dataset_id: str) -> None:
         raise Conflict(f"An extraction is reading {row.name}; wait for it or cancel it first.")
     row.delete()
     files_remove(dataset_id)
-    notify("dataset.deleted", dataset_id)
+    notify("card.deleted", dataset_id)
 
 
 def dataset_texts(dataset_id: str) -> Iterator[str]:

@@ -14,9 +14,9 @@ class LoginRequiredWhenEnabled:
         self.get_response = get_response
 
     def __call__(self, request):
-        if settings.LOGIN_REQUIRED and not request.user.is_authenticated:
-            if not request.path.startswith(OPEN_PREFIXES):
-                if request.path.startswith("/api/"):
-                    return JsonResponse({"detail": "Sign in first."}, status=401)
-                return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
+        anonymous = settings.LOGIN_REQUIRED and not request.user.is_authenticated
+        if anonymous and not request.path.startswith(OPEN_PREFIXES):
+            if request.path.startswith("/api/"):
+                return JsonResponse({"detail": "Sign in first."}, status=401)
+            return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
         return self.get_response(request)

@@ -1,8 +1,8 @@
 """miStudio settings: one file, every knob read from the environment.
 
-Embedded default (fresh clone): SQLite in the data dir, django-q2 ORM broker, in-process channel layer
-with a DB→group relay. `DATABASE_URL` switches to PostgreSQL, `REDIS_URL` to the Redis broker and
-channels_redis.
+Embedded default (fresh clone): SQLite in the data dir, django-q2 ORM broker, in-process channel
+layer with a DB→group relay. `DATABASE_URL` switches to PostgreSQL, `REDIS_URL` to the Redis
+broker and channels_redis.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ DATASETS_DIR = DATA_DIR / "datasets"
 # Keep this much free after a download or extraction (bytes).
 DISK_MARGIN_BYTES = env_int("MISTUDIO_DISK_MARGIN_MB", 512) * 1024 * 1024
 ALLOW_PICKLE_WEIGHTS = env_bool("MISTUDIO_ALLOW_PICKLE_WEIGHTS", False)
-# huggingface_hub reads these at import; we pass them explicitly to every call so tests can override.
+# huggingface_hub reads these at import; we pass them to every call so tests can override them.
 HF_ENDPOINT = env_str("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 MODELS_CACHE_DIR = Path(
     env_str("HF_HUB_CACHE")
@@ -188,7 +188,7 @@ PROGRESS_RELAY = not REDIS_URL
 PROGRESS_RELAY_INTERVAL = float(env_str("MISTUDIO_RELAY_INTERVAL", "0.2"))
 
 # django-q2: downloads and dataset imports in the default cluster, GPU work in a one-worker cluster.
-# Tasks take ids only. No automatic retries: a task that kills its worker is not redelivered forever.
+# Tasks take ids only. No automatic retries: a task that kills its worker is not redelivered.
 TASK_TIMEOUT = env_int("MISTUDIO_TASK_TIMEOUT", 6 * 3600)
 Q_CLUSTER = {
     "name": "mistudio",

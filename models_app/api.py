@@ -19,8 +19,15 @@ from .schemas import (
 from .templatetags.mistudio_format import bytes_h, params_h
 
 router = Router(tags=["models"])
-ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut,
-          422: ErrorOut, 502: ErrorOut}
+ERRORS = {
+    400: ErrorOut,
+    401: ErrorOut,
+    403: ErrorOut,
+    404: ErrorOut,
+    409: ErrorOut,
+    422: ErrorOut,
+    502: ErrorOut,
+}
 
 
 def model_json(m: Model) -> dict:

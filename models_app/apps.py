@@ -7,4 +7,9 @@ class ModelsAppConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from mistudio.realtime import relay_source_register
+
         from . import checks, signals  # noqa: F401  (registers system checks and signal handlers)
+        from .relay import MODELS_SOURCE
+
+        relay_source_register(MODELS_SOURCE)

@@ -64,16 +64,22 @@ def _dataset(dataset_id: str):
 
 def _check_against_model(model: Model, layers: list[int], context_size: int) -> None:
     if model.status != ModelStatus.READY:
-        raise Conflict(f"{model.hf_repo_id} is {model.status}; extraction needs a ready model.",
-                       code="model_not_ready")
+        raise Conflict(
+            f"{model.hf_repo_id} is {model.status}; extraction needs a ready model.",
+            code="model_not_ready",
+        )
     n = model.num_layers or 0
     bad = [i for i in layers if i >= n]
     if bad:
-        raise Invalid(f"Layers {bad} do not exist: {model.name} has layers 0–{n - 1}.",
-                      code="bad_layers")
+        raise Invalid(
+            f"Layers {bad} do not exist: {model.name} has layers 0–{n - 1}.", code="bad_layers"
+        )
     if model.max_position and context_size > model.max_position:
-        raise Invalid(f"Context size {context_size} exceeds the model's maximum of"
-                      f" {model.max_position} positions.", code="bad_context")
+        raise Invalid(
+            f"Context size {context_size} exceeds the model's maximum of"
+            f" {model.max_position} positions.",
+            code="bad_context",
+        )
 
 
 def output_bytes_estimate(model: Model, n_sites: int, max_samples: int, context_size: int) -> int:
@@ -104,15 +110,24 @@ def default_context_size(model: Model) -> int:
 def _out_dir_check(out: Path) -> Path:
     out = out.expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Invalid(f"{out} exists and is not an empty folder; choose a new output folder.",
-                      code="bad_output")
+        raise Invalid(
+            f"{out} exists and is not an empty folder; choose a new output folder.",
+            code="bad_output",
+        )
     return out
 
 
 def extraction_start(
-    *, model_id: str, dataset_id: str, layers: list[int], hook_types: list[str],
-    batch_size: int, max_samples: int, context_size: int | None = None,
-    out: Path | None = None, enqueue: bool = True,
+    *,
+    model_id: str,
+    dataset_id: str,
+    layers: list[int],
+    hook_types: list[str],
+    batch_size: int,
+    max_samples: int,
+    context_size: int | None = None,
+    out: Path | None = None,
+    enqueue: bool = True,
 ) -> ExtractionJob:
     """Validate against the real model and dataset, check disk, queue the job on the GPU worker.
 
@@ -126,18 +141,26 @@ def extraction_start(
     _check_against_model(model, layers, context_size)
     dataset = _dataset(dataset_id)
     out = _out_dir_check(out) if out else None
-    _disk_check(output_bytes_estimate(model, len(layers) * len(hook_types), max_samples,
-                                      context_size))
+    _disk_check(
+        output_bytes_estimate(model, len(layers) * len(hook_types), max_samples, context_size)
+    )
     job_id = new_extraction_id()
     job = ExtractionJob.objects.create(
-        id=job_id, model=model, dataset_id=dataset.pk, dataset_name=dataset.name, layers=layers,
-        hook_types=hook_types, batch_size=batch_size, max_samples=max_samples,
-        context_size=context_size, phase="waiting for the GPU worker",
+        id=job_id,
+        model=model,
+        dataset_id=dataset.pk,
+        dataset_name=dataset.name,
+        layers=layers,
+        hook_types=hook_types,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        context_size=context_size,
+        phase="waiting for the GPU worker",
         output_path=str(out or output_dir(job_id)),
     )
     if enqueue:
         enqueue_gpu("extraction_run_task", job.pk)
-    notify("model.changed", model.pk)
+    notify("card.changed", model.pk)
     return extraction_get(job.pk)
 
 
@@ -146,15 +169,21 @@ def _job_update(job_id: str, **fields) -> None:
     ExtractionJob.objects.filter(pk=job_id).update(updated_at=now, heartbeat_at=now, **fields)
     model_id = ExtractionJob.objects.filter(pk=job_id).values_list("model_id", flat=True).first()
     if model_id:
-        notify("model.changed", model_id)
+        notify("card.changed", model_id)
 
 
 def _claim(job_id: str) -> bool:
     now = timezone.now()
     n = ExtractionJob.objects.filter(
         pk=job_id, status=ExtractionStatus.QUEUED, cancel_requested=False
-    ).update(status=ExtractionStatus.RUNNING, attempt=F("attempt") + 1, started_at=now,
-             heartbeat_at=now, updated_at=now, phase="loading the model")
+    ).update(
+        status=ExtractionStatus.RUNNING,
+        attempt=F("attempt") + 1,
+        started_at=now,
+        heartbeat_at=now,
+        updated_at=now,
+        phase="loading the model",
+    )
     return n == 1
 
 
@@ -173,9 +202,15 @@ class _Progress:
         self.last = now
         rate = done / max(now - self.started, 1e-6)
         eta = (total - done) / rate if rate > 0 else None
-        _job_update(self.job_id, tokens_done=done, tokens_total=total,
-                    progress=min(100.0, 100.0 * done / max(total, 1)), tokens_per_second=rate,
-                    eta_seconds=eta, phase="extracting")
+        _job_update(
+            self.job_id,
+            tokens_done=done,
+            tokens_total=total,
+            progress=min(100.0, 100.0 * done / max(total, 1)),
+            tokens_per_second=rate,
+            eta_seconds=eta,
+            phase="extracting",
+        )
 
 
 def _cancel_requested(job_id: str) -> bool:
@@ -205,17 +240,32 @@ def _run(job: ExtractionJob) -> dict:
     from .resident import model_resident
 
     model, report = model_resident(job.model_id)
-    spec = ExtractionSpec(layers=job.layers, hook_types=job.hook_types,
-                          context_size=job.context_size, batch_size=job.batch_size,
-                          max_samples=job.max_samples)
+    spec = ExtractionSpec(
+        layers=job.layers,
+        hook_types=job.hook_types,
+        context_size=job.context_size,
+        batch_size=job.batch_size,
+        max_samples=job.max_samples,
+    )
     row = job.model
-    meta = {"model_id": row.pk, "repo": row.hf_repo_id, "commit": row.commit_sha,
-            "quantization": row.quantization, "backend": report.backend,
-            "dataset_id": job.dataset_id, "extraction_id": job.pk}
+    meta = {
+        "model_id": row.pk,
+        "repo": row.hf_repo_id,
+        "commit": row.commit_sha,
+        "quantization": row.quantization,
+        "backend": report.backend,
+        "dataset_id": job.dataset_id,
+        "extraction_id": job.pk,
+    }
     _job_update(job.pk, phase="extracting")
     return run_extraction(
-        model, _tokenizer(row.local_path), dataset_texts(job.dataset_id), spec,
-        Path(job.output_path), meta=meta, on_progress=_Progress(job.pk),
+        model,
+        _tokenizer(row.local_path),
+        dataset_texts(job.dataset_id),
+        spec,
+        Path(job.output_path),
+        meta=meta,
+        on_progress=_Progress(job.pk),
         should_cancel=lambda: _cancel_requested(job.pk),
     )
 
@@ -224,9 +274,16 @@ def _completed(job: ExtractionJob, manifest: dict) -> None:
     hooks = manifest.get("hooks", [])
     stats = {h["name"]: h.get("statistics") for h in hooks}
     written = sum(s.get("bytes", 0) for h in hooks for s in h.get("shards", []))
-    extraction_end(job, ExtractionStatus.COMPLETED, manifest=manifest, statistics=stats,
-         bytes_written=written, progress=100.0, phase="",
-         batch_size_used=manifest.get("batch_size") or job.batch_size)
+    extraction_end(
+        job,
+        ExtractionStatus.COMPLETED,
+        manifest=manifest,
+        statistics=stats,
+        bytes_written=written,
+        progress=100.0,
+        phase="",
+        batch_size_used=(manifest.get("batch_size") or {}).get("used") or job.batch_size,
+    )
 
 
 def extraction_run(extraction_id: str) -> None:
@@ -241,7 +298,9 @@ def extraction_run(extraction_id: str) -> None:
             manifest = _run(job)
     except ExtractionCancelled:
         extraction_files_remove(job)
-        extraction_end(job, ExtractionStatus.CANCELLED, error_message="Cancelled by the user.", phase="")
+        extraction_end(
+            job, ExtractionStatus.CANCELLED, error_message="Cancelled by the user.", phase=""
+        )
     except (ExtractionError, Conflict, Invalid, NotFound, OSError) as exc:
         extraction_files_remove(job)
         message = getattr(exc, "message", None) or str(exc)
@@ -249,8 +308,12 @@ def extraction_run(extraction_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - a failing job ends readable, never stuck
         log.exception("extraction %s crashed", extraction_id)
         extraction_files_remove(job)
-        extraction_end(job, ExtractionStatus.FAILED, phase="",
-             error_message=f"Extraction failed: {type(exc).__name__}: {exc}")
+        extraction_end(
+            job,
+            ExtractionStatus.FAILED,
+            phase="",
+            error_message=f"Extraction failed: {type(exc).__name__}: {exc}",
+        )
     else:
         _completed(job, manifest)
 
@@ -262,11 +325,14 @@ def extraction_cancel(extraction_id: str) -> ExtractionJob:
         raise Conflict(f"This extraction is {job.status}; there is nothing to cancel.")
     ExtractionJob.objects.filter(pk=job.pk).update(cancel_requested=True)
     if ExtractionJob.objects.filter(pk=job.pk, status=ExtractionStatus.QUEUED).update(
-        status=ExtractionStatus.CANCELLED, error_message="Cancelled by the user.",
-        finished_at=timezone.now(), updated_at=timezone.now(), phase="",
+        status=ExtractionStatus.CANCELLED,
+        error_message="Cancelled by the user.",
+        finished_at=timezone.now(),
+        updated_at=timezone.now(),
+        phase="",
     ):
         extraction_files_remove(job)
-    notify("model.changed", job.model_id)
+    notify("card.changed", job.model_id)
     return extraction_get(job.pk)
 
 
@@ -277,7 +343,7 @@ def extraction_delete(extraction_id: str) -> None:
         raise Conflict("This extraction is still running; cancel it first.")
     extraction_files_remove(job)
     job.delete()
-    notify("model.changed", job.model_id)
+    notify("card.changed", job.model_id)
 
 
 def extractions_remove_for_model(model: Model) -> None:
@@ -290,5 +356,6 @@ def extractions_remove_for_model(model: Model) -> None:
 
 def dataset_in_use(dataset_id: str) -> bool:
     """True while a queued or running extraction reads this dataset."""
-    return ExtractionJob.objects.filter(dataset_id=dataset_id,
-                                        status__in=EXTRACTION_ACTIVE).exists()
+    return ExtractionJob.objects.filter(
+        dataset_id=dataset_id, status__in=EXTRACTION_ACTIVE
+    ).exists()

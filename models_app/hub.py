@@ -1,7 +1,7 @@
 """Hugging Face Hub access: repo-id validation, preflight, filtered byte-accurate downloads.
 
-No Django here: callers pass endpoint, token and cache dir explicitly (so tests point everything at a
-loopback fake hub). Every Hub failure becomes a `HubError` with a message a researcher can act on.
+No Django here: callers pass endpoint, token and cache dir explicitly (so tests point everything at
+a loopback fake hub). Every Hub failure becomes a `HubError` with a message a researcher can act on.
 """
 
 from __future__ import annotations
@@ -95,9 +95,7 @@ def repo_id_clean(raw: object) -> str:
         raise HubError("Enter a Hugging Face repo id such as owner/model-name.", code="invalid")
     repo_id = raw.strip()
     if "://" in repo_id or repo_id.startswith(("www.", "huggingface.co", "hf.co")):
-        raise HubError(
-            "Paste the repo id (owner/model-name), not a URL.", code="invalid"
-        )
+        raise HubError("Paste the repo id (owner/model-name), not a URL.", code="invalid")
     if len(repo_id) > REPO_ID_MAX:
         raise HubError(f"A repo id has at most {REPO_ID_MAX} characters.", code="invalid")
     if not repo_id.isascii() or not REPO_ID_RE.fullmatch(repo_id) or ".." in repo_id:
@@ -172,7 +170,7 @@ def _is_pickle(name: str) -> bool:
 
 
 def files_select(files: list[RepoFile], *, allow_pickle: bool) -> tuple[list[RepoFile], list[str]]:
-    """Return (files to download, names ignored). Raise HubError for pickle-only or weightless repos."""
+    """Return (files to download, names ignored); HubError for pickle-only or weightless repos."""
     wanted = [f for f in files if _is_wanted(f.name)]
     ignored = [f.name for f in files if f not in wanted]
     has_safetensors = any(f.name.endswith(".safetensors") for f in wanted)
@@ -188,8 +186,9 @@ def files_select(files: list[RepoFile], *, allow_pickle: bool) -> tuple[list[Rep
     elif not has_safetensors:
         raise HubError("This repo has no model weights (no .safetensors files).", code="no_weights")
     if not any(f.name == "config.json" for f in wanted):
-        raise HubError("This repo has no config.json; it is not a transformers model.",
-                       code="no_config")
+        raise HubError(
+            "This repo has no config.json; it is not a transformers model.", code="no_config"
+        )
     return wanted, ignored
 
 
@@ -220,8 +219,12 @@ def config_fetch(
     """Download config.json alone (a few KB) and return it parsed."""
     try:
         path = hf_hub_download(
-            repo_id, "config.json", revision=revision, token=token or False,
-            endpoint=endpoint, cache_dir=cache_dir,
+            repo_id,
+            "config.json",
+            revision=revision,
+            token=token or False,
+            endpoint=endpoint,
+            cache_dir=cache_dir,
         )
     except Exception as exc:  # noqa: BLE001
         raise _map_hub_error(exc, repo_id, endpoint, bool(token)) from None
@@ -300,18 +303,26 @@ def files_download(
     for f in sorted(preflight.files, key=lambda f: f.size):
         if should_cancel():
             raise DownloadCancelled()
-        counter = _ByteCounter(lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)),
-                               should_cancel)
+        counter = _ByteCounter(
+            lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)), should_cancel
+        )
         try:
             path = hf_hub_download(
-                preflight.repo_id, f.name, revision=preflight.commit_sha, token=token or False,
-                endpoint=endpoint, cache_dir=cache_dir, tqdm_class=counter.bar_class(),
+                preflight.repo_id,
+                f.name,
+                revision=preflight.commit_sha,
+                token=token or False,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+                tqdm_class=counter.bar_class(),
             )
         except DownloadCancelled:
             raise
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, OSError) and exc.errno == 28:
-                raise HubError("The disk filled up during the download.", code="disk_full") from None
+                raise HubError(
+                    "The disk filled up during the download.", code="disk_full"
+                ) from None
             raise _map_hub_error(exc, preflight.repo_id, endpoint, bool(token)) from None
         done_before += f.size
         on_bytes(done_before)

@@ -148,8 +148,9 @@ EXTRACTION_ACTIVE = (ExtractionStatus.QUEUED, ExtractionStatus.RUNNING)
 class ExtractionJob(models.Model):
     """One activation extraction: sites × dataset → shards + manifest under the data dir."""
 
-    id = models.CharField(primary_key=True, max_length=40, default=new_extraction_id,
-                          editable=False)
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_extraction_id, editable=False
+    )
     model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="extractions")
     dataset_id = models.CharField(max_length=64)
     dataset_name = models.CharField(max_length=255, blank=True)
@@ -160,8 +161,12 @@ class ExtractionJob(models.Model):
     max_samples = models.PositiveIntegerField()
     context_size = models.PositiveIntegerField()
 
-    status = models.CharField(max_length=16, choices=ExtractionStatus.choices,
-                              default=ExtractionStatus.QUEUED, db_index=True)
+    status = models.CharField(
+        max_length=16,
+        choices=ExtractionStatus.choices,
+        default=ExtractionStatus.QUEUED,
+        db_index=True,
+    )
     phase = models.CharField(max_length=200, blank=True)
     progress = models.FloatField(default=0.0)
     tokens_done = models.BigIntegerField(default=0)

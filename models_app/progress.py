@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import close_old_connections
 from django.utils import timezone
+
+from mistudio.realtime import group_notify
 
 log = logging.getLogger(__name__)
 
@@ -19,17 +19,8 @@ MODELS_GROUP = "models"
 
 
 def notify(event: str, model_id: str) -> None:
-    """Tell connected pages that a model row changed (`model.changed`) or went away (`model.deleted`).
-
-    Best effort: the DB row stays the truth; in the embedded setup the relay finds worker changes.
-    """
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(MODELS_GROUP, {"type": event, "id": model_id})
-    except Exception:  # noqa: BLE001 - a lost hint must never fail a job
-        log.warning("could not send %s for %s", event, model_id, exc_info=True)
+    """Tell connected pages a model card changed (`card.changed`) or went away (`card.deleted`)."""
+    group_notify(MODELS_GROUP, event, model_id)
 
 
 def row_update(model_cls, pk: str, **fields) -> int:
@@ -37,7 +28,7 @@ def row_update(model_cls, pk: str, **fields) -> int:
     now = timezone.now()
     n = model_cls.objects.filter(pk=pk).update(updated_at=now, heartbeat_at=now, **fields)
     if n:
-        notify("model.changed", pk)
+        notify("card.changed", pk)
     return n
 
 

@@ -35,17 +35,20 @@ def _stale_rows(cutoff):
     return Model.objects.filter(running, heartbeat_at__lt=cutoff)
 
 
-EXTRACTION_STALE = ("The GPU worker stopped during this extraction (it crashed or was restarted,"
-                    " possibly out of memory). Partial files were removed; start it again, perhaps"
-                    " with a smaller batch size.")
+EXTRACTION_STALE = (
+    "The GPU worker stopped during this extraction (it crashed or was restarted,"
+    " possibly out of memory). Partial files were removed; start it again, perhaps"
+    " with a smaller batch size."
+)
 
 
 def _extractions_reconcile(cutoff) -> int:
     from .extraction import extraction_end, extraction_files_remove
 
     moved = 0
-    for job in ExtractionJob.objects.filter(status=ExtractionStatus.RUNNING,
-                                            heartbeat_at__lt=cutoff):
+    for job in ExtractionJob.objects.filter(
+        status=ExtractionStatus.RUNNING, heartbeat_at__lt=cutoff
+    ):
         extraction_files_remove(job)
         extraction_end(job, ExtractionStatus.FAILED, error_message=EXTRACTION_STALE, phase="")
         moved += 1
@@ -79,6 +82,11 @@ def schedule_ensure() -> None:
 
     Schedule.objects.update_or_create(
         name="mistudio-reconcile",
-        defaults={"func": "models_app.tasks.reconcile_task", "schedule_type": Schedule.MINUTES,
-                  "minutes": 1, "repeats": -1, "cluster": settings.DOWNLOAD_CLUSTER},
+        defaults={
+            "func": "models_app.tasks.reconcile_task",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": 1,
+            "repeats": -1,
+            "cluster": settings.DOWNLOAD_CLUSTER,
+        },
     )

@@ -57,7 +57,7 @@ def _load(row: Model):
     if evicted:
         Model.objects.filter(pk__in=evicted).update(is_loaded=False, updated_at=timezone.now())
         for pk in evicted:
-            notify("model.changed", pk)
+            notify("card.changed", pk)
     return model, report
 
 
@@ -74,17 +74,26 @@ def model_resident(model_id: str):
 
 def _record(report: LoadReport, arch: dict) -> dict:
     return dict(
-        params=arch["parameters"], num_layers=arch["total_layers"],
-        hidden_dim=arch["hidden_dimension"], num_heads=arch["attention_heads"],
+        params=arch["parameters"],
+        num_layers=arch["total_layers"],
+        hidden_dim=arch["hidden_dimension"],
+        num_heads=arch["attention_heads"],
         vocab_size=arch["config"].get("vocab_size"),
         max_position=arch["config"].get("max_position"),
         architecture=arch["config"].get("architecture", ""),
-        dtype=report.compute_dtype, quant_backend=report.backend,
-        mem_req_bytes=report.footprint_bytes, load_notice=report.notice,
-        metadata={"architecture": arch, "load": {
-            "quantized_layers": report.quantized_layers, "linear_layers": report.linear_layers,
-            "load_seconds": round(report.load_seconds, 3), "device": report.device,
-        }},
+        dtype=report.compute_dtype,
+        quant_backend=report.backend,
+        mem_req_bytes=report.footprint_bytes,
+        load_notice=report.notice,
+        metadata={
+            "architecture": arch,
+            "load": {
+                "quantized_layers": report.quantized_layers,
+                "linear_layers": report.linear_layers,
+                "load_seconds": round(report.load_seconds, 3),
+                "device": report.device,
+            },
+        },
     )
 
 
@@ -93,8 +102,12 @@ def model_load_check_run(model_id: str) -> None:
 
     Ends `ready` (and resident: `is_loaded`), `error` with the reason, or `cancelled`.
     """
-    if not job_claim(model_id, where_status=ModelStatus.QUANTIZING, where_phase=WAITING_GPU,
-                     phase="loading with quantization"):
+    if not job_claim(
+        model_id,
+        where_status=ModelStatus.QUANTIZING,
+        where_phase=WAITING_GPU,
+        phase="loading with quantization",
+    ):
         return
     row = Model.objects.get(pk=model_id)
     try:
@@ -109,8 +122,15 @@ def model_load_check_run(model_id: str) -> None:
         MODEL_CACHE.evict(model_id)
         job_cancelled(row)
         return
-    job_finish(model_id, ModelStatus.READY, progress=100.0, phase="", is_loaded=True,
-            loaded_device=report.device, **_record(report, arch))
+    job_finish(
+        model_id,
+        ModelStatus.READY,
+        progress=100.0,
+        phase="",
+        is_loaded=True,
+        loaded_device=report.device,
+        **_record(report, arch),
+    )
 
 
 def model_load(model_id: str) -> Model:

@@ -1,4 +1,4 @@
-"""The one validation source for model requests: used by the HTML views, the JSON API and the CLI."""
+"""The one validation source for model requests: used by the HTML views, the JSON API, the CLI."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def _token_clean(value: str | None) -> str | None:
 
 
 RepoId = Annotated[str, Field(max_length=400), AfterValidator(_hub_checked(repo_id_clean))]
-Revision = Annotated[str | None, Field(max_length=200), AfterValidator(_hub_checked(revision_clean))]
+Revision = Annotated[
+    str | None, Field(max_length=200), AfterValidator(_hub_checked(revision_clean))
+]
 AccessToken = Annotated[str | None, Field(max_length=TOKEN_MAX), AfterValidator(_token_clean)]
 
 
@@ -112,17 +114,22 @@ class ExtractionIn(Schema):
 
     dataset_id: str = Field(min_length=1, max_length=64)
     layers: Annotated[
-        list[LayerIndex], Field(min_length=1, max_length=limits.LAYERS_PER_JOB_MAX),
+        list[LayerIndex],
+        Field(min_length=1, max_length=limits.LAYERS_PER_JOB_MAX),
         AfterValidator(_unique_sorted),
     ]
-    hook_types: Annotated[list[HookType], Field(min_length=1, max_length=3),
-                          AfterValidator(_unique_sorted)]
-    batch_size: int = Field(default=limits.DEFAULT_BATCH_SIZE, ge=limits.BATCH_SIZE_MIN,
-                            le=limits.BATCH_SIZE_MAX)
-    max_samples: int = Field(default=limits.DEFAULT_MAX_SAMPLES, ge=limits.MAX_SAMPLES_MIN,
-                             le=limits.MAX_SAMPLES_MAX)
-    context_size: int | None = Field(default=None, ge=limits.CONTEXT_SIZE_MIN,
-                                     le=limits.CONTEXT_SIZE_MAX)
+    hook_types: Annotated[
+        list[HookType], Field(min_length=1, max_length=3), AfterValidator(_unique_sorted)
+    ]
+    batch_size: int = Field(
+        default=limits.DEFAULT_BATCH_SIZE, ge=limits.BATCH_SIZE_MIN, le=limits.BATCH_SIZE_MAX
+    )
+    max_samples: int = Field(
+        default=limits.DEFAULT_MAX_SAMPLES, ge=limits.MAX_SAMPLES_MIN, le=limits.MAX_SAMPLES_MAX
+    )
+    context_size: int | None = Field(
+        default=None, ge=limits.CONTEXT_SIZE_MIN, le=limits.CONTEXT_SIZE_MAX
+    )
 
 
 class ExtractionOut(Schema):

@@ -22,8 +22,8 @@ from . import hub
 from .models import (
     ACTIVE_STATUSES,
     EXTRACTION_ACTIVE,
-    ExtractionJob,
     FAILED_STATUSES,
+    ExtractionJob,
     HubCredential,
     Model,
     ModelStatus,
@@ -75,7 +75,10 @@ def _duplicate_check(repo_id: str, quantization: str) -> None:
 
 def _preflight(repo_id: str, revision: str, token: str | None) -> hub.Preflight:
     pre = hub.repo_preflight(
-        repo_id, revision=revision, token=token, endpoint=settings.HF_ENDPOINT,
+        repo_id,
+        revision=revision,
+        token=token,
+        endpoint=settings.HF_ENDPOINT,
         allow_pickle=settings.ALLOW_PICKLE_WEIGHTS,
     )
     hub.disk_check(settings.MODELS_CACHE_DIR, pre.total_bytes, settings.DISK_MARGIN_BYTES)
@@ -92,7 +95,10 @@ def _estimates(config: dict, quantization: str) -> tuple[int | None, int | None]
 
 
 def model_download(
-    *, hf_repo_id: str, quantization: str, access_token: str | None = None,
+    *,
+    hf_repo_id: str,
+    quantization: str,
+    access_token: str | None = None,
     revision: str | None = None,
 ) -> Model:
     """Check the repo (access, files, disk), create the row and queue the download job.
@@ -107,32 +113,44 @@ def model_download(
     try:
         with transaction.atomic():
             row = Model.objects.create(
-                name=hf_repo_id.split("/")[-1], hf_repo_id=hf_repo_id, revision=revision,
-                commit_sha=pre.commit_sha, quantization=quantization,
-                bytes_total=pre.total_bytes, phase="waiting for a download worker",
+                name=hf_repo_id.split("/")[-1],
+                hf_repo_id=hf_repo_id,
+                revision=revision,
+                commit_sha=pre.commit_sha,
+                quantization=quantization,
+                bytes_total=pre.total_bytes,
+                phase="waiting for a download worker",
                 files=[{"name": f.name, "size": f.size} for f in pre.files],
-                params=params, mem_estimate_bytes=mem,
+                params=params,
+                mem_estimate_bytes=mem,
             )
             if access_token:
                 HubCredential.objects.create(model=row, ciphertext=seal(access_token))
             transaction.on_commit(lambda: _enqueue_download(row.pk))
     except IntegrityError:
-        raise Conflict(f"{hf_repo_id} at {quantization} is already in your models.",
-                       code="duplicate") from None
-    notify("model.changed", row.pk)
+        raise Conflict(
+            f"{hf_repo_id} at {quantization} is already in your models.", code="duplicate"
+        ) from None
+    notify("card.changed", row.pk)
     return row
 
 
 def _enqueue_download(model_id: str) -> None:
     async_task(
-        "models_app.tasks.model_download_task", model_id,
-        cluster=settings.DOWNLOAD_CLUSTER, task_name=f"download {model_id}",
+        "models_app.tasks.model_download_task",
+        model_id,
+        cluster=settings.DOWNLOAD_CLUSTER,
+        task_name=f"download {model_id}",
     )
 
 
 def enqueue_gpu(func: str, model_id: str) -> None:
-    async_task(f"models_app.tasks.{func}", model_id, cluster=settings.GPU_CLUSTER,
-               task_name=f"{func} {model_id}")
+    async_task(
+        f"models_app.tasks.{func}",
+        model_id,
+        cluster=settings.GPU_CLUSTER,
+        task_name=f"{func} {model_id}",
+    )
 
 
 def _token_for(row: Model) -> str | None:
@@ -147,8 +165,9 @@ def _credential_drop(model_id: str) -> None:
 WAITING_GPU = "waiting for the GPU worker"
 
 
-def job_claim(model_id: str, *, where_status: str, where_phase: str | None = None,
-              **fields) -> bool:
+def job_claim(
+    model_id: str, *, where_status: str, where_phase: str | None = None, **fields
+) -> bool:
     """Take a queued step of a job exactly once: a second delivery finds nothing to claim.
 
     Matches the row in `where_status` (and `where_phase`), sets `fields` and bumps `attempt`.
@@ -161,7 +180,7 @@ def job_claim(model_id: str, *, where_status: str, where_phase: str | None = Non
         attempt=F("attempt") + 1, heartbeat_at=now, updated_at=now, **fields
     )
     if n:
-        notify("model.changed", model_id)
+        notify("card.changed", model_id)
     return n == 1
 
 
@@ -188,21 +207,36 @@ def job_cancelled(row: Model) -> None:
 
 def model_download_run(model_id: str) -> None:
     """The download job: preflight again, fetch the files with byte progress, hand over to the GPU
-    worker for the load check. Ends `quantizing` (queued for the load check), `error` or `cancelled`.
+    worker for the load check. Ends `quantizing` (queued for the load check), `error`, `cancelled`.
     """
-    if not job_claim(model_id, where_status=ModelStatus.QUEUED, status=ModelStatus.DOWNLOADING,
-                     phase="checking the repo", progress=0, bytes_done=0):
+    if not job_claim(
+        model_id,
+        where_status=ModelStatus.QUEUED,
+        status=ModelStatus.DOWNLOADING,
+        phase="checking the repo",
+        progress=0,
+        bytes_done=0,
+    ):
         return
     row = Model.objects.get(pk=model_id)
     token = _token_for(row)
     try:
         pre = _preflight(row.hf_repo_id, row.commit_sha or row.revision, token)
-        row_update(Model, model_id, bytes_total=pre.total_bytes, phase="downloading",
-                   files=[{"name": f.name, "size": f.size} for f in pre.files])
+        row_update(
+            Model,
+            model_id,
+            bytes_total=pre.total_bytes,
+            phase="downloading",
+            files=[{"name": f.name, "size": f.size} for f in pre.files],
+        )
         tracker = ByteProgress(lambda **kw: row_update(Model, model_id, **kw), pre.total_bytes)
         snapshot = hub.files_download(
-            pre, token=token, endpoint=settings.HF_ENDPOINT, cache_dir=settings.MODELS_CACHE_DIR,
-            on_bytes=tracker, should_cancel=lambda: _cancel_requested(model_id),
+            pre,
+            token=token,
+            endpoint=settings.HF_ENDPOINT,
+            cache_dir=settings.MODELS_CACHE_DIR,
+            on_bytes=tracker,
+            should_cancel=lambda: _cancel_requested(model_id),
         )
         tracker.flush()
     except hub.DownloadCancelled:
@@ -216,9 +250,16 @@ def model_download_run(model_id: str) -> None:
         token = None
     _credential_drop(model_id)
     row_update(
-        Model, model_id, status=ModelStatus.QUANTIZING, local_path=str(snapshot),
-        size_bytes=pre.total_bytes, commit_sha=pre.commit_sha, progress=0,
-        speed_bps=0, eta_seconds=None, phase=WAITING_GPU,
+        Model,
+        model_id,
+        status=ModelStatus.QUANTIZING,
+        local_path=str(snapshot),
+        size_bytes=pre.total_bytes,
+        commit_sha=pre.commit_sha,
+        progress=0,
+        speed_bps=0,
+        eta_seconds=None,
+        phase=WAITING_GPU,
     )
     transaction.on_commit(lambda: enqueue_gpu("model_load_check_task", model_id))
 
@@ -234,11 +275,15 @@ def model_cancel(model_id: str) -> Model:
     waiting = Model.objects.filter(pk=model_id, status=ModelStatus.QUEUED) | Model.objects.filter(
         pk=model_id, status=ModelStatus.QUANTIZING, phase=WAITING_GPU
     )
-    if waiting.update(status=ModelStatus.CANCELLED, error_message="Cancelled by the user.",
-                      phase="", updated_at=timezone.now()):
+    if waiting.update(
+        status=ModelStatus.CANCELLED,
+        error_message="Cancelled by the user.",
+        phase="",
+        updated_at=timezone.now(),
+    ):
         _credential_drop(model_id)
         _files_remove_if_unused(row)
-    notify("model.changed", model_id)
+    notify("card.changed", model_id)
     return model_get(model_id)
 
 
@@ -265,12 +310,15 @@ def model_delete(model_id: str) -> None:
         enqueue_gpu("model_unload_task", model_id)
     _files_remove_if_unused(row)
     row.delete()
-    notify("model.deleted", model_id)
+    notify("card.deleted", model_id)
 
 
 def _config_for(repo_id: str, revision: str, token: str | None) -> dict:
     return hub.config_fetch(
-        repo_id, revision=revision, token=token, endpoint=settings.HF_ENDPOINT,
+        repo_id,
+        revision=revision,
+        token=token,
+        endpoint=settings.HF_ENDPOINT,
         cache_dir=settings.MODELS_CACHE_DIR,
     )
 
@@ -291,8 +339,11 @@ def model_estimate(
         code, label = fit_label(needed, dev)
         rows.append({"quantization": quantization, "bytes": needed, "fit": code, "label": label})
     return {
-        "repo_id": hf_repo_id, "params": estimate_parameters(config), "rows": rows,
-        "device": dev, "architecture": (config.get("architectures") or [""])[0],
+        "repo_id": hf_repo_id,
+        "params": estimate_parameters(config),
+        "rows": rows,
+        "device": dev,
+        "architecture": (config.get("architectures") or [""])[0],
     }
 
 

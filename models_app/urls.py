@@ -18,8 +18,14 @@ urlpatterns = [
     path("<str:model_id>/extract", views_extraction.extract_modal, name="extract"),
     path("<str:model_id>/extract/start", views_extraction.extract_start, name="extract_start"),
     path("<str:model_id>/extractions", views_extraction.extraction_history, name="extractions"),
-    path("extractions/<str:extraction_id>/cancel", views_extraction.extraction_cancel,
-         name="extraction_cancel"),
-    path("extractions/<str:extraction_id>/delete", views_extraction.extraction_delete,
-         name="extraction_delete"),
+    path(
+        "extractions/<str:extraction_id>/cancel",
+        views_extraction.extraction_cancel,
+        name="extraction_cancel",
+    ),
+    path(
+        "extractions/<str:extraction_id>/delete",
+        views_extraction.extraction_delete,
+        name="extraction_delete",
+    ),
 ]

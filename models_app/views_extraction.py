@@ -37,10 +37,13 @@ def _template_form(model: Model, template_id: str) -> dict:
     t = template_get(template_id)
     form = _default_form(model)
     n = model.num_layers or 0
-    form.update(layers=[i for i in t.layers if i < n] or form["layers"],
-                hook_types=list(t.hook_types), batch_size=t.batch_size,
-                max_samples=t.max_samples, context_size=min(t.context_size,
-                                                            model.max_position or t.context_size))
+    form.update(
+        layers=[i for i in t.layers if i < n] or form["layers"],
+        hook_types=list(t.hook_types),
+        batch_size=t.batch_size,
+        max_samples=t.max_samples,
+        context_size=min(t.context_size, model.max_position or t.context_size),
+    )
     return form
 
 
@@ -82,8 +85,12 @@ def extract_modal(request: HttpRequest, model_id: str) -> HttpResponse:
         form = _template_form(model, template_id) if template_id else _default_form(model)
     except ServiceError as exc:
         return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
-    context = _modal_context(model, form, templates_open=request.GET.get("templates") == "open",
-                             loaded_template=template_id)
+    context = _modal_context(
+        model,
+        form,
+        templates_open=request.GET.get("templates") == "open",
+        loaded_template=template_id,
+    )
     if request.htmx:
         return render(request, f"{MODAL}#extract_modal", context)
     return render(request, MODAL, context)
@@ -91,8 +98,9 @@ def extract_modal(request: HttpRequest, model_id: str) -> HttpResponse:
 
 def _start_error(request: HttpRequest, model: Model, message: str, status: int) -> HttpResponse:
     if request.htmx:
-        response = render(request, "models_app/models.html#form_error", {"error": message},
-                          status=status)
+        response = render(
+            request, "models_app/models.html#form_error", {"error": message}, status=status
+        )
         response["HX-Retarget"] = "#extract-error"
         response["HX-Reswap"] = "innerHTML"
         return response
@@ -114,13 +122,22 @@ def extract_start(request: HttpRequest, model_id: str) -> HttpResponse:
     except ServiceError as exc:
         return _start_error(request, model, exc.message, exc.status)
     if request.htmx:
-        response = render(request, "models_app/models.html#model_card",
-                          {"model": services.model_card_get(model_id)}, status=202)
+        response = render(
+            request,
+            "models_app/models.html#model_card",
+            {"model": services.model_card_get(model_id)},
+            status=202,
+        )
         response["HX-Retarget"] = f"#model-{model_id}"
         response["HX-Reswap"] = "outerHTML"
         response["HX-Trigger"] = "closeModal"
         return response
     return redirect("models:extractions", model_id=model_id)
+
+
+def _history_context(model: Model) -> dict:
+    jobs = list(extraction.extraction_list(model_id=model.pk))
+    return {"model": model, "jobs": jobs, "has_active": any(j.is_active for j in jobs)}
 
 
 @require_GET
@@ -129,7 +146,7 @@ def extraction_history(request: HttpRequest, model_id: str) -> HttpResponse:
         model = services.model_get(model_id)
     except ServiceError as exc:
         return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
-    context = {"model": model, "jobs": extraction.extraction_list(model_id=model_id)}
+    context = _history_context(model)
     if request.htmx:
         return render(request, f"{HISTORY}#history", context)
     return render(request, HISTORY, context)
@@ -144,8 +161,7 @@ def _job_action(action):
         except ServiceError as exc:
             return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
         if request.htmx:
-            context = {"model": job.model, "jobs": extraction.extraction_list(model_id=job.model_id)}
-            return render(request, f"{HISTORY}#history", context)
+            return render(request, f"{HISTORY}#history", _history_context(job.model))
         return redirect("models:extractions", model_id=job.model_id)
 
     view.__name__ = action.__name__

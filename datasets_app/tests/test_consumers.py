@@ -9,8 +9,9 @@ from django.utils import timezone
 
 from datasets_app.models import Dataset, DatasetStatus
 from datasets_app.progress import notify, row_update
-from datasets_app.relay import Relay
+from datasets_app.relay import DATASETS_SOURCE
 from mistudio.asgi import application
+from mistudio.realtime import Relay
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
@@ -40,7 +41,7 @@ async def test_a_progress_write_pushes_the_card_partial():
 @pytest.mark.asyncio
 async def test_a_deleted_dataset_removes_its_card():
     comm, _ = await connect()
-    await database_sync_to_async(notify)("dataset.deleted", "d_gone")
+    await database_sync_to_async(notify)("card.deleted", "d_gone")
     assert 'id="dataset-d_gone" hx-swap-oob="delete"' in await comm.receive_from(timeout=5)
     await comm.disconnect()
 
@@ -54,7 +55,7 @@ async def test_a_foreign_origin_is_refused():
 @pytest.mark.asyncio
 async def test_the_relay_announces_rows_other_processes_changed():
     row = await database_sync_to_async(make_row)(status=DatasetStatus.IMPORTING)
-    relay = Relay()
+    relay = Relay([DATASETS_SOURCE])
     await relay.poll_once()
     comm, _ = await connect()
 

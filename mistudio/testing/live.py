@@ -48,6 +48,8 @@ class LiveStack:
             "MISTUDIO_DATA_DIR": str(settings.DATA_DIR),
             "MISTUDIO_DISK_MARGIN_MB": "1",
             "MISTUDIO_DEVICE": "cpu",
+            # same key as the test process: it signs django-q2 task payloads and seals tokens
+            "DJANGO_SECRET_KEY": settings.SECRET_KEY,
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
@@ -58,7 +60,11 @@ class LiveStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
-            args, cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+            args,
+            cwd=ROOT,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -72,8 +78,19 @@ class LiveStack:
         proc.wait(timeout=30)
 
     def __enter__(self) -> LiveStack:
-        self._spawn("web", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p",
-                            str(self.port), "mistudio.asgi:application"])
+        self._spawn(
+            "web",
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "mistudio.asgi:application",
+            ],
+        )
         self.start_cluster("downloads")
         self.start_cluster("gpu")
         self._wait_http()
@@ -90,7 +107,9 @@ class LiveStack:
         raise RuntimeError(f"daphne did not start: {self.logs()}")
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.log_dir.glob("*.log"))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.log_dir.glob("*.log")
+        )
 
     def __exit__(self, *exc) -> None:
         for name in list(self.procs):

@@ -17,8 +17,9 @@ def _bars(counts: list[int]) -> list[tuple[float, float, float, float]]:
     out = []
     for i, c in enumerate(counts):
         h = HEIGHT * c / peak
-        out.append((round(i * step, 2), round(HEIGHT - h, 2), round(max(step - 0.5, 0.5), 2),
-                    round(h, 2)))
+        out.append(
+            (round(i * step, 2), round(HEIGHT - h, 2), round(max(step - 0.5, 0.5), 2), round(h, 2))
+        )
     return out
 
 
@@ -34,7 +35,11 @@ def histogram_svg(hist: dict | None) -> SafeString | str:
     )
     return format_html(
         '<svg class="histogram text-purple-400" viewBox="0 0 {w} {h}" width="{w}" height="{h}"'
-        ' role="img" aria-label="Value histogram from {lo:.3g} to {hi:.3g}"'
+        ' role="img" aria-label="Value histogram from {lo} to {hi}"'
         ' fill="currentColor">{rects}</svg>',
-        w=WIDTH, h=HEIGHT, lo=edges[0], hi=edges[-1], rects=rects,
+        w=WIDTH,
+        h=HEIGHT,
+        lo=f"{edges[0]:.3g}",
+        hi=f"{edges[-1]:.3g}",
+        rects=rects,
     )

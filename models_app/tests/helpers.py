@@ -23,8 +23,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: floa
 
 def download(repo_id: str, quantization: str = "FP16", token: str | None = None) -> Model:
     """Request a download and run its tasks inline (as the two clusters would); return the row."""
-    row = services.model_download(hf_repo_id=repo_id, quantization=quantization,
-                                  access_token=token)
+    row = services.model_download(hf_repo_id=repo_id, quantization=quantization, access_token=token)
     tasks.model_download_task(row.pk)
     tasks.model_load_check_task(row.pk)
     return Model.objects.get(pk=row.pk)
@@ -38,4 +37,45 @@ def in_thread(fn: Callable, *args) -> threading.Thread:
 
 def cache_files(settings) -> list[str]:
     root = settings.MODELS_CACHE_DIR
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    return (
+        sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        if root.exists()
+        else []
+    )
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
+    "A language model reads a sequence of tokens and predicts the next token in the text.",
+    "Researchers study the residual stream of a transformer to find features.",
+    "Sparse autoencoders learn a dictionary of directions from the activations of one layer.",
+    "When the weather is fine we walk along the river and count the boats that pass by.",
+] * 20
+
+
+def text_dataset(name: str = "corpus", lines: list[str] | None = None):
+    """A ready dataset registered through the real upload service."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from datasets_app.services import dataset_upload
+
+    body = "\n".join(lines or CORPUS).encode()
+    return dataset_upload(upload=SimpleUploadedFile(f"{name}.txt", body), name=name)
+
+
+def extract(model: Model, dataset, **overrides):
+    """Start an extraction through the service and run its GPU task inline; return the row."""
+    from models_app import extraction
+
+    params = {
+        "layers": [0, 1],
+        "hook_types": ["residual", "mlp", "attention"],
+        "batch_size": 4,
+        "max_samples": 12,
+        "context_size": 32,
+        **overrides,
+    }
+    job = extraction.extraction_start(model_id=model.pk, dataset_id=dataset.pk, **params)
+    tasks.extraction_run_task(job.pk)
+    job.refresh_from_db()
+    return job

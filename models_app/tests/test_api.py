@@ -24,10 +24,27 @@ def test_download_returns_201_with_the_seed_fields(client, hub):
     r = post(client, "/api/models/download", {"hf_repo_id": "tiny/llama", "quantization": "Q4"})
     assert r.status_code == 201
     body = r.json()
-    for field in ("id", "name", "hf_repo_id", "quantization", "params", "num_layers", "hidden_dim",
-                  "num_heads", "vocab_size", "max_position", "status", "progress",
-                  "error_message", "size_bytes", "mem_req_bytes", "memReq", "is_loaded",
-                  "created_at", "updated_at"):
+    for field in (
+        "id",
+        "name",
+        "hf_repo_id",
+        "quantization",
+        "params",
+        "num_layers",
+        "hidden_dim",
+        "num_heads",
+        "vocab_size",
+        "max_position",
+        "status",
+        "progress",
+        "error_message",
+        "size_bytes",
+        "mem_req_bytes",
+        "memReq",
+        "is_loaded",
+        "created_at",
+        "updated_at",
+    ):
         assert field in body
     assert body["id"].startswith("m_") and body["status"] == "queued"
     assert body["params"] > 0 and body["memReq"].endswith("B")
@@ -48,8 +65,12 @@ def test_malformed_bodies_are_4xx(client, hub):
 
 
 def test_duplicate_is_409(client, hub):
-    assert post(client, "/api/models/download",
-                {"hf_repo_id": "tiny/gpt2", "quantization": "Q8"}).status_code == 201
+    assert (
+        post(
+            client, "/api/models/download", {"hf_repo_id": "tiny/gpt2", "quantization": "Q8"}
+        ).status_code
+        == 201
+    )
     r = post(client, "/api/models/download", {"hf_repo_id": "tiny/gpt2", "quantization": "Q8"})
     assert r.status_code == 409 and "already" in r.json()["detail"]
 
@@ -59,8 +80,11 @@ def test_hub_errors_map_to_statuses(client, hub):
     for repo, status in cases.items():
         r = post(client, "/api/models/download", {"hf_repo_id": repo, "quantization": "Q4"})
         assert r.status_code == status, (repo, r.json())
-    r = post(client, "/api/models/download",
-             {"hf_repo_id": "tiny/llama", "quantization": "Q4", "access_token": "hf_bad0000000000"})
+    r = post(
+        client,
+        "/api/models/download",
+        {"hf_repo_id": "tiny/llama", "quantization": "Q4", "access_token": "hf_bad0000000000"},
+    )
     assert r.status_code == 401 and "invalid" in r.json()["detail"]
 
 
@@ -87,15 +111,21 @@ def test_unsafe_routes_need_the_csrf_token(hub):
     from django.test import Client
 
     c = Client(enforce_csrf_checks=True)
-    r = c.post("/api/models/download", json.dumps({"hf_repo_id": "tiny/gpt2"}),
-               content_type="application/json")
+    r = c.post(
+        "/api/models/download",
+        json.dumps({"hf_repo_id": "tiny/gpt2"}),
+        content_type="application/json",
+    )
     assert r.status_code == 403 and Model.objects.count() == 0
     assert c.get("/api/models").status_code == 200
 
 
 def test_the_token_is_never_stored_in_plain_or_echoed(client, hub):
-    r = post(client, "/api/models/download",
-             {"hf_repo_id": "tiny/gated-llama", "quantization": "Q4", "access_token": GOOD_TOKEN})
+    r = post(
+        client,
+        "/api/models/download",
+        {"hf_repo_id": "tiny/gated-llama", "quantization": "Q4", "access_token": GOOD_TOKEN},
+    )
     assert r.status_code == 201 and GOOD_TOKEN not in r.content.decode()
     cred = HubCredential.objects.get()
     assert GOOD_TOKEN.encode() not in bytes(cred.ciphertext)

@@ -8,9 +8,10 @@ from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
 from mistudio.asgi import application
+from mistudio.realtime import Relay
 from models_app.models import Model, ModelStatus
 from models_app.progress import notify
-from models_app.relay import Relay
+from models_app.relay import MODELS_SOURCE
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
@@ -31,7 +32,7 @@ async def test_a_change_pushes_the_card_partial():
     row = await database_sync_to_async(make_row)(status=ModelStatus.DOWNLOADING, progress=12.5)
     comm, connected = await connect()
     assert connected
-    await database_sync_to_async(notify)("model.changed", row.pk)
+    await database_sync_to_async(notify)("card.changed", row.pk)
     html = await comm.receive_from(timeout=5)
     assert f'id="model-{row.pk}"' in html and 'hx-swap-oob="true"' in html and "12.5%" in html
     await comm.disconnect()
@@ -40,7 +41,7 @@ async def test_a_change_pushes_the_card_partial():
 @pytest.mark.asyncio
 async def test_a_deleted_model_removes_its_card():
     comm, _ = await connect()
-    await database_sync_to_async(notify)("model.deleted", "m_gone")
+    await database_sync_to_async(notify)("card.deleted", "m_gone")
     assert 'hx-swap-oob="delete"' in await comm.receive_from(timeout=5)
     await comm.disconnect()
 
@@ -54,7 +55,7 @@ async def test_a_foreign_origin_is_refused():
 @pytest.mark.asyncio
 async def test_the_relay_announces_rows_other_processes_changed():
     row = await database_sync_to_async(make_row)(status=ModelStatus.DOWNLOADING)
-    relay = Relay()
+    relay = Relay([MODELS_SOURCE])
     await relay.poll_once()
     comm, _ = await connect()
 

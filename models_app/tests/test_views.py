@@ -30,8 +30,9 @@ def test_root_redirects_to_models(client):
 
 
 def test_htmx_download_returns_the_new_card(client, hub):
-    r = client.post(reverse("models:download"),
-                    {"hf_repo_id": "tiny/gpt2", "quantization": "Q8"}, **HX)
+    r = client.post(
+        reverse("models:download"), {"hf_repo_id": "tiny/gpt2", "quantization": "Q8"}, **HX
+    )
     assert r.status_code == 201
     row = Model.objects.get()
     body = r.content.decode()
@@ -54,14 +55,16 @@ def test_bad_repo_ids_get_a_4xx_message_and_change_nothing(client, hub, bad):
 
 
 def test_an_unknown_quantization_is_refused(client, hub):
-    r = client.post(reverse("models:download"), {"hf_repo_id": "tiny/gpt2", "quantization": "Q3"},
-                    **HX)
+    r = client.post(
+        reverse("models:download"), {"hf_repo_id": "tiny/gpt2", "quantization": "Q3"}, **HX
+    )
     assert r.status_code == 422 and "Quantization" in r.content.decode()
 
 
 def test_gated_repo_message_reaches_the_form(client, hub):
-    r = client.post(reverse("models:download"),
-                    {"hf_repo_id": "tiny/gated-llama", "quantization": "Q4"}, **HX)
+    r = client.post(
+        reverse("models:download"), {"hf_repo_id": "tiny/gated-llama", "quantization": "Q4"}, **HX
+    )
     assert r.status_code == 403 and "accept the licence" in r.content.decode()
 
 
@@ -75,9 +78,17 @@ def test_estimate_shows_each_quantization_with_a_fit_badge(client, hub):
 
 
 def test_cards_show_progress_error_and_actions(client, hub):
-    row = Model.objects.create(name="m", hf_repo_id="o/m", quantization="Q4",
-                               status=ModelStatus.DOWNLOADING, progress=42.5,
-                               bytes_done=425, bytes_total=1000, speed_bps=100, eta_seconds=6)
+    row = Model.objects.create(
+        name="m",
+        hf_repo_id="o/m",
+        quantization="Q4",
+        status=ModelStatus.DOWNLOADING,
+        progress=42.5,
+        bytes_done=425,
+        bytes_total=1000,
+        speed_bps=100,
+        eta_seconds=6,
+    )
     body = client.get(reverse("models:card", args=[row.pk]), **HX).content.decode()
     assert "42.5%" in body and "Download Progress" in body and "Cancel" in body
     assert "ETA 6 s" in body

@@ -40,12 +40,16 @@ def model_resolve(ref: str, quantization: str | None) -> Model:
         rows = rows.filter(quantization=quantization)
     rows = list(rows)
     if not rows:
-        raise CommandError(f"No ready model {ref!r}; download it first (manage.py shows ids in"
-                           " the app or GET /api/models).")
+        raise CommandError(
+            f"No ready model {ref!r}; download it first (manage.py shows ids in"
+            " the app or GET /api/models)."
+        )
     if len(rows) > 1:
         choices = ", ".join(f"{r.quantization} ({r.pk})" for r in rows)
-        raise CommandError(f"{ref} is downloaded at several quantizations: {choices}."
-                           " Pass --quantization or a model id.")
+        raise CommandError(
+            f"{ref} is downloaded at several quantizations: {choices}."
+            " Pass --quantization or a model id."
+        )
     return rows[0]
 
 
@@ -61,9 +65,10 @@ def _free_name(stem: str) -> str:
 
 def dataset_resolve(ref: str, text_field: str | None) -> str:
     """A dataset id, or a local file registered as a new dataset (same parser as uploads)."""
+    from django.core.files import File
+
     from datasets_app.models import Dataset
     from datasets_app.services import dataset_upload
-    from django.core.files import File
 
     if Dataset.objects.filter(pk=ref).exists():
         return ref
@@ -71,8 +76,11 @@ def dataset_resolve(ref: str, text_field: str | None) -> str:
     if not path.is_file():
         raise CommandError(f"{ref!r} is neither a dataset id nor a file.")
     with path.open("rb") as fh:
-        row = dataset_upload(upload=File(fh, name=path.name), text_field=text_field or "text",
-                             name=_free_name(path.stem))
+        row = dataset_upload(
+            upload=File(fh, name=path.name),
+            text_field=text_field or "text",
+            name=_free_name(path.stem),
+        )
     if row.status != "ready":
         from datasets_app.jobs import dataset_normalize_run
 
@@ -88,8 +96,13 @@ def template_values(name: str | None) -> dict:
     t = ExtractionTemplate.objects.filter(name=name).first()
     if t is None:
         raise CommandError(f"No extraction template named {name!r}.")
-    return {"layers": t.layers, "hook_types": t.hook_types, "batch_size": t.batch_size,
-            "max_samples": t.max_samples, "context_size": t.context_size}
+    return {
+        "layers": t.layers,
+        "hook_types": t.hook_types,
+        "batch_size": t.batch_size,
+        "max_samples": t.max_samples,
+        "context_size": t.context_size,
+    }
 
 
 class Command(BaseCommand):
@@ -113,7 +126,8 @@ class Command(BaseCommand):
         explicit = {
             "layers": _int_list(options["layers"]) if options["layers"] else None,
             "hook_types": _int_list(options["hooks"]) if options["hooks"] else None,
-            "batch_size": options["batch_size"], "max_samples": options["max_samples"],
+            "batch_size": options["batch_size"],
+            "max_samples": options["max_samples"],
             "context_size": options["context_size"],
         }
         values.update({k: v for k, v in explicit.items() if v is not None})
@@ -141,8 +155,12 @@ class Command(BaseCommand):
     def _run_with_progress(self, job: ExtractionJob) -> None:
         worker = threading.Thread(target=extraction.extraction_run, args=(job.pk,), daemon=True)
         worker.start()
-        with tqdm(total=job.max_samples * job.context_size, unit="tok", unit_scale=True,
-                  desc=f"extract {job.pk}") as bar:
+        with tqdm(
+            total=job.max_samples * job.context_size,
+            unit="tok",
+            unit_scale=True,
+            desc=f"extract {job.pk}",
+        ) as bar:
             while worker.is_alive():
                 worker.join(POLL_SECONDS)
                 self._advance(bar, job.pk)
@@ -150,16 +168,19 @@ class Command(BaseCommand):
         job.refresh_from_db()
         if job.status != ExtractionStatus.COMPLETED:
             raise CommandError(f"Extraction {job.status}: {job.error_message}")
-        self.stdout.write(self.style.SUCCESS(
-            f"{job.pk}: {job.tokens_total} tokens, {len(job.manifest['hooks'])} sites,"
-            f" {job.bytes_written / 1e6:.1f} MB in {job.output_path}"
-            f" ({job.tokens_per_second:,.0f} tok/s)"
-        ))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"{job.pk}: {job.tokens_total} tokens, {len(job.manifest['hooks'])} sites,"
+                f" {job.bytes_written / 1e6:.1f} MB in {job.output_path}"
+                f" ({job.tokens_per_second:,.0f} tok/s)"
+            )
+        )
 
     @staticmethod
     def _advance(bar: tqdm, job_id: str) -> None:
-        done, total = ExtractionJob.objects.filter(pk=job_id).values_list(
-            "tokens_done", "tokens_total").get()
+        done, total = (
+            ExtractionJob.objects.filter(pk=job_id).values_list("tokens_done", "tokens_total").get()
+        )
         if total and bar.total != total:
             bar.total = total
         bar.update(max(done - bar.n, 0))

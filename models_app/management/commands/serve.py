@@ -26,8 +26,11 @@ def _children(host: str, port: int) -> list[tuple[str, list[str], dict]]:
     base_env = dict(os.environ, MISTUDIO_HOST=host, PYTHONUNBUFFERED="1")
     gpu_env = dict(base_env, Q_CLUSTER_NAME=settings.GPU_CLUSTER)
     return [
-        ("web", [py, "-m", "daphne", "-b", host, "-p", str(port), "mistudio.asgi:application"],
-         base_env),
+        (
+            "web",
+            [py, "-m", "daphne", "-b", host, "-p", str(port), "mistudio.asgi:application"],
+            base_env,
+        ),
         ("downloads", [*manage, "qcluster"], base_env),
         ("gpu", [*manage, "qcluster"], gpu_env),
     ]

@@ -313,27 +313,16 @@ def test_peak_host_memory_does_not_grow_with_the_dataset(tiny_repo, tmp_path):
     """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     context, batch, shard = 64, 32, 64
-    procs = {
-        n: subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _CHILD,
-                str(tiny_repo("llama")),
-                str(tmp_path / str(n)),
-                str(n),
-                str(context),
-                str(batch),
-                str(shard),
-            ],
-            cwd=Path(__file__).resolve().parents[3],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+    repo, root = tiny_repo("llama"), Path(__file__).resolve().parents[3]
+
+    def child(n: int) -> subprocess.Popen:
+        argv = [repo, tmp_path / str(n), n, context, batch, shard]
+        return subprocess.Popen(
+            [sys.executable, "-c", _CHILD, *map(str, argv)],
+            cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        for n in (300, 3000)
-    }
+
+    procs = {n: child(n) for n in (300, 3000)}  # in parallel
     growth = {}
     for n, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)

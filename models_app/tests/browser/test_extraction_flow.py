@@ -1,0 +1,38 @@
+"""Extract activations from the browser: modal → start → live progress → history with stats."""
+
+from __future__ import annotations
+
+import pytest
+
+from models_app.models import ExtractionJob
+from models_app.tests.helpers import download, text_dataset
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_extract_three_layers_three_hooks_from_the_modal(page, live, hub):
+    model = download("tiny/llama-big", "FP16")
+    text_dataset(lines=["a long line of words for the tiny model " * 20] * 300)
+    page.goto("/models/")
+    page.get_by_text("API Connected").wait_for()
+    page.locator(f"#model-{model.pk}").get_by_role("button", name="Extract Activations").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Select Layers").wait_for()
+    assert dialog.locator("input[name=layers]").count() == 4
+    dialog.get_by_role("button", name="Deselect All").click()
+    assert dialog.locator("#extract-start").is_disabled()
+    for label in ("L0", "L2", "L3", "MLP Output", "Attention Output"):
+        dialog.get_by_text(label, exact=True).click()
+    dialog.get_by_label("Max Samples").fill("120")
+    dialog.get_by_label("Batch Size").fill("2")
+    dialog.get_by_label("Context Size").fill("128")
+    dialog.locator("#extract-start").click()
+    page.get_by_role("dialog").wait_for(state="detached")
+    card = page.locator(f"#model-{model.pk}")
+    card.locator(".extraction-progress").wait_for()  # live on the card, pushed over the socket
+    card.get_by_role("link", name="Extractions (1)").click()
+    page.locator(".extraction[data-status=completed]").wait_for(timeout=120_000)
+    job = ExtractionJob.objects.get()
+    assert job.layers == [0, 2, 3] and job.hook_types == ["attention", "mlp", "residual"]
+    assert page.locator(".site-stats").count() == 9
+    assert page.locator(".site-stats svg.histogram").count() == 9

@@ -1,0 +1,189 @@
+"""Extraction jobs end to end: a downloaded tiny model, an uploaded dataset, shards on disk."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from django.utils import timezone
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mistudio.errors import Conflict, Invalid
+from models_app import extraction, reconcile, services, tasks
+from models_app.ml.storage import verify
+from models_app.models import ExtractionJob, ExtractionStatus
+
+from .helpers import download, extract, in_thread, text_dataset, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def reference_hidden_states(model_row, token_ids: torch.Tensor) -> tuple:
+    ref = AutoModelForCausalLM.from_pretrained(model_row.local_path, dtype=torch.float32)
+    with torch.no_grad():
+        return ref(token_ids.long(), output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("repo", ["tiny/gpt2", "tiny/llama"])
+def test_residuals_on_disk_match_the_reference_forward(hub, repo):
+    row = download(repo, "FP16")
+    job = extract(row, text_dataset())
+    assert job.status == ExtractionStatus.COMPLETED, job.error_message
+    out = Path(job.output_path)
+    assert verify(out) == [] and (out / "manifest.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["quantization"] == "FP16" and manifest["context_size"] == 32
+    assert {h["name"] for h in manifest["hooks"]} == {
+        f"blocks.{i}.hook_{k}" for i in (0, 1) for k in ("resid_post", "mlp_out", "attn_out")
+    }
+    shard = load_file(out / "shards" / "blocks.0.hook_resid_post" / "000000.safetensors")
+    assert shard["activations"].shape == (12, 32, 128) and shard["token_ids"].dtype == torch.int32
+    hidden = reference_hidden_states(row, shard["token_ids"])
+    torch.testing.assert_close(shard["activations"], hidden[1], rtol=1e-4, atol=1e-4)
+    assert job.tokens_done == job.tokens_total == 12 * 32 and job.progress == 100.0
+    assert set(job.statistics) == {h["name"] for h in manifest["hooks"]}
+
+
+def test_it_extracts_with_the_downloaded_quantization(hub):
+    row = download("tiny/llama", "Q4")
+    job = extract(row, text_dataset(), hook_types=["residual"])
+    assert job.status == ExtractionStatus.COMPLETED, job.error_message
+    assert job.manifest["model"]["quantization"] == "Q4"
+    assert job.manifest["meta"]["backend"] == "bitsandbytes-nf4"
+
+
+def test_layers_and_context_are_checked_against_the_model(hub):
+    row, ds = download("tiny/gpt2", "FP16"), text_dataset()
+    with pytest.raises(Invalid, match="do not exist"):
+        extraction.extraction_start(
+            model_id=row.pk,
+            dataset_id=ds.pk,
+            layers=[0, 7],
+            hook_types=["mlp"],
+            batch_size=2,
+            max_samples=4,
+        )
+    with pytest.raises(Invalid, match="Context size"):
+        extraction.extraction_start(
+            model_id=row.pk,
+            dataset_id=ds.pk,
+            layers=[0],
+            hook_types=["mlp"],
+            batch_size=2,
+            max_samples=4,
+            context_size=4096,
+        )
+    assert not ExtractionJob.objects.exists()
+
+
+def test_a_model_that_is_not_ready_is_a_conflict(hub):
+    ds = text_dataset()
+    row = services.model_download(hf_repo_id="tiny/gpt2", quantization="Q8")
+    with pytest.raises(Conflict):
+        extraction.extraction_start(
+            model_id=row.pk,
+            dataset_id=ds.pk,
+            layers=[0],
+            hook_types=["residual"],
+            batch_size=2,
+            max_samples=4,
+        )
+
+
+def test_cancel_mid_run_leaves_no_partial_shard(hub):
+    row = download("tiny/llama", "FP16")
+    job = extraction.extraction_start(
+        model_id=row.pk,
+        dataset_id=text_dataset(lines=["word " * 400] * 400).pk,
+        layers=[0, 1],
+        hook_types=["residual"],
+        batch_size=1,
+        max_samples=400,
+        context_size=64,
+    )
+    worker = in_thread(tasks.extraction_run_task, job.pk)
+    wait_for(lambda: ExtractionJob.objects.get(pk=job.pk).tokens_done > 0)
+    extraction.extraction_cancel(job.pk)
+    worker.join(timeout=60)
+    job.refresh_from_db()
+    assert job.status == ExtractionStatus.CANCELLED
+    assert not Path(job.output_path).exists()
+
+
+def test_an_unknown_dataset_id_is_refused(hub):
+    row = download("tiny/gpt2", "FP16")
+    with pytest.raises(Invalid):
+        extraction.extraction_start(
+            model_id=row.pk,
+            dataset_id="d_nope",
+            layers=[0],
+            hook_types=["residual"],
+            batch_size=2,
+            max_samples=4,
+        )
+
+
+def test_a_dataset_shorter_than_one_sequence_fails_readably(hub):
+    row = download("tiny/gpt2", "FP16")
+    job = extract(row, text_dataset(lines=["hi"]), context_size=128)
+    assert job.status == ExtractionStatus.FAILED and "fewer than" in job.error_message
+    assert not Path(job.output_path).exists()
+
+
+def test_a_stale_running_job_is_failed_by_the_reconciler(hub, settings):
+    row = download("tiny/gpt2", "FP16")
+    job = extraction.extraction_start(
+        model_id=row.pk,
+        dataset_id=text_dataset().pk,
+        layers=[0],
+        hook_types=["residual"],
+        batch_size=2,
+        max_samples=4,
+    )
+    out = Path(job.output_path)
+    (out / "shards").mkdir(parents=True)
+    ExtractionJob.objects.filter(pk=job.pk).update(
+        status=ExtractionStatus.RUNNING, heartbeat_at=timezone.now() - timedelta(minutes=10)
+    )
+    assert reconcile.jobs_reconcile() == 1
+    job.refresh_from_db()
+    assert job.status == ExtractionStatus.FAILED and "stopped" in job.error_message
+    assert not out.exists()
+    tasks.extraction_run_task(job.pk)  # a late redelivery does nothing
+    assert ExtractionJob.objects.get(pk=job.pk).status == ExtractionStatus.FAILED
+
+
+def test_deleting_a_model_deletes_its_extractions_files(hub):
+    row = download("tiny/gpt2", "FP16")
+    job = extract(row, text_dataset(), hook_types=["residual"], layers=[0])
+    assert Path(job.output_path).exists()
+    services.model_delete(row.pk)
+    assert not Path(job.output_path).exists() and not ExtractionJob.objects.exists()
+
+
+def test_model_and_dataset_delete_wait_for_a_running_extraction(hub):
+    from datasets_app.services import dataset_delete
+
+    row, ds = download("tiny/gpt2", "FP16"), text_dataset()
+    extraction.extraction_start(
+        model_id=row.pk,
+        dataset_id=ds.pk,
+        layers=[0],
+        hook_types=["residual"],
+        batch_size=2,
+        max_samples=4,
+    )
+    with pytest.raises(Conflict):
+        services.model_delete(row.pk)
+    with pytest.raises(Conflict):
+        dataset_delete(ds.pk)
+
+
+def test_delete_an_extraction_removes_its_files(hub):
+    job = extract(download("tiny/gpt2", "FP16"), text_dataset(), layers=[1])
+    extraction.extraction_delete(job.pk)
+    assert not Path(job.output_path).exists() and not ExtractionJob.objects.exists()
