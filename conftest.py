@@ -44,3 +44,15 @@ def isolated_dirs(settings, tmp_path):
     from models_app.ml.cache import MODEL_CACHE
 
     MODEL_CACHE.clear()
+
+
+@pytest.fixture(autouse=True)
+def empty_task_queues(settings):
+    """Tests enqueue tasks no cluster consumes; with the Redis broker they would outlive the test
+    database, so every test starts from empty queues."""
+    if settings.Q_CLUSTER.get("redis"):
+        from django_q.brokers import get_broker
+
+        for cluster in (settings.DOWNLOAD_CLUSTER, settings.GPU_CLUSTER):
+            get_broker(cluster).purge_queue()
+    yield

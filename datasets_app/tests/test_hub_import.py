@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from django_q.models import OrmQ
 
 from conftest import GOOD_TOKEN
 from datasets_app import jobs, services, tasks
@@ -11,6 +10,7 @@ from datasets_app.hubdata import split_files
 from datasets_app.models import Dataset, DatasetCredential, DatasetStatus
 from datasets_app.reconcile import datasets_reconcile
 from mistudio.errors import Conflict
+from mistudio.testing.queues import queued_task_payloads
 from models_app.hub import HubError, RepoFile
 
 from .helpers import BIG_ROWS, files_under, hub_import, in_thread, story, wait_for
@@ -69,7 +69,7 @@ def test_a_gated_dataset_imports_with_an_approved_token_which_is_then_gone(dhub)
     row = services.dataset_import(hf_dataset_id="tiny/gated-data", access_token=GOOD_TOKEN)
     cred = DatasetCredential.objects.get()
     assert GOOD_TOKEN.encode() not in bytes(cred.ciphertext)
-    payloads = repr([q.task for q in OrmQ.objects.all()])
+    payloads = repr(queued_task_payloads())
     assert row.id in payloads and GOOD_TOKEN not in payloads
     tasks.dataset_import_task(row.id)
     row.refresh_from_db()
