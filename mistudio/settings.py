@@ -60,6 +60,8 @@ ACTIVATIONS_DIR = DATA_DIR / "activations"
 DATASETS_DIR = DATA_DIR / "datasets"
 # Keep this much free after a download or extraction (bytes).
 DISK_MARGIN_BYTES = env_int("MISTUDIO_DISK_MARGIN_MB", 512) * 1024 * 1024
+# Bytes per shard and hook: host memory holds one shard per hook, so this bounds it (Jetson).
+EXTRACTION_SHARD_BYTES = env_int("MISTUDIO_SHARD_MB", 32) * 1024 * 1024
 ALLOW_PICKLE_WEIGHTS = env_bool("MISTUDIO_ALLOW_PICKLE_WEIGHTS", False)
 # huggingface_hub reads these at import; we pass them to every call so tests can override them.
 HF_ENDPOINT = env_str("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
@@ -188,13 +190,21 @@ PROGRESS_RELAY = not REDIS_URL
 PROGRESS_RELAY_INTERVAL = float(env_str("MISTUDIO_RELAY_INTERVAL", "0.2"))
 
 # django-q2: downloads and dataset imports in the default cluster, GPU work in a one-worker cluster.
-# Tasks take ids only. No automatic retries: a task that kills its worker is not redelivered.
+# Tasks take ids only. No automatic retries: a failed task is not run again. The ORM broker hands
+# a task whose worker died to a worker again after `retry` seconds (once: the job's exactly-once
+# claim makes that delivery a no-op, then the task is acknowledged); `retry` must exceed `timeout`
+# or a task that is still running would start a second time.
 TASK_TIMEOUT = env_int("MISTUDIO_TASK_TIMEOUT", 6 * 3600)
+TASK_RETRY = env_int("MISTUDIO_TASK_RETRY_S", TASK_TIMEOUT + 600)
+if TASK_RETRY <= TASK_TIMEOUT:
+    raise ImproperlyConfigured(
+        f"MISTUDIO_TASK_RETRY_S={TASK_RETRY} must exceed MISTUDIO_TASK_TIMEOUT={TASK_TIMEOUT}"
+    )
 Q_CLUSTER = {
     "name": "mistudio",
     "workers": env_int("MISTUDIO_DOWNLOAD_WORKERS", 2),
     "timeout": TASK_TIMEOUT,
-    "retry": TASK_TIMEOUT + 600,
+    "retry": TASK_RETRY,
     "max_attempts": 1,
     "ack_failures": True,
     "save_limit": 200,
@@ -209,7 +219,8 @@ else:
     Q_CLUSTER["orm"] = "default"
 GPU_CLUSTER = "gpu"
 DOWNLOAD_CLUSTER = "mistudio"
-# A job whose heartbeat is older than this is considered dead by the reconciler.
+# A job whose heartbeat is older than this is considered dead by the reconciler. Running jobs
+# beat at a quarter of it (models_app.progress.heartbeat).
 STALE_HEARTBEAT_SECONDS = env_int("MISTUDIO_STALE_HEARTBEAT_S", 60)
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -246,6 +257,9 @@ CSRF_COOKIE_HTTPONLY = False  # HTMX reads the token from the page, not the cook
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 if env_bool("MISTUDIO_HTTPS", False):
+    # TLS ends at the reverse proxy, which must set X-Forwarded-Proto (and daphne must be
+    # reachable through it only); without this the redirect loops and CSRF refuses every POST.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = True
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from mistudio.errors import Conflict, Invalid, NotFound
+from mistudio.errors import Conflict, Invalid, NotFound, ServiceError, is_disk_full
 
 from .models import (
     EXTRACTION_ACTIVE,
@@ -82,11 +82,17 @@ def _check_against_model(model: Model, layers: list[int], context_size: int) -> 
         )
 
 
+def bytes_per_sequence(model: Model, context_size: int, device: str) -> int:
+    """Shard bytes of one sequence of one hook: activations (float32 on CPU, bfloat16 on GPU)
+    plus int32 token ids."""
+    width = 4 if device.startswith("cpu") else 2
+    return context_size * ((model.hidden_dim or 1) * width + 4)
+
+
 def output_bytes_estimate(model: Model, n_sites: int, max_samples: int, context_size: int) -> int:
-    """Upper bound of the shard bytes: activations (4 bytes/value on CPU) plus int32 token ids."""
-    width = 4 if (model.loaded_device or "cpu").startswith("cpu") else 2
-    per_seq = context_size * ((model.hidden_dim or 0) * width + 4)
-    return n_sites * max_samples * per_seq
+    """Upper bound of the bytes an extraction writes."""
+    device = model.loaded_device or "cpu"
+    return n_sites * max_samples * bytes_per_sequence(model, context_size, device)
 
 
 def _disk_check(needed: int) -> None:
@@ -233,6 +239,12 @@ def _tokenizer(local_path: str):
     return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
 
 
+def shard_sequences(job: ExtractionJob, device: str) -> int:
+    """Sequences per shard so that one shard of one hook is about EXTRACTION_SHARD_BYTES."""
+    per_seq = bytes_per_sequence(job.model, job.context_size, device)
+    return max(1, min(job.max_samples, settings.EXTRACTION_SHARD_BYTES // per_seq))
+
+
 def _run(job: ExtractionJob) -> dict:
     from datasets_app.services import dataset_texts
 
@@ -246,6 +258,7 @@ def _run(job: ExtractionJob) -> dict:
         context_size=job.context_size,
         batch_size=job.batch_size,
         max_samples=job.max_samples,
+        shard_sequences=shard_sequences(job, report.device),
     )
     row = job.model
     meta = {
@@ -301,21 +314,27 @@ def extraction_run(extraction_id: str) -> None:
         extraction_end(
             job, ExtractionStatus.CANCELLED, error_message="Cancelled by the user.", phase=""
         )
-    except (ExtractionError, Conflict, Invalid, NotFound, OSError) as exc:
-        extraction_files_remove(job)
-        message = getattr(exc, "message", None) or str(exc)
-        extraction_end(job, ExtractionStatus.FAILED, error_message=message, phase="")
     except Exception as exc:  # noqa: BLE001 - a failing job ends readable, never stuck
-        log.exception("extraction %s crashed", extraction_id)
         extraction_files_remove(job)
-        extraction_end(
-            job,
-            ExtractionStatus.FAILED,
-            phase="",
-            error_message=f"Extraction failed: {type(exc).__name__}: {exc}",
-        )
+        message = _failure_message(job, exc, expected=(ExtractionError, ServiceError, OSError))
+        extraction_end(job, ExtractionStatus.FAILED, error_message=message, phase="")
     else:
         _completed(job, manifest)
+
+
+DISK_FULL = (
+    "The disk filled up while writing the activations to {path}. Partial files were removed;"
+    " free some space (or lower max samples or the number of sites) and start it again."
+)
+
+
+def _failure_message(job: ExtractionJob, exc: Exception, *, expected: tuple) -> str:
+    if is_disk_full(exc):
+        return DISK_FULL.format(path=Path(job.output_path).parent)
+    if isinstance(exc, expected):
+        return getattr(exc, "message", None) or str(exc)
+    log.error("extraction %s crashed", job.pk, exc_info=exc)
+    return f"Extraction failed: {type(exc).__name__}: {exc}"
 
 
 def extraction_cancel(extraction_id: str) -> ExtractionJob:

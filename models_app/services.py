@@ -28,7 +28,7 @@ from .models import (
     Model,
     ModelStatus,
 )
-from .progress import ByteProgress, notify, row_update
+from .progress import ByteProgress, heartbeat, notify, row_update
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,11 @@ def model_get(model_id: str) -> Model:
 def model_list(*, status: str | None = None):
     """Models newest first, with `extraction_count` and `active_extractions` for the cards."""
     active = ExtractionJob.objects.filter(status__in=EXTRACTION_ACTIVE).order_by("-created_at")
-    qs = Model.objects.annotate(extraction_count=Count("extractions")).prefetch_related(
-        Prefetch("extractions", queryset=active, to_attr="active_extractions")
+    # An aggregate drops Meta.ordering (GROUP BY query): order explicitly, newest first.
+    qs = (
+        Model.objects.annotate(extraction_count=Count("extractions"))
+        .prefetch_related(Prefetch("extractions", queryset=active, to_attr="active_extractions"))
+        .order_by("-created_at")
     )
     if status:
         if status not in ModelStatus.values:
@@ -126,7 +129,7 @@ def model_download(
             )
             if access_token:
                 HubCredential.objects.create(model=row, ciphertext=seal(access_token))
-            transaction.on_commit(lambda: _enqueue_download(row.pk))
+            transaction.on_commit(lambda: enqueue_download(row.pk))
     except IntegrityError:
         raise Conflict(
             f"{hf_repo_id} at {quantization} is already in your models.", code="duplicate"
@@ -135,7 +138,7 @@ def model_download(
     return row
 
 
-def _enqueue_download(model_id: str) -> None:
+def enqueue_download(model_id: str) -> None:
     async_task(
         "models_app.tasks.model_download_task",
         model_id,
@@ -221,24 +224,8 @@ def model_download_run(model_id: str) -> None:
     row = Model.objects.get(pk=model_id)
     token = _token_for(row)
     try:
-        pre = _preflight(row.hf_repo_id, row.commit_sha or row.revision, token)
-        row_update(
-            Model,
-            model_id,
-            bytes_total=pre.total_bytes,
-            phase="downloading",
-            files=[{"name": f.name, "size": f.size} for f in pre.files],
-        )
-        tracker = ByteProgress(lambda **kw: row_update(Model, model_id, **kw), pre.total_bytes)
-        snapshot = hub.files_download(
-            pre,
-            token=token,
-            endpoint=settings.HF_ENDPOINT,
-            cache_dir=settings.MODELS_CACHE_DIR,
-            on_bytes=tracker,
-            should_cancel=lambda: _cancel_requested(model_id),
-        )
-        tracker.flush()
+        with heartbeat(Model, model_id):  # a slow Hub is not a dead worker
+            pre, snapshot = _files_fetch(row, token)
     except hub.DownloadCancelled:
         job_cancelled(row)
         return
@@ -262,6 +249,29 @@ def model_download_run(model_id: str) -> None:
         phase=WAITING_GPU,
     )
     transaction.on_commit(lambda: enqueue_gpu("model_load_check_task", model_id))
+
+
+def _files_fetch(row: Model, token: str | None) -> tuple[hub.Preflight, Path]:
+    """Preflight again (pinned commit), then fetch the files with byte progress on the row."""
+    pre = _preflight(row.hf_repo_id, row.commit_sha or row.revision, token)
+    row_update(
+        Model,
+        row.pk,
+        bytes_total=pre.total_bytes,
+        phase="downloading",
+        files=[{"name": f.name, "size": f.size} for f in pre.files],
+    )
+    tracker = ByteProgress(lambda **kw: row_update(Model, row.pk, **kw), pre.total_bytes)
+    snapshot = hub.files_download(
+        pre,
+        token=token,
+        endpoint=settings.HF_ENDPOINT,
+        cache_dir=settings.MODELS_CACHE_DIR,
+        on_bytes=tracker,
+        should_cancel=lambda: _cancel_requested(row.pk),
+    )
+    tracker.flush()
+    return pre, snapshot
 
 
 def model_cancel(model_id: str) -> Model:

@@ -187,3 +187,18 @@ def test_delete_an_extraction_removes_its_files(hub):
     job = extract(download("tiny/gpt2", "FP16"), text_dataset(), layers=[1])
     extraction.extraction_delete(job.pk)
     assert not Path(job.output_path).exists() and not ExtractionJob.objects.exists()
+
+
+def test_shards_are_capped_so_host_memory_stays_small(hub, settings):
+    settings.EXTRACTION_SHARD_BYTES = 32 * (16 * 128 * 4 + 16 * 4)  # 32 sequences per shard
+    job = extract(
+        download("tiny/gpt2", "FP16"),
+        text_dataset(),
+        layers=[0],
+        hook_types=["residual"],
+        max_samples=70,
+        context_size=16,
+    )
+    shards = job.manifest["hooks"][0]["shards"]
+    assert [s["n_seq"] for s in shards] == [32, 32, 6]
+    assert verify(Path(job.output_path)) == []

@@ -130,3 +130,12 @@ def test_unknown_model_is_404_not_500(client):
 def test_device_badge_names_the_real_device(client):
     body = client.get(reverse("models:device"), **HX).content.decode()
     assert "CPU" in body or "CUDA" in body
+
+
+def test_cards_are_listed_newest_first(client):
+    names = [f"model-{i}" for i in range(4)]
+    for name in names:
+        Model.objects.create(name=name, hf_repo_id=f"o/{name}", quantization="Q4")
+    page = client.get(reverse("models:page")).content.decode()
+    positions = [page.index(f"o/{name}") for name in names]
+    assert positions == sorted(positions, reverse=True)
