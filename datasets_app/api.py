@@ -16,16 +16,15 @@ from ninja.decorators import decorate_view
 from ninja.errors import ValidationError as NinjaValidationError
 from pydantic import BaseModel, ValidationError
 
+from mistudio.apischema import ERRORS
 from mistudio.errors import Invalid, ServiceError
 from mistudio.validation import error_list
-from models_app.schemas import ErrorOut
 
 from . import selectors, services
 from .models import Dataset
 from .schemas import DatasetOut, HubImportIn, UploadIn
 
 router = Router(tags=["datasets"])
-ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 422, 502)}
 UPLOAD_FORM = {
     "type": "object",
     "required": ["file"],

@@ -8,12 +8,11 @@ those as 4xx/502 with the message) worded for datasets.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -21,9 +20,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from tqdm.auto import tqdm
 
-from models_app.hub import HubError, RepoFile
+from models_app.hub import DownloadCancelled, HubError, RepoFile, files_fetch
 
 from .formats import HUB_FORMATS, ImportCancelled, format_of
 
@@ -178,40 +176,6 @@ def dataset_preflight(
     return DatasetPreflight(repo_id, info.sha or revision, split, fmt, chosen)
 
 
-class _ByteCounter:
-    """Counts bytes of the file in flight across the progress bars huggingface_hub opens."""
-
-    def __init__(self, on_bytes: Callable[[int], None], should_cancel: Callable[[], bool]):
-        self.on_bytes = on_bytes
-        self.should_cancel = should_cancel
-        self.current = 0
-        self.lock = threading.Lock()
-
-    def bar_class(self) -> type[tqdm]:
-        counter = self
-
-        class _Bar(tqdm):
-            def __init__(self, *args, **kwargs):
-                kwargs["disable"] = True  # progress goes to the row, not to worker logs
-                super().__init__(*args, **kwargs)
-                self._done = int(kwargs.get("initial") or 0)
-
-            def update(self, n=1):
-                self._done += int(n or 0)
-                counter.seen(self._done)
-                return None
-
-        return _Bar
-
-    def seen(self, done: int) -> None:
-        if self.should_cancel():
-            raise ImportCancelled()
-        with self.lock:
-            if done > self.current:
-                self.current = done
-                self.on_bytes(done)
-
-
 def files_download(
     pre: DatasetPreflight,
     *,
@@ -224,29 +188,18 @@ def files_download(
     """Fetch the split's files into `local_dir` (partial files stay inside it); return their
     paths in the preflight's order. `on_bytes(total so far)` is monotonic over all files;
     `should_cancel()` is polled on every chunk and between files (raises ImportCancelled)."""
-    done_before, paths = 0, []
-    for f in pre.files:
-        if should_cancel():
-            raise ImportCancelled()
-        counter = _ByteCounter(
-            lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)), should_cancel
+    try:
+        return files_fetch(
+            pre.repo_id,
+            pre.files,
+            repo_type="dataset",
+            revision=pre.commit_sha,
+            token=token,
+            endpoint=endpoint,
+            local_dir=local_dir,
+            on_bytes=on_bytes,
+            should_cancel=should_cancel,
+            map_error=hub_error,
         )
-        try:
-            path = hf_hub_download(
-                pre.repo_id,
-                f.name,
-                repo_type="dataset",
-                revision=pre.commit_sha,
-                token=token or False,
-                endpoint=endpoint,
-                local_dir=local_dir,
-                tqdm_class=counter.bar_class(),
-            )
-        except ImportCancelled:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise hub_error(exc, pre.repo_id, endpoint, bool(token)) from None
-        done_before += f.size
-        on_bytes(done_before)
-        paths.append(Path(path))
-    return paths
+    except DownloadCancelled:
+        raise ImportCancelled() from None

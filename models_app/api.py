@@ -5,12 +5,13 @@ from __future__ import annotations
 from django.http import HttpRequest
 from ninja import Router
 
+from mistudio.apischema import ERRORS
+
 from . import extraction, resident, services
 from .models import ExtractionJob, Model
 from .schemas import (
     ArchitectureOut,
     DownloadIn,
-    ErrorOut,
     ExtractionIn,
     ExtractionOut,
     ExtractionStarted,
@@ -19,15 +20,6 @@ from .schemas import (
 from .templatetags.mistudio_format import bytes_h, params_h
 
 router = Router(tags=["models"])
-ERRORS = {
-    400: ErrorOut,
-    401: ErrorOut,
-    403: ErrorOut,
-    404: ErrorOut,
-    409: ErrorOut,
-    422: ErrorOut,
-    502: ErrorOut,
-}
 
 
 def model_json(m: Model) -> dict:

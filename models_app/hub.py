@@ -6,6 +6,7 @@ a loopback fake hub). Every Hub failure becomes a `HubError` with a message a re
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import re
@@ -284,6 +285,65 @@ class _ByteCounter:
                 self.on_bytes(done)
 
 
+ErrorMapper = Callable[[Exception, str, str, bool], HubError]
+
+
+def files_fetch(
+    repo_id: str,
+    files: list[RepoFile],
+    *,
+    revision: str,
+    token: str | None,
+    endpoint: str,
+    on_bytes: Callable[[int], None],
+    should_cancel: Callable[[], bool],
+    repo_type: str = "model",
+    cache_dir: Path | None = None,
+    local_dir: Path | None = None,
+    map_error: ErrorMapper | None = None,
+) -> list[Path]:
+    """Fetch `files` one by one (into the HF cache, or `local_dir`); return their local paths.
+
+    `on_bytes(total_done)` gets the running byte count over all files (monotonic);
+    `should_cancel()` is polled on every chunk and between files (raises DownloadCancelled).
+    Hub failures become HubError through `map_error`; a full disk says so.
+    """
+    map_error = map_error or _map_hub_error
+    done_before, paths = 0, []
+    for f in files:
+        if should_cancel():
+            raise DownloadCancelled()
+        counter = _ByteCounter(
+            lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)), should_cancel
+        )
+        try:
+            path = hf_hub_download(
+                repo_id,
+                f.name,
+                repo_type=repo_type,
+                revision=revision,
+                token=token or False,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+                local_dir=local_dir,
+                tqdm_class=counter.bar_class(),
+            )
+        except DownloadCancelled:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                raise HubError(
+                    "The disk filled up during the download.", code="disk_full"
+                ) from None
+            raise map_error(exc, repo_id, endpoint, bool(token)) from None
+        except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
+            raise map_error(exc, repo_id, endpoint, bool(token)) from None
+        done_before += f.size
+        on_bytes(done_before)
+        paths.append(Path(path))
+    return paths
+
+
 def files_download(
     preflight: Preflight,
     *,
@@ -293,42 +353,19 @@ def files_download(
     on_bytes: Callable[[int], None],
     should_cancel: Callable[[], bool],
 ) -> Path:
-    """Fetch the preflight's files one by one into the HF cache; return the snapshot folder.
-
-    `on_bytes(total_done)` is called with the running byte count over all files (monotonic);
-    `should_cancel()` is polled on every chunk and between files (raises DownloadCancelled).
-    """
-    done_before = 0
-    snapshot: Path | None = None
-    for f in sorted(preflight.files, key=lambda f: f.size):
-        if should_cancel():
-            raise DownloadCancelled()
-        counter = _ByteCounter(
-            lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)), should_cancel
-        )
-        try:
-            path = hf_hub_download(
-                preflight.repo_id,
-                f.name,
-                revision=preflight.commit_sha,
-                token=token or False,
-                endpoint=endpoint,
-                cache_dir=cache_dir,
-                tqdm_class=counter.bar_class(),
-            )
-        except DownloadCancelled:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, OSError) and exc.errno == 28:
-                raise HubError(
-                    "The disk filled up during the download.", code="disk_full"
-                ) from None
-            raise _map_hub_error(exc, preflight.repo_id, endpoint, bool(token)) from None
-        done_before += f.size
-        on_bytes(done_before)
-        snapshot = Path(path).parent
-    assert snapshot is not None
-    return snapshot
+    """Fetch a model's preflight files into the HF cache, smallest first; return the snapshot
+    folder (see files_fetch for progress and cancel)."""
+    paths = files_fetch(
+        preflight.repo_id,
+        sorted(preflight.files, key=lambda f: f.size),
+        revision=preflight.commit_sha,
+        token=token,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+        on_bytes=on_bytes,
+        should_cancel=should_cancel,
+    )
+    return paths[-1].parent
 
 
 def repo_cache_dir(cache_dir: Path, repo_id: str) -> Path:

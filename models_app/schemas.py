@@ -95,11 +95,6 @@ class ArchitectureOut(Schema):
     config: dict
 
 
-class ErrorOut(Schema):
-    detail: str
-    code: str = "invalid"
-
-
 def _unique_sorted(values: list) -> list:
     return sorted(set(values))
 

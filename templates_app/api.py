@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.http import HttpRequest
 from ninja import Query, Router
 
-from models_app.schemas import ErrorOut
+from mistudio.apischema import ERRORS
 
 from . import selectors, services
 from .schemas import (
@@ -21,15 +21,6 @@ from .schemas import (
 )
 
 router = Router(tags=["templates"])
-ERRORS = {
-    400: ErrorOut,
-    401: ErrorOut,
-    403: ErrorOut,
-    404: ErrorOut,
-    409: ErrorOut,
-    413: ErrorOut,
-    422: ErrorOut,
-}
 OFFSET_MAX = 2**31 - 1  # beyond a 32-bit OFFSET some databases fail instead of returning nothing
 
 

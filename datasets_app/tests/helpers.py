@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +12,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from datasets_app import services, tasks
 from datasets_app.models import Dataset
+from mistudio.testing.waiting import in_thread, wait_for  # noqa: F401 - re-exported
 
 BIG_ROWS = 40_000  # ~2.4 MB of JSON Lines: long enough to watch progress at a throttled rate
 
@@ -72,23 +70,6 @@ def hub_import(repo_id: str, **kwargs) -> Dataset:
     row = services.dataset_import(hf_dataset_id=repo_id, **kwargs)
     tasks.dataset_import_task(row.pk)
     return Dataset.objects.get(pk=row.pk)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.01):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def in_thread(fn: Callable, *args) -> threading.Thread:
-    thread = threading.Thread(target=fn, args=args, daemon=True)
-    thread.start()
-    return thread
 
 
 def files_under(root: Path) -> list[str]:

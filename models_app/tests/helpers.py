@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-
+from mistudio.testing.waiting import in_thread, wait_for  # noqa: F401 - re-exported
 from models_app import services, tasks
 from models_app.models import Model
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.01):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def download(repo_id: str, quantization: str = "FP16", token: str | None = None) -> Model:
@@ -27,12 +13,6 @@ def download(repo_id: str, quantization: str = "FP16", token: str | None = None)
     tasks.model_download_task(row.pk)
     tasks.model_load_check_task(row.pk)
     return Model.objects.get(pk=row.pk)
-
-
-def in_thread(fn: Callable, *args) -> threading.Thread:
-    thread = threading.Thread(target=fn, args=args, daemon=True)
-    thread.start()
-    return thread
 
 
 def cache_files(settings) -> list[str]:
