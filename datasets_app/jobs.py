@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from mistudio.errors import is_disk_full
 from mistudio.secretbox import unseal
 from models_app.hub import HubError
 from models_app.progress import ByteProgress, heartbeat
@@ -29,6 +30,10 @@ from .services import credential_drop, dataset_dir, files_remove
 log = logging.getLogger(__name__)
 
 DOWNLOAD_SHARE = 60.0
+DISK_FULL = (
+    "The disk filled up while writing the dataset to {path}. Partial files were removed; free"
+    " some space, then delete this entry and import it again."
+)
 UNEXPECTED = (
     "The import stopped on an unexpected error ({name}); the worker log has the"
     " details. Delete this entry and try again."
@@ -116,6 +121,9 @@ def _run(dataset_id: str, work: Callable[[], Normalized]) -> None:
     except (HubError, FormatError) as exc:
         job_fail(dataset_id, exc.message)
     except Exception as exc:  # noqa: BLE001 - a bug must still end the job with a message
+        if is_disk_full(exc):
+            job_fail(dataset_id, DISK_FULL.format(path=settings.DATASETS_DIR))
+            return
         log.exception("dataset %s import crashed", dataset_id)
         job_fail(dataset_id, UNEXPECTED.format(name=type(exc).__name__))
     else:

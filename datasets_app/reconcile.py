@@ -18,7 +18,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from .jobs import job_fail
-from .models import Dataset, DatasetStatus
+from .models import Dataset, DatasetSource, DatasetStatus
+from .services import enqueue_job
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +67,16 @@ def datasets_reconcile(now: datetime | None = None) -> int:
             orphans,
         )
     return moved
+
+
+def datasets_requeue(waiting: set[str]) -> list[tuple[str, str]]:
+    """Queue again the queued imports whose task is not among the `waiting` broker ids (a dead
+    worker took it); return (task, id) of each. The job's exactly-once claim makes any duplicate
+    a no-op."""
+    queued = Dataset.objects.filter(status=DatasetStatus.QUEUED, cancel_requested=False)
+    lost = []
+    for pk, source in queued.exclude(pk__in=waiting).values_list("pk", "source"):
+        task = "dataset_import_task" if source == DatasetSource.HUB else "dataset_normalize_task"
+        enqueue_job(task, pk)
+        lost.append((task, pk))
+    return lost

@@ -20,7 +20,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from mistudio.errors import Conflict, Invalid, NotFound, ServiceError
+from mistudio.errors import Conflict, Invalid, NotFound, ServiceError, is_disk_full
 from mistudio.secretbox import seal
 from models_app.templatetags.mistudio_format import bytes_h
 
@@ -120,7 +120,7 @@ def _disk_check(needed: int) -> None:
         )
 
 
-def _enqueue(task: str, dataset_id: str) -> None:
+def enqueue_job(task: str, dataset_id: str) -> None:
     async_task(
         f"datasets_app.tasks.{task}",
         dataset_id,
@@ -137,7 +137,7 @@ def _row_create(*, task: str | None = None, token: str | None = None, **fields) 
             if token:
                 DatasetCredential.objects.create(dataset=row, ciphertext=seal(token))
             if task:
-                transaction.on_commit(lambda: _enqueue(task, row.pk))
+                transaction.on_commit(lambda: enqueue_job(task, row.pk))
     except IntegrityError:
         raise Conflict(
             f"A dataset named '{fields['name']}' already exists.", code="duplicate"
@@ -186,6 +186,15 @@ def dataset_upload(
     except FormatError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise Invalid(exc.message, code="bad_file") from None
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        if not is_disk_full(exc):
+            raise
+        raise Invalid(
+            f"The disk filled up while storing the dataset in {folder.parent}; nothing was kept."
+            " Free some space and upload it again.",
+            code="disk_full",
+        ) from None
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ServiceError(Exception):
     status = 400
@@ -28,3 +30,16 @@ class NotFound(ServiceError):
 class Conflict(ServiceError):
     status = 409
     code = "conflict"
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write that failed because the disk (or a file-size or quota limit) is full,
+    whether raised by Python (OSError) or by a native writer that only says so in its message
+    (safetensors: "No space left on device (os error 28)")."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "File too large" in text

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
@@ -72,8 +73,12 @@ class ByteProgress:
 
 
 @contextmanager
-def heartbeat(model_cls, pk: str, *, every: float = 10.0):
-    """Keep `heartbeat_at` fresh from a thread during long steps that report no progress."""
+def heartbeat(model_cls, pk: str, *, every: float | None = None):
+    """Keep `heartbeat_at` fresh from a thread during long steps that report no progress.
+
+    Beats every `every` seconds (default: a quarter of STALE_HEARTBEAT_SECONDS, so a live job is
+    never taken for a dead one by the reconciler)."""
+    every = every or settings.STALE_HEARTBEAT_SECONDS / 4
     stop = threading.Event()
 
     def beat() -> None:

@@ -1,22 +1,26 @@
 """The reconciler: no row stays "downloading" forever after a worker dies.
 
-Runs when a worker process starts and every minute from the django-q2 scheduler. A claimed job
-whose heartbeat is older than STALE_HEARTBEAT_SECONDS is ended with a readable message and its
-partial files removed.
+Runs when a worker process starts, once more when the heartbeats from before that start have gone
+stale, and every minute from the django-q2 scheduler. A claimed job whose heartbeat is older than
+STALE_HEARTBEAT_SECONDS is ended with a readable message and its partial files removed. At a
+worker's start, queued jobs whose task is no longer waiting in the broker (taken by a worker that
+died with it) are queued again; the jobs' exactly-once claim makes any duplicate a no-op.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import connections
 from django.db.models import Q
 from django.utils import timezone
 
 from . import hub
 from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
-from .services import WAITING_GPU, job_fail
+from .services import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +80,107 @@ def reconcile_all() -> int:
     return jobs_reconcile() + (datasets_reconcile() or 0)
 
 
+SCHEDULE_NAME = "mistudio-reconcile"
+
+
 def schedule_ensure() -> None:
-    """Register the periodic reconciler with django-q2's scheduler (idempotent)."""
+    """Register the periodic reconciler with django-q2's scheduler (idempotent). Schedule names
+    are not unique: workers starting together may both insert one; the extra ones are removed
+    here rather than made an error (get() would raise for every later worker)."""
     from django_q.models import Schedule
 
-    Schedule.objects.update_or_create(
-        name="mistudio-reconcile",
-        defaults={
-            "func": "models_app.tasks.reconcile_task",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-            "repeats": -1,
-            "cluster": settings.DOWNLOAD_CLUSTER,
-        },
+    fields = {
+        "func": "models_app.tasks.reconcile_task",
+        "schedule_type": Schedule.MINUTES,
+        "minutes": 1,
+        "repeats": -1,
+        "cluster": settings.DOWNLOAD_CLUSTER,
+    }
+    pks = list(
+        Schedule.objects.filter(name=SCHEDULE_NAME).order_by("pk").values_list("pk", flat=True)
     )
+    if not pks:
+        Schedule.objects.create(name=SCHEDULE_NAME, **fields)
+        return
+    Schedule.objects.filter(pk__in=pks[1:]).delete()
+    Schedule.objects.filter(pk=pks[0]).update(**fields)
+
+
+def broker_waiting_ids(cluster: str) -> set[str]:
+    """The ids carried by tasks still waiting in `cluster`'s broker queue (not yet taken by a
+    worker). Tasks a worker took are not listed: if that worker died, they are lost (Redis) or
+    locked for `retry` seconds (ORM)."""
+    from django_q.brokers import get_broker
+    from django_q.models import OrmQ
+    from django_q.signing import SignedPackage
+
+    broker = get_broker(cluster)
+    if settings.REDIS_URL:
+        payloads = broker.connection.lrange(broker.list_key, 0, -1)
+    else:
+        waiting = OrmQ.objects.filter(key=broker.list_key, lock__lte=timezone.now())
+        payloads = waiting.values_list("payload", flat=True)
+    ids: set[str] = set()
+    for payload in payloads:
+        try:
+            ids.update(str(arg) for arg in SignedPackage.loads(payload).get("args") or ())
+        except Exception:  # noqa: BLE001 - a payload signed with another key is not ours
+            continue
+    return ids
+
+
+def _queued_jobs(cluster: str) -> list[tuple[str, str]]:
+    """(task function, id) of every job of `cluster` that waits for a worker."""
+    if cluster == settings.GPU_CLUSTER:
+        extractions = ExtractionJob.objects.filter(
+            status=ExtractionStatus.QUEUED, cancel_requested=False
+        )
+        checks = Model.objects.filter(
+            status=ModelStatus.QUANTIZING, phase=WAITING_GPU, cancel_requested=False
+        )
+        return [("extraction_run_task", pk) for pk in extractions.values_list("pk", flat=True)] + [
+            ("model_load_check_task", pk) for pk in checks.values_list("pk", flat=True)
+        ]
+    if cluster == settings.DOWNLOAD_CLUSTER:
+        downloads = Model.objects.filter(status=ModelStatus.QUEUED, cancel_requested=False)
+        return [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)]
+    return []
+
+
+def jobs_requeue(cluster: str) -> int:
+    """Queue again the queued jobs of `cluster` whose task is not waiting in the broker; return
+    how many. Run at worker start, when a dead worker may have taken tasks with it."""
+    from datasets_app.reconcile import datasets_requeue
+
+    waiting = broker_waiting_ids(cluster)
+    lost = [(func, pk) for func, pk in _queued_jobs(cluster) if pk not in waiting]
+    for func, pk in lost:
+        if func == "model_download_task":
+            enqueue_download(pk)
+        else:
+            enqueue_gpu(func, pk)
+    if cluster == settings.DOWNLOAD_CLUSTER:
+        lost += datasets_requeue(waiting)
+    if lost:
+        log.warning("queued %d job(s) again whose task was lost with a worker", len(lost))
+    return len(lost)
+
+
+def _reconcile_later() -> None:
+    try:
+        reconcile_all()
+    except Exception:  # noqa: BLE001 - the periodic schedule tries again
+        log.warning("reconciler failed", exc_info=True)
+    finally:
+        connections.close_all()  # this thread's connections
+
+
+def worker_start(cluster: str) -> None:
+    """A worker of `cluster` started, maybe in place of one that died: end stale jobs, queue lost
+    ones again, and look again once every heartbeat from before this start has gone stale (so a
+    restart ends the dead worker's jobs within STALE_HEARTBEAT_SECONDS, not at the next minute)."""
+    reconcile_all()
+    jobs_requeue(cluster)
+    later = threading.Timer(settings.STALE_HEARTBEAT_SECONDS + 1, _reconcile_later)
+    later.daemon = True
+    later.start()

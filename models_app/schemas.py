@@ -99,6 +99,12 @@ def _unique_sorted(values: list) -> list:
     return sorted(set(values))
 
 
+def _printable_id(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("An id is printable text, without control characters.")
+    return value
+
+
 LayerIndex = Annotated[int, Field(ge=0, le=limits.LAYER_INDEX_MAX)]
 HookType = Literal["residual", "mlp", "attention"]
 
@@ -107,7 +113,7 @@ class ExtractionIn(Schema):
     """An extraction request (modal, API, CLI). Model-specific bounds (layer count, context
     length) are checked by the service against the real model."""
 
-    dataset_id: str = Field(min_length=1, max_length=64)
+    dataset_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable_id)]
     layers: Annotated[
         list[LayerIndex],
         Field(min_length=1, max_length=limits.LAYERS_PER_JOB_MAX),

@@ -1,4 +1,4 @@
-"""Worker start-up: reconcile stale jobs, and a fresh GPU worker holds no model."""
+"""Worker start-up: end stale jobs, requeue lost ones; a fresh GPU worker holds no model."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ def worker_started(sender, proc_name: str, **kwargs) -> None:
 
     from . import reconcile, resident
 
-    reconcile.reconcile_all()
-    if Conf.CLUSTER_NAME == settings.DOWNLOAD_CLUSTER:
-        reconcile.schedule_ensure()
-    if Conf.CLUSTER_NAME == settings.GPU_CLUSTER:
-        resident.cache_reset()
+    try:
+        if Conf.CLUSTER_NAME == settings.GPU_CLUSTER:
+            resident.cache_reset()
+        reconcile.worker_start(Conf.CLUSTER_NAME)
+        if Conf.CLUSTER_NAME == settings.DOWNLOAD_CLUSTER:
+            reconcile.schedule_ensure()
+    except Exception:  # noqa: BLE001 - an exception here would kill every new worker, forever
+        log.exception("start-up reconciliation failed; the periodic reconciler will retry")

@@ -4,8 +4,10 @@
           into a staging slot ─ writer thread ─> one shard buffer per hook ─> shards/…/k.safetensors
                                                                           └─> manifest.json (last)
 
-Progress is reported in tokens through `on_progress(done, total)`; cancellation is polled between
-batches through `should_cancel()`. Nothing here knows about Django.
+With attention/MLP sites, the self-check (resid_post − resid_pre ≈ attn_out + mlp_out) rides on the
+first batch's forward and is scored before anything reaches the writer. Progress is reported in
+tokens through `on_progress(done, total)`; cancellation is polled between batches through
+`should_cancel()`. Nothing here knows about Django.
 """
 
 from __future__ import annotations
@@ -167,6 +169,18 @@ class _SumCheck:
             self.errors[site.layer] = float(residue.norm() / delta.norm().clamp_min(1e-30))
             del self.pending[site.layer]
 
+    def result(self, model: nn.Module) -> dict:
+        """The self_check dict (see `self_check`) of what this sink has seen."""
+        errors = self.errors
+        tol = SUM_CHECK_TOLERANCE.get(_compute_dtype(model), SUM_CHECK_TOLERANCE_HALF)
+        return {
+            "passed": not self.nonfinite and all(e <= tol for e in errors.values()),
+            "nonfinite": self.nonfinite,
+            "tolerance": tol,
+            "max_rel_error": {str(k): v for k, v in errors.items()},
+            "worst_layer": max(errors, key=lambda k: (math.isnan(errors[k]), errors[k])),
+        }
+
 
 def self_check(model: nn.Module, batch: torch.Tensor, layers: Iterable[int]) -> dict:
     """Check, per layer, that the branch module outputs add up to the block's residual update.
@@ -181,15 +195,7 @@ def self_check(model: nn.Module, batch: torch.Tensor, layers: Iterable[int]) -> 
     model.eval()
     with capture(model, sites, check) as cap:
         cap.forward(batch)
-    errors = check.errors
-    tol = SUM_CHECK_TOLERANCE.get(_compute_dtype(model), SUM_CHECK_TOLERANCE_HALF)
-    return {
-        "passed": not check.nonfinite and all(e <= tol for e in errors.values()),
-        "nonfinite": check.nonfinite,
-        "tolerance": tol,
-        "max_rel_error": {str(k): v for k, v in errors.items()},
-        "worst_layer": max(errors, key=lambda k: (math.isnan(errors[k]), errors[k])),
-    }
+    return check.result(model)
 
 
 def refuse_branch_sites(check: dict, model: nn.Module) -> None:
@@ -228,10 +234,22 @@ class _Plan:
 
 
 class _Run:
-    """State of one extraction: staging pool, writer thread, statistics, the hook sink."""
+    """State of one extraction: staging pool, writer thread, statistics, the hook sink.
 
-    def __init__(self, plan: _Plan, out_dir: Path):
+    With `check_layers`, the self-check rides on the first batch: its forward also feeds the
+    first SELF_CHECK_SEQUENCES sequences of every site of those layers to a _SumCheck, which is
+    scored before that batch reaches the writer, so a refused extraction writes nothing and no
+    forward pass is spent on the check alone.
+    """
+
+    def __init__(self, plan: _Plan, out_dir: Path, model: nn.Module, check_layers=None):
         self.plan = plan
+        self.model = model
+        self.planned = {s.name for s in plan.sites}
+        self.check_sites = resolve_sites(model, check_layers, HOOK_TYPES) if check_layers else []
+        self.check_names = {s.name for s in self.check_sites}
+        self.check: _SumCheck | None = None  # the sum check of the batch in flight, if any
+        self.check_result: dict | None = None
         self.cuda = plan.device.type == "cuda"
         self.stats = {s.name: SiteStats() for s in plan.sites}
         shape = (plan.batch_size, plan.context_size, plan.d)  # (B, T, d)
@@ -251,8 +269,19 @@ class _Run:
         self.expected: tuple[int, int, int] = (0, 0, 0)  # (b, T, d) of the batch in flight
         self.fired: dict[str, torch.Tensor] = {}
 
+    @property
+    def capture_sites(self) -> list[Site]:
+        """The planned sites, then the self-check's other sites (each site once)."""
+        return self.plan.sites + [s for s in self.check_sites if s.name not in self.planned]
+
     def sink(self, site: Site, t: torch.Tensor) -> None:
-        """Hook sink: one copy into the staging slot, nothing else."""
+        """Hook sink: one copy into the staging slot (and the sum check on the first batch)."""
+        if self.check is not None and site.name in self.check_names:
+            self.check(site, t[:SELF_CHECK_SEQUENCES])
+        if site.name in self.planned:
+            self._stage(site, t)
+
+    def _stage(self, site: Site, t: torch.Tensor) -> None:
         if tuple(t.shape) != self.expected:
             raise ExtractionError(f"{site.name}: got shape {tuple(t.shape)}, want {self.expected}")
         # Asynchronous only from the main device, whose stream the slot's event covers.
@@ -264,8 +293,10 @@ class _Run:
         """Forward one batch (b, T) and hand its staged activations to the writer."""
         slot = self.slot = self.pool.acquire()
         self.expected = (ids.shape[0], self.plan.context_size, self.plan.d)  # (b, T, d)
+        self.check = _SumCheck() if self._check_pending else None  # fresh after an OOM retry
         try:
             cap.forward(ids.to(self.plan.device, non_blocking=True))
+            self._score_check()
             self._after_forward(slot, ids)
             self.writer.submit(slot)
         except BaseException:
@@ -273,6 +304,17 @@ class _Run:
             raise
         finally:
             self.fired.clear()
+
+    @property
+    def _check_pending(self) -> bool:
+        return bool(self.check_sites) and self.check_result is None
+
+    def _score_check(self) -> None:
+        """Score the sum check of the batch just forwarded; refuse branch sites if it failed."""
+        if self.check is None:
+            return
+        self.check_result, self.check = self.check.result(self.model), None
+        refuse_branch_sites(self.check_result, self.model)
 
     def _after_forward(self, slot: Slot, ids: torch.Tensor) -> None:
         missing = [s.name for s in self.plan.sites if s.name not in self.fired]
@@ -300,6 +342,11 @@ class _Run:
     def _shrink(self, failed: int) -> None:
         if self.cuda:
             torch.cuda.empty_cache()
+        if failed <= 1 and self._check_pending:
+            raise ExtractionError(
+                f"out of GPU memory during the self-check on {SELF_CHECK_SEQUENCES} sequences of "
+                f"{self.plan.context_size} tokens: use a shorter context or a smaller quantization"
+            ) from None
         if failed <= 1:
             raise ExtractionError(
                 f"out of GPU memory even at batch size 1 with context_size "
@@ -328,7 +375,7 @@ def _loop(
 ) -> int:
     """Run every batch; returns the number of tokens processed."""
     done = 0
-    with capture(model, run.plan.sites, run.sink) as cap:
+    with capture(model, run.capture_sites, run.sink) as cap:
         for batch in batches:  # (B, T)
             if should_cancel():
                 raise ExtractionCancelled("extraction cancelled")
@@ -396,13 +443,13 @@ def run_extraction(
 
 
 def _extract(model, tokenizer, texts, spec, plan, out_dir, meta, report, should_cancel) -> dict:
-    """The body of run_extraction: first batch, self-check, batch loop, shards, manifest."""
+    """The body of run_extraction: batch loop (self-check on the first), shards, manifest."""
     batches = _batches(tokenizer, texts, spec, plan)
     first = next(batches, None)
     if first is None:
         raise ExtractionError(f"the dataset has fewer than {spec.context_size} tokens")
-    check = _check_branches(model, spec, first.to(plan.device))
-    run = _Run(plan, out_dir)
+    branches = BRANCH_HOOK_TYPES & set(spec.canonical_hook_types())
+    run = _Run(plan, out_dir, model, check_layers=spec.layers if branches else None)
     try:
         total = token_budget(spec.max_samples, spec.context_size)
         report(0, total)
@@ -411,7 +458,9 @@ def _extract(model, tokenizer, texts, spec, plan, out_dir, meta, report, should_
     except BaseException:
         run.abort()
         raise
-    manifest = build_manifest(model, tokenizer, spec, plan, records, run.stats, check, meta, done)
+    manifest = build_manifest(
+        model, tokenizer, spec, plan, records, run.stats, run.check_result, meta, done
+    )
     write_manifest(out_dir, manifest)
     return manifest
 
@@ -431,20 +480,6 @@ def _ignore_progress(done: int, total: int) -> None:
 
 def _never() -> bool:
     return False
-
-
-def _check_branches(model, spec: ExtractionSpec, first: torch.Tensor) -> dict | None:
-    if not BRANCH_HOOK_TYPES & set(spec.canonical_hook_types()):
-        return None
-    try:
-        check = self_check(model, first[:SELF_CHECK_SEQUENCES], spec.layers)
-    except torch.OutOfMemoryError:
-        raise ExtractionError(
-            f"out of GPU memory during the self-check on {SELF_CHECK_SEQUENCES} sequences of "
-            f"{spec.context_size} tokens: use a shorter context or a smaller quantization"
-        ) from None
-    refuse_branch_sites(check, model)
-    return check
 
 
 # ---------------------------------------------------------------------------------------------

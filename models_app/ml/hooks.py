@@ -151,7 +151,9 @@ class Capture:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: optimum-quanto's packed int2 weights fail inside
+    # inference_mode ("Cannot set version_counter for inference tensor").
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> None:
         """Run `model` on input_ids (B, T) up to the deepest hooked block; nothing is returned."""
         with suppress(_StopForward):

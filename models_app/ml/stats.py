@@ -57,9 +57,11 @@ class SiteStats:
             "norm_hist": torch.zeros(n_norm_bins, **i64),
             "hist": torch.zeros(self.value_bins + 2, **i64),  # [underflow, bins…, overflow]
         }
-        finite = x[torch.isfinite(x)]
-        # The only synchronisation: the value bins adapt once, to the first batch.
-        lo, hi = (finite.min().item(), finite.max().item()) if finite.numel() else (-1.0, 1.0)
+        # The only synchronisation: the value bins adapt once, to the first batch's finite range.
+        lo, hi = (v.item() for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: mask out the inf/NaN (a copy)
+            finite = x[torch.isfinite(x)]
+            lo, hi = (finite.min().item(), finite.max().item()) if finite.numel() else (-1.0, 1.0)
         span = hi - lo if hi > lo else 1.0
         self._range = (lo - HIST_MARGIN * span, hi + HIST_MARGIN * span)
 

@@ -11,7 +11,8 @@ the shard directories were fsynced; a reader trusts only the shards the manifest
 
 Memory: the main thread copies hooked tensors into a small pool of batch-sized staging slots
 (pinned host memory with non_blocking copies on CUDA); a writer thread moves each slot into one
-shard buffer per hook and writes the shard when it is full. Host memory is therefore
+shard buffer per hook and writes shard k of every hook when they are full (the hooks' files side
+by side, IO_THREADS at a time). Host memory is therefore
 pool slots × batch + one shard per hook, whatever the dataset size. The writer thread runs no
 torch kernels (numpy copies, hashing and file I/O only), so it never competes with the forward's
 OpenMP threads.
@@ -26,6 +27,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,10 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _TMP_PREFIX = ".tmp-"
+# Threads writing the shards of one flush (one file per hook) at once. Hashing and fsync release
+# the GIL, so the hooks' files are written side by side: measured on 2 cores, 9 shards of 12 MiB
+# took 108 ms instead of 157 ms; on a GPU host the writer keeps up with a faster forward.
+IO_THREADS = 4
 
 
 class StorageError(RuntimeError):
@@ -274,6 +280,10 @@ class ShardWriter:
             self._thread.join()
 
     def _run(self) -> None:
+        with ThreadPoolExecutor(min(len(self.hooks), IO_THREADS), "shard-io") as self._io:
+            self._drain()
+
+    def _drain(self) -> None:
         while (slot := self._queue.get()) is not None:
             try:
                 if self.error is None and not self._aborted:
@@ -310,10 +320,17 @@ class ShardWriter:
                 raise NonFiniteError(name, stats.nonfinite)
 
     def _flush(self) -> None:
+        """Write shard k of every hook, the hooks in parallel (see IO_THREADS)."""
         n = self.filled
-        for name, buf in self.hooks.items():
+
+        def write(item: tuple[str, HookBuffer]) -> dict:
+            name, buf = item
             relpath = shard_relpath(name, len(buf.records))
-            buf.records.append(write_shard(self.out_dir, relpath, buf.data[:n], self.tokens[:n]))
+            return write_shard(self.out_dir, relpath, buf.data[:n], self.tokens[:n])
+
+        items = list(self.hooks.items())
+        for (_, buf), record in zip(items, self._io.map(write, items), strict=True):
+            buf.records.append(record)
         self.filled = 0
 
 

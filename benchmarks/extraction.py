@@ -1,0 +1,515 @@
+"""Extraction benchmark: ours against the bare forward, TransformerLens, nnsight and the seed.
+
+    python -m benchmarks.extraction [--quick] [--device cpu|cuda] [--quantization FP16|…|all]
+                                    [--layers 3,6,9]
+
+Builds a GPT-2-small-shaped model (12 × 768, random weights, offline) and one fixed token stream,
+then times, in this one process and on the same tokens, each method end to end (capture + the
+same safetensors bytes on disk): tokens per second, the median of `repeats` rounds whose method
+order rotates. Peak RSS of our extraction for N and 10×N sequences comes from fresh subprocesses
+(`benchmarks.memory`). The last line printed is one JSON object; the lines before it are a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from models_app.ml.device import cpu_model_name
+from models_app.ml.extract import ExtractionSpec, run_extraction
+from models_app.ml.layers import find_blocks
+from models_app.ml.loading import QUANTIZATIONS, load_model
+
+from . import memory, peers
+from .workload import (
+    ALL_HOOKS,
+    RESIDUAL,
+    Workload,
+    build_model_dir,
+    load_tokenizer,
+    make_workload,
+    sites_for,
+)
+
+# Runs one workload end to end, writing under the given folder; returns the tokens processed.
+Method = Callable[[Workload, Path], int]
+WARM_UP_SEQUENCES = 2
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run. Sizes in sequences (N) of `context_size` tokens (T)."""
+
+    device: str = "cpu"
+    quantization: str = "FP16"  # or "all" (CUDA: every quantization; CPU: FP16 first)
+    layers: list[int] = field(default_factory=lambda: [3, 6, 9])
+    n_sequences: int = 16  # N, per timed run (short runs, many rounds: see time_methods)
+    context_size: int = 128  # T
+    batch_size: int = 8  # B
+    repeats: int = 9  # timed rounds; medians are reported
+    memory_sequences: int = 16  # N of the peak-RSS runs (and 10×N)
+    memory_seed_style: bool = True  # also measure the seed's approach's peak RSS, for contrast
+    peers: bool = True  # time TransformerLens / nnsight when importable
+    model_dir: Path | None = None  # a saved model to use instead of building GPT-2-small
+
+    def quantizations(self) -> list[str]:
+        """The quantizations to time; the first one also runs the peers, seed and memory."""
+        return list(QUANTIZATIONS) if self.quantization.lower() == "all" else [self.quantization]
+
+    @classmethod
+    def quick(cls, **kw) -> BenchConfig:
+        """Under two minutes on 2 CPU cores."""
+        return cls(n_sequences=8, repeats=3, memory_sequences=4, memory_seed_style=False, **kw)
+
+    def scale_for_cuda(self) -> BenchConfig:
+        """A GPU runs GPT-2-small ~1000× faster than 2 CPU cores: longer runs, bigger batches,
+        so that each timed run lasts long enough (N × 32, B = 32, T = 256)."""
+        self.n_sequences *= 32
+        self.memory_sequences *= 8
+        self.batch_size, self.context_size = 32, 256
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+class _Stop(Exception):  # noqa: N818 - control flow
+    pass
+
+
+def _raise_stop(module, inputs, output):
+    raise _Stop
+
+
+def bare_forward(model, deepest: int) -> Callable[[list[torch.Tensor], Path], int]:
+    """The limit: the HF forward up to block `deepest` (one hook stops it), nothing kept, under
+    `torch.no_grad()` like our capture."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run(batches: list[torch.Tensor], out_dir: Path) -> int:
+        handle = find_blocks(model)[1][deepest].register_forward_hook(_raise_stop)
+        try:
+            for ids in batches:  # (B, T)
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids.to(device), use_cache=False)
+        finally:
+            handle.remove()
+        return sum(b.numel() for b in batches)
+
+    return run
+
+
+def ours(model, tokenizer, layers: list[int], hook_types) -> Method:
+    """run_extraction from the texts (tokenization included) to shards + manifest on disk."""
+
+    def run(work: Workload, out_dir: Path) -> int:
+        spec = ExtractionSpec(
+            layers=list(layers),
+            hook_types=list(hook_types),
+            context_size=work.tokens.shape[1],
+            batch_size=work.batch_size,
+            max_samples=work.tokens.shape[0],
+        )
+        manifest = run_extraction(model, tokenizer, work.texts, spec, out_dir, meta={})
+        return manifest["n_tokens"]
+
+    return run
+
+
+def _on_batches(runner) -> Method:
+    return lambda work, out_dir: runner(work.batches(), out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(method: Method, work: Workload, scratch: Path, device) -> dict:
+    """Run once into a fresh folder: {"s": wall seconds, "cpu_s": CPU seconds of this process
+    (all its threads), "tokens", "gpu_mb": peak GPU MiB or 0}."""
+    out_dir = scratch / "out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    tokens = method(work, out_dir)
+    _sync(device)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"s": seconds, "cpu_s": cpu, "tokens": tokens, "gpu_mb": gpu}
+
+
+def warm_up(methods: dict[str, Method], work: Workload, scratch, device, notes) -> dict:
+    """Run each method once on the first WARM_UP_SEQUENCES sequences, untimed, so one-off costs
+    (allocator, lazy inits) do not count; a method that fails is dropped with a note."""
+    head = work.head(WARM_UP_SEQUENCES)
+    kept = {}
+    for name, method in methods.items():
+        try:
+            time_once(method, head, scratch, device)
+            kept[name] = method
+        except Exception as exc:  # a peer that cannot run this model is reported, not fatal
+            notes.append(f"{name} failed: {type(exc).__name__}: {exc}"[:400])
+    return kept
+
+
+def time_methods(methods: dict[str, Method], work: Workload, repeats: int, scratch, device):
+    """Tokens/s of each method over `repeats` rounds, rotating the order every round.
+
+    Ratios are taken within a round (see paired_ratios): load from other processes that lasts
+    longer than a round then hits both sides alike, so many short rounds beat a few long ones.
+
+    Returns {name: {"tok_s": median, "runs_tok_s": [one per round], "runs_cpu_tok_s": [tokens
+    per CPU second of this process, one per round], "gpu_peak_mb": max}}. Wall time is what
+    the targets are about; CPU time shows the work a method does whatever else loads the machine.
+    """
+    names = list(methods)
+    out = {n: {"runs_tok_s": [], "runs_cpu_tok_s": [], "gpu_peak_mb": 0.0} for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            run, row = time_once(methods[name], work, scratch, device), out[name]
+            row["runs_tok_s"].append(run["tokens"] / run["s"])
+            row["runs_cpu_tok_s"].append(run["tokens"] / run["cpu_s"])
+            row["gpu_peak_mb"] = max(row["gpu_peak_mb"], run["gpu_mb"])
+    for row in out.values():
+        row["tok_s"] = statistics.median(row["runs_tok_s"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the methods
+
+
+def core_methods(model, tokenizer, cfg: BenchConfig) -> dict[str, Method]:
+    """Bare forward and ours (residual, all hooks) on one loaded model."""
+    return {
+        "bare_forward": _on_batches(bare_forward(model, max(cfg.layers))),
+        "ours": ours(model, tokenizer, cfg.layers, RESIDUAL),
+        "ours_all_hooks": ours(model, tokenizer, cfg.layers, ALL_HOOKS),
+    }
+
+
+def seed_methods(model, cfg: BenchConfig, dtype) -> dict[str, Method]:
+    """The seed's approach on the same model (hooks are added and removed on every run)."""
+    return {
+        "seed_style" + suffix: _on_batches(
+            peers.seed_style_runner(model, sites_for(model, cfg.layers, hooks), dtype)
+        )
+        for suffix, hooks in (("", RESIDUAL), ("_all_hooks", ALL_HOOKS))
+    }
+
+
+def peer_methods(model_dir: Path, cfg: BenchConfig, device, dtype, notes: list[str]) -> dict:
+    """TransformerLens and nnsight methods, each library on a freshly loaded model of its own."""
+    out: dict[str, Method] = {}
+    for lib, version in peers.available().items():
+        if not cfg.peers:
+            continue
+        if version is None:
+            notes.append(f"{lib} is not installed (pip install '.[bench]'): its keys are null")
+            continue
+        try:
+            out.update(peer(lib, model_dir, cfg, device, dtype))
+        except Exception as exc:  # a peer that cannot run here is reported, not fatal
+            notes.append(f"{lib} {version} could not run: {type(exc).__name__}: {exc}"[:400])
+    return out
+
+
+def peer(lib: str, model_dir: Path, cfg: BenchConfig, device, dtype) -> dict[str, Method]:
+    """`<lib>` and `<lib>_all_hooks` methods of one peer library."""
+    model, _ = load_model(model_dir, cfg.quantizations()[0], device)
+    if lib == "transformer_lens":
+        tl_model = peers.wrap_transformer_lens(model, model_dir)
+        make = lambda sites: peers.transformer_lens_runner(tl_model, sites, dtype, device)  # noqa: E731
+    else:
+        wrapped = peers.wrap_nnsight(model)
+        make = lambda sites: peers.nnsight_runner(wrapped, sites, dtype, device)  # noqa: E731
+    return {
+        lib + suffix: _on_batches(make(sites_for(model, cfg.layers, hooks)))
+        for suffix, hooks in (("", RESIDUAL), ("_all_hooks", ALL_HOOKS))
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+RATIOS = {  # key: (numerator, denominator) method names
+    "ours_vs_bare": ("ours", "bare_forward"),
+    "ours_all_hooks_vs_bare": ("ours_all_hooks", "bare_forward"),
+    "ours_vs_transformer_lens": ("ours", "transformer_lens"),
+    "ours_vs_nnsight": ("ours", "nnsight"),
+    "ours_vs_seed_style": ("ours", "seed_style"),
+    "ours_all_hooks_vs_transformer_lens": ("ours_all_hooks", "transformer_lens_all_hooks"),
+    "ours_all_hooks_vs_nnsight": ("ours_all_hooks", "nnsight_all_hooks"),
+    "ours_all_hooks_vs_seed_style": ("ours_all_hooks", "seed_style_all_hooks"),
+}
+METHODS = [
+    "bare_forward", "ours", "ours_all_hooks", "transformer_lens", "transformer_lens_all_hooks",
+    "nnsight", "nnsight_all_hooks", "seed_style", "seed_style_all_hooks",
+]  # fmt: skip
+
+
+def _paired(timings: dict, num: str, den: str, runs: str) -> float:
+    pairs = zip(timings[num][runs], timings[den][runs], strict=True)
+    return round(statistics.median(a / b for a, b in pairs), 3)
+
+
+def vs_bare(timings: dict, runs: str = "runs_tok_s") -> dict[str, float]:
+    """Each method's paired ratio to the bare forward (see paired_ratios)."""
+    return {m: _paired(timings, m, "bare_forward", runs) for m in METHODS if m in timings}
+
+
+def paired_ratios(timings: dict, runs: str = "runs_tok_s") -> dict[str, float | None]:
+    """Median over rounds of (numerator tok/s ÷ denominator tok/s) measured in the same round."""
+    out = {}
+    for key, (num, den) in RATIOS.items():
+        out[key] = _paired(timings, num, den, runs) if num in timings and den in timings else None
+    return out
+
+
+def time_quantization(q: str, work: Workload, cfg: BenchConfig, device, scratch, notes) -> dict:
+    """Load the model at `q` and time bare/ours (+ seed and peers for the first quantization)."""
+    model, report = load_model(work.model_dir, q, device)
+    tokenizer = load_tokenizer(work.model_dir)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # ExtractionSpec's default
+    methods = core_methods(model, tokenizer, cfg)
+    if q == cfg.quantizations()[0]:
+        methods |= seed_methods(model, cfg, dtype)
+        methods |= peer_methods(work.model_dir, cfg, device, dtype, notes)
+    methods = warm_up(methods, work, scratch, device, notes)
+    timings = time_methods(methods, work, cfg.repeats, scratch, device)
+    del methods, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next quantization starts from an empty GPU
+    return {"timings": timings, "load": asdict(report), "storage_dtype": str(dtype)[6:]}
+
+
+def measure_memory(work: Workload, cfg: BenchConfig) -> dict:
+    """Peak RSS (MiB) of our extraction for N and 10×N sequences.
+
+    Both runs use the same batch size and shards of N sequences, so the small run fills one
+    shard and the large one ten: what grows with the dataset, if anything, shows.
+    """
+    n = cfg.memory_sequences
+    opts = dict(
+        layers=cfg.layers, context_size=cfg.context_size, batch_size=min(cfg.batch_size, n),
+        shard_sequences=n, device=cfg.device, quantization=cfg.quantizations()[0],
+    )  # fmt: skip
+    out = _growth(memory.peak_rss(work.model_dir, n, **opts), 10 * n, work, opts)
+    if cfg.memory_seed_style:
+        seed = memory.peak_rss(work.model_dir, n, method="seed_style", **opts)
+        out["seed_style"] = _growth(seed, 10 * n, work, {**opts, "method": "seed_style"})
+    return out
+
+
+def _growth(small: dict, n_large: int, work: Workload, opts: dict) -> dict:
+    large = memory.peak_rss(work.model_dir, n_large, **opts)
+    growth = large["peak_rss_mb"] / small["peak_rss_mb"] - 1
+    return {"small": small, "large": large, "growth": round(growth, 4)}
+
+
+def run_benchmark(cfg: BenchConfig, *, memory_runs: bool = True) -> dict:
+    """Run everything `cfg` asks for; returns the JSON-ready result (see `summarize`)."""
+    device = torch.device(cfg.device)
+    notes: list[str] = []
+    phases = _Phases()
+    with tempfile.TemporaryDirectory(prefix="mistudio-bench-") as tmp:
+        scratch = Path(tmp)
+        model_dir = cfg.model_dir or build_model_dir(scratch / "gpt2-small")
+        work = make_workload(model_dir, cfg.n_sequences, cfg.context_size, cfg.batch_size)
+        phases.mark("setup")
+        by_q = {
+            q: time_quantization(q, work, cfg, device, scratch, notes) for q in cfg.quantizations()
+        }
+        phases.mark("timing")
+        mem = _memory_or_note(work, cfg, notes) if memory_runs else None
+        phases.mark("memory")
+    return summarize(cfg, by_q, mem, notes) | {"phases_s": phases.seconds}
+
+
+def _memory_or_note(work: Workload, cfg: BenchConfig, notes: list[str]) -> dict | None:
+    try:
+        return measure_memory(work, cfg)
+    except RuntimeError as exc:  # keep the timings already measured
+        notes.append(f"peak RSS not measured: {exc}"[:400])
+        return None
+
+
+class _Phases:
+    """Wall seconds of each phase of the run, for the record."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "cpu": cpu_model_name() or platform.processor(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        **peers.available(),
+        "transformer_lens_api": peers.transformer_lens_api(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _tok_s(timings: dict, name: str) -> float | None:
+    return round(timings[name]["tok_s"], 1) if name in timings else None
+
+
+def summarize(cfg: BenchConfig, by_q: dict, mem: dict | None, notes: list[str]) -> dict:
+    """The JSON result: `<method>_tok_s` of the first quantization, paired ratios, peak RSS."""
+    first = cfg.quantizations()[0]
+    timings = by_q[first]["timings"]
+    device = torch.device(cfg.device)
+    result = {f"{m}_tok_s": _tok_s(timings, m) for m in METHODS}
+    result |= {
+        "ratios": paired_ratios(timings),
+        "cpu_time_ratios": paired_ratios(timings, "runs_cpu_tok_s"),
+        "vs_bare": vs_bare(timings),
+        "best_tok_s": {m: round(max(t["runs_tok_s"]), 1) for m, t in timings.items()},
+        "runs_tok_s": {m: [round(v, 1) for v in t["runs_tok_s"]] for m, t in timings.items()},
+        "cpu_time_vs_bare": vs_bare(timings, "runs_cpu_tok_s"),
+        "peak_rss_mb_small": mem and mem["small"]["peak_rss_mb"],
+        "peak_rss_mb_large": mem and mem["large"]["peak_rss_mb"],
+        "peak_rss_growth": mem and mem["growth"],
+        "device": str(device),
+        "quantization": first,
+        "backend": by_q[first]["load"]["backend"],
+        "compute_dtype": by_q[first]["load"]["compute_dtype"],
+        "weights_mb": round(by_q[first]["load"]["footprint_bytes"] / 2**20, 1),
+        "storage_dtype": by_q[first]["storage_dtype"],
+        "machine": machine(device),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "model_dir"},
+        "memory": mem,
+        "notes": notes,
+    }
+    if device.type == "cuda":
+        result["gpu_peak_mb"] = {m: round(t["gpu_peak_mb"], 1) for m, t in timings.items()}
+    if len(by_q) > 1:
+        result["by_quantization"] = {q: _quantization_row(r) for q, r in by_q.items()}
+    return result
+
+
+def _quantization_row(r: dict) -> dict:
+    t = r["timings"]
+    row = {f"{m}_tok_s": _tok_s(t, m) for m in ("bare_forward", "ours", "ours_all_hooks")}
+    row["ours_vs_bare"] = paired_ratios(t)["ours_vs_bare"]
+    row["weights_mb"] = round(r["load"]["footprint_bytes"] / 2**20, 1)
+    row["backend"] = r["load"]["backend"]
+    row["gpu_peak_mb"] = {m: round(x["gpu_peak_mb"], 1) for m, x in t.items()} or None
+    return row
+
+
+def table(result: dict) -> str:
+    """A human-readable table: median and best tokens/s, paired ratios to the bare forward."""
+    head = f"{'method':<28}{'tok/s':>9}{'best':>9}{'× bare':>9}{'CPU-time × bare':>17}"
+    lines = [head]
+    for m, ratio in result["vs_bare"].items():
+        tok_s, best = result[f"{m}_tok_s"], result["best_tok_s"][m]
+        cpu = result["cpu_time_vs_bare"][m]
+        lines.append(f"{m:<28}{tok_s:>9.1f}{best:>9.1f}{ratio:>9.3f}{cpu:>17.3f}")
+    lines += [f"{k:<40}{v}" for k, v in result["ratios"].items() if v is not None]
+    if result["peak_rss_mb_small"] is not None:
+        lines.append(
+            f"peak RSS MiB: {result['peak_rss_mb_small']} (N) → {result['peak_rss_mb_large']} "
+            f"(10×N), growth {result['peak_rss_growth']:.1%}"
+        )
+    seed = (result["memory"] or {}).get("seed_style")
+    if seed:
+        lines.append(
+            f"peak RSS MiB, seed's approach: {seed['small']['peak_rss_mb']} → "
+            f"{seed['large']['peak_rss_mb']}, growth {seed['growth']:.1%}"
+        )
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.extraction", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
+    p.add_argument("--quantization", default="FP16", help="FP16, Q8, Q4, Q2 or all")
+    p.add_argument("--layers", default="3,6,9", help="block indices, comma separated")
+    p.add_argument("--sequences", type=int, help="N sequences per timed run")
+    p.add_argument("--repeats", type=int, help="timed rounds (the median is reported)")
+    p.add_argument("--no-peers", action="store_true", help="skip TransformerLens and nnsight")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    return p
+
+
+def config_from_args(args) -> BenchConfig:
+    """The BenchConfig of the command-line arguments (CUDA: scaled up, see scale_for_cuda)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    q = args.quantization if args.quantization.lower() == "all" else args.quantization.upper()
+    kw = dict(
+        device=device, quantization=q, layers=[int(x) for x in args.layers.split(",")],
+        peers=not args.no_peers,
+    )  # fmt: skip
+    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    if device == "cuda":
+        cfg.scale_for_cuda()
+    cfg.n_sequences = args.sequences or cfg.n_sequences
+    cfg.repeats = args.repeats or cfg.repeats
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    result = run_benchmark(config_from_args(args), memory_runs=not args.no_memory)
+    print(table(result))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
