@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from functools import lru_cache
 
 from django.db import models
+from django.urls import reverse
 from django.db.models import Q
 
 
@@ -30,6 +32,11 @@ class ModelStatus(models.TextChoices):
 
 ACTIVE_STATUSES = (ModelStatus.QUEUED, ModelStatus.DOWNLOADING, ModelStatus.QUANTIZING)
 FAILED_STATUSES = (ModelStatus.ERROR, ModelStatus.CANCELLED)
+
+
+@lru_cache(maxsize=1)
+def _models_root() -> str:
+    return reverse("models:page")
 
 
 class Model(models.Model):
@@ -107,6 +114,12 @@ class Model(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+    @property
+    def url_base(self) -> str:
+        """`/models/<id>/`: card actions append their name. One reverse() per process instead of
+        eight per card keeps a 500-model page fast."""
+        return f"{_models_root()}{self.pk}/"
 
     @property
     def is_ready(self) -> bool:

@@ -139,3 +139,11 @@ def test_cards_are_listed_newest_first(client):
     page = client.get(reverse("models:page")).content.decode()
     positions = [page.index(f"o/{name}") for name in names]
     assert positions == sorted(positions, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "name", ["architecture", "extractions", "extract", "unload", "load", "cancel", "delete"]
+)
+def test_card_action_urls_match_the_url_patterns(name):
+    row = Model(pk="m_abc", name="m", hf_repo_id="o/m", quantization="Q4")
+    assert row.url_base + name == reverse(f"models:{name}", args=[row.pk])
