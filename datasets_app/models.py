@@ -11,6 +11,8 @@ import uuid
 from django.db import models
 from django.db.models import Q
 
+from mistudio.jobs import ByteProgress, JobState
+
 
 def new_dataset_id() -> str:
     return f"d_{uuid.uuid4().hex}"
@@ -33,7 +35,7 @@ ACTIVE_STATUSES = (DatasetStatus.QUEUED, DatasetStatus.IMPORTING)
 FAILED_STATUSES = (DatasetStatus.ERROR, DatasetStatus.CANCELLED)
 
 
-class Dataset(models.Model):
+class Dataset(JobState, ByteProgress):
     """A text dataset registered from an uploaded file or a Hub dataset repo split."""
 
     id = models.CharField(primary_key=True, max_length=40, default=new_dataset_id, editable=False)
@@ -52,24 +54,11 @@ class Dataset(models.Model):
     status = models.CharField(
         max_length=16, choices=DatasetStatus.choices, default=DatasetStatus.QUEUED, db_index=True
     )
-    phase = models.CharField(max_length=200, blank=True)
-    progress = models.FloatField(default=0.0)
-    bytes_done = models.BigIntegerField(default=0)
-    bytes_total = models.BigIntegerField(default=0)
-    speed_bps = models.FloatField(default=0.0)
-    eta_seconds = models.FloatField(null=True, blank=True)
-    error_message = models.TextField(blank=True)
-    cancel_requested = models.BooleanField(default=False)
-    attempt = models.PositiveIntegerField(default=0)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     # The normalized file: rows kept (empty rows skipped), its size in bytes, the first texts.
     row_count = models.BigIntegerField(default=0)
     size_bytes = models.BigIntegerField(default=0)
     preview = models.JSONField(default=list, blank=True)
-
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True, db_index=True)
 
     class Meta:
         db_table = "datasets"

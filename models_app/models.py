@@ -6,8 +6,10 @@ import uuid
 from functools import lru_cache
 
 from django.db import models
-from django.urls import reverse
 from django.db.models import Q
+from django.urls import reverse
+
+from mistudio.jobs import ByteProgress, JobState
 
 
 def new_model_id() -> str:
@@ -39,7 +41,7 @@ def _models_root() -> str:
     return reverse("models:page")
 
 
-class Model(models.Model):
+class Model(JobState, ByteProgress):
     """A Hugging Face model downloaded at one quantization."""
 
     id = models.CharField(primary_key=True, max_length=40, default=new_model_id, editable=False)
@@ -52,16 +54,6 @@ class Model(models.Model):
     status = models.CharField(
         max_length=16, choices=ModelStatus.choices, default=ModelStatus.QUEUED, db_index=True
     )
-    phase = models.CharField(max_length=200, blank=True)
-    progress = models.FloatField(default=0.0)
-    bytes_done = models.BigIntegerField(default=0)
-    bytes_total = models.BigIntegerField(default=0)
-    speed_bps = models.FloatField(default=0.0)
-    eta_seconds = models.FloatField(null=True, blank=True)
-    error_message = models.TextField(blank=True)
-    cancel_requested = models.BooleanField(default=False)
-    attempt = models.PositiveIntegerField(default=0)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     # Files: the snapshot folder inside the HF cache and the list of files we fetched.
     local_path = models.CharField(max_length=1000, blank=True)
@@ -85,9 +77,6 @@ class Model(models.Model):
 
     is_loaded = models.BooleanField(default=False)
     loaded_device = models.CharField(max_length=32, blank=True)
-
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True, db_index=True)
 
     class Meta:
         db_table = "models"
@@ -158,7 +147,7 @@ class ExtractionStatus(models.TextChoices):
 EXTRACTION_ACTIVE = (ExtractionStatus.QUEUED, ExtractionStatus.RUNNING)
 
 
-class ExtractionJob(models.Model):
+class ExtractionJob(JobState):
     """One activation extraction: sites × dataset → shards + manifest under the data dir."""
 
     id = models.CharField(
@@ -180,24 +169,15 @@ class ExtractionJob(models.Model):
         default=ExtractionStatus.QUEUED,
         db_index=True,
     )
-    phase = models.CharField(max_length=200, blank=True)
-    progress = models.FloatField(default=0.0)
     tokens_done = models.BigIntegerField(default=0)
     tokens_total = models.BigIntegerField(default=0)
     tokens_per_second = models.FloatField(default=0.0)
-    eta_seconds = models.FloatField(null=True, blank=True)
-    error_message = models.TextField(blank=True)
-    cancel_requested = models.BooleanField(default=False)
-    attempt = models.PositiveIntegerField(default=0)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     output_path = models.CharField(max_length=1000, blank=True)
     bytes_written = models.BigIntegerField(default=0)
     manifest = models.JSONField(null=True, blank=True)
     statistics = models.JSONField(null=True, blank=True)
 
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
