@@ -41,6 +41,7 @@ from .workload import (
     RESIDUAL,
     Workload,
     build_model_dir,
+    gpt2_config,
     load_tokenizer,
     make_workload,
     sites_for,
@@ -66,6 +67,11 @@ class BenchConfig:
     memory_seed_style: bool = True  # also measure the seed's approach's peak RSS, for contrast
     peers: bool = True  # time TransformerLens / nnsight when importable
     model_dir: Path | None = None  # a saved model to use instead of building GPT-2-small
+    dtype: str | None = None  # compute dtype; None: the app's (float32 on CPU, float16 on CUDA)
+    shape: list[int] = field(default_factory=lambda: [12, 768])  # GPT-2 built: [layers, width]
+
+    def compute_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.dtype) if self.dtype else None
 
     def quantizations(self) -> list[str]:
         """The quantizations to time; the first one also runs the peers, seed and memory."""
@@ -242,7 +248,7 @@ def peer_methods(model_dir: Path, cfg: BenchConfig, device, dtype, notes: list[s
 
 def peer(lib: str, model_dir: Path, cfg: BenchConfig, device, dtype) -> dict[str, Method]:
     """`<lib>` and `<lib>_all_hooks` methods of one peer library."""
-    model, _ = load_model(model_dir, cfg.quantizations()[0], device)
+    model, _ = load_model(model_dir, cfg.quantizations()[0], device, dtype=cfg.compute_dtype())
     if lib == "transformer_lens":
         tl_model = peers.wrap_transformer_lens(model, model_dir)
         make = lambda sites: peers.transformer_lens_runner(tl_model, sites, dtype, device)  # noqa: E731
@@ -275,27 +281,27 @@ METHODS = [
 ]  # fmt: skip
 
 
-def _paired(timings: dict, num: str, den: str, runs: str) -> float:
+def paired(timings: dict, num: str, den: str, runs: str) -> float:
     pairs = zip(timings[num][runs], timings[den][runs], strict=True)
     return round(statistics.median(a / b for a, b in pairs), 3)
 
 
 def vs_bare(timings: dict, runs: str = "runs_tok_s") -> dict[str, float]:
     """Each method's paired ratio to the bare forward (see paired_ratios)."""
-    return {m: _paired(timings, m, "bare_forward", runs) for m in METHODS if m in timings}
+    return {m: paired(timings, m, "bare_forward", runs) for m in METHODS if m in timings}
 
 
 def paired_ratios(timings: dict, runs: str = "runs_tok_s") -> dict[str, float | None]:
     """Median over rounds of (numerator tok/s ÷ denominator tok/s) measured in the same round."""
     out = {}
     for key, (num, den) in RATIOS.items():
-        out[key] = _paired(timings, num, den, runs) if num in timings and den in timings else None
+        out[key] = paired(timings, num, den, runs) if num in timings and den in timings else None
     return out
 
 
 def time_quantization(q: str, work: Workload, cfg: BenchConfig, device, scratch, notes) -> dict:
     """Load the model at `q` and time bare/ours (+ seed and peers for the first quantization)."""
-    model, report = load_model(work.model_dir, q, device)
+    model, report = load_model(work.model_dir, q, device, dtype=cfg.compute_dtype())
     tokenizer = load_tokenizer(work.model_dir)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # ExtractionSpec's default
     methods = core_methods(model, tokenizer, cfg)
@@ -342,7 +348,7 @@ def run_benchmark(cfg: BenchConfig, *, memory_runs: bool = True) -> dict:
     phases = _Phases()
     with tempfile.TemporaryDirectory(prefix="mistudio-bench-") as tmp:
         scratch = Path(tmp)
-        model_dir = cfg.model_dir or build_model_dir(scratch / "gpt2-small")
+        model_dir = cfg.model_dir or build_model_dir(scratch / "gpt2", gpt2_config(cfg.shape))
         work = make_workload(model_dir, cfg.n_sequences, cfg.context_size, cfg.batch_size)
         phases.mark("setup")
         by_q = {
@@ -478,6 +484,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
     p.add_argument("--quantization", default="FP16", help="FP16, Q8, Q4, Q2 or all")
     p.add_argument("--layers", default="3,6,9", help="block indices, comma separated")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="compute dtype (default: the app's: float32 on CPU, float16 on CUDA)",
+    )
+    p.add_argument("--shape", default="12x768", help="LAYERSxWIDTH of the GPT-2 model built")
     p.add_argument("--sequences", type=int, help="N sequences per timed run")
     p.add_argument("--repeats", type=int, help="timed rounds (the median is reported)")
     p.add_argument("--no-peers", action="store_true", help="skip TransformerLens and nnsight")
@@ -491,7 +504,7 @@ def config_from_args(args) -> BenchConfig:
     q = args.quantization if args.quantization.lower() == "all" else args.quantization.upper()
     kw = dict(
         device=device, quantization=q, layers=[int(x) for x in args.layers.split(",")],
-        peers=not args.no_peers,
+        peers=not args.no_peers, dtype=args.dtype, shape=parse_shape(args.shape),
     )  # fmt: skip
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
     if device == "cuda":
@@ -499,6 +512,12 @@ def config_from_args(args) -> BenchConfig:
     cfg.n_sequences = args.sequences or cfg.n_sequences
     cfg.repeats = args.repeats or cfg.repeats
     return cfg
+
+
+def parse_shape(value: str) -> list[int]:
+    """'12x768' -> [12, 768]."""
+    layers, _, width = value.lower().partition("x")
+    return [int(layers), int(width)]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -141,7 +141,8 @@ def peak_rss(model_dir: Path, n_sequences: int, *, method: str = "ours", **opts)
             continue
         value = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
         cmd += ["--" + key.replace("_", "-"), str(value)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run failed: {done.stderr.strip()[-2000:]}")

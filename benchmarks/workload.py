@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -52,6 +52,12 @@ class Workload:
     def batches(self) -> list[torch.Tensor]:
         """The token stream as (B, T) batches."""
         return list(self.tokens.split(self.batch_size))
+
+
+def gpt2_config(shape: Sequence[int] = (12, 768)) -> GPT2Config:
+    """A GPT-2 config of `shape` = (layers, width), 64-wide heads (GPT-2-small: (12, 768))."""
+    layers, width = shape
+    return GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64))
 
 
 def build_model_dir(out_dir: Path, config: GPT2Config | None = None, seed: int = 0) -> Path:

@@ -31,7 +31,7 @@ from .hooks import (
     capture,
     resolve_sites,
 )
-from .stats import SiteStats
+from .stats import SiteStats, StatsBank
 from .storage import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -44,7 +44,7 @@ from .storage import (
     remove_partial,
     write_manifest,
 )
-from .tokens import batched, bos_policy, pack_documents, token_budget
+from .tokens import batched, bos_policy, pack_documents, prefetch, token_budget
 
 SHARD_TARGET_BYTES = 128 * 2**20  # per hook and shard when shard_sequences is None
 SELF_CHECK_SEQUENCES = 2  # sequences of the first batch the sum check runs on
@@ -251,7 +251,10 @@ class _Run:
         self.check: _SumCheck | None = None  # the sum check of the batch in flight, if any
         self.check_result: dict | None = None
         self.cuda = plan.device.type == "cuda"
-        self.stats = {s.name: SiteStats() for s in plan.sites}
+        # CUDA: device->host copies run on a side stream, so the forward never waits for them.
+        self.copy_stream = torch.cuda.Stream(plan.device) if self.cuda else None
+        self.bank = StatsBank(len(plan.sites))  # every site's statistics, updated together
+        self.stats = dict(zip([s.name for s in plan.sites], self.bank.sites(), strict=True))
         shape = (plan.batch_size, plan.context_size, plan.d)  # (B, T, d)
         names = [s.name for s in plan.sites]
         self.pool = StagingPool(POOL_SLOTS, dict.fromkeys(names, shape), plan.dtype, self.cuda)
@@ -284,9 +287,11 @@ class _Run:
     def _stage(self, site: Site, t: torch.Tensor) -> None:
         if tuple(t.shape) != self.expected:
             raise ExtractionError(f"{site.name}: got shape {tuple(t.shape)}, want {self.expected}")
-        # Asynchronous only from the main device, whose stream the slot's event covers.
-        async_copy = self.cuda and t.device == self.plan.device
-        self.slot.buffers[site.name][: t.shape[0]].copy_(t, non_blocking=async_copy)
+        dst = self.slot.buffers[site.name][: t.shape[0]]  # (b, T, d), pinned on CUDA
+        if self.cuda and t.device == self.plan.device:
+            copy_on_stream(self.copy_stream, dst, t)
+        else:  # CPU, or a tensor on another device (a model split over GPUs): synchronous
+            dst.copy_(t)
         self.fired[site.name] = t
 
     def run_batch(self, cap, ids: torch.Tensor) -> None:
@@ -295,7 +300,7 @@ class _Run:
         self.expected = (ids.shape[0], self.plan.context_size, self.plan.d)  # (b, T, d)
         self.check = _SumCheck() if self._check_pending else None  # fresh after an OOM retry
         try:
-            cap.forward(ids.to(self.plan.device, non_blocking=True))
+            cap.forward(self._to_device(ids))
             self._score_check()
             self._after_forward(slot, ids)
             self.writer.submit(slot)
@@ -304,6 +309,14 @@ class _Run:
             raise
         finally:
             self.fired.clear()
+
+    def _to_device(self, ids: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the upload is truly asynchronous: a pageable one waits for the GPU to
+        # finish the previous batch first.
+        if not self.cuda:
+            return ids
+        ids = ids if ids.is_pinned() else ids.pin_memory()
+        return ids.to(self.plan.device, non_blocking=True)
 
     @property
     def _check_pending(self) -> bool:
@@ -320,11 +333,14 @@ class _Run:
         missing = [s.name for s in self.plan.sites if s.name not in self.fired]
         if missing:
             raise ExtractionError(f"hooks did not fire for {missing}")
-        for name, t in self.fired.items():
-            self.stats[name].update(t)  # (b, T, d) where it was computed; no GPU synchronisation
-        if self.cuda:
-            slot.event = torch.cuda.Event()
-            slot.event.record()
+        # One stacked update for all sites, where they were computed (no GPU synchronisation).
+        fired = [self.fired[s.name].to(self.plan.device) for s in self.plan.sites]
+        self.bank.update(torch.stack(fired))  # (S, b, T, d)
+        if self.cuda:  # the inf/NaN counts travel with the batch: the writer never syncs the GPU
+            copy_on_stream(self.copy_stream, slot.nonfinite, self.bank.nonfinite_tensor())  # (S,)
+            slot.nonfinite_copied = True
+            slot.event = torch.cuda.Event()  # the writer waits on it: all copies have landed
+            slot.event.record(self.copy_stream)
         slot.n, slot.token_ids = ids.shape[0], ids.to(torch.int32)  # (b, T)
 
     def process(self, cap, batch: torch.Tensor) -> None:
@@ -363,6 +379,17 @@ class _Run:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def copy_on_stream(stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Queue dst.copy_(src) (device -> pinned host) on `stream` after the work that produced src.
+
+    `record_stream` keeps src's memory from being reused by the forward until the copy ran.
+    """
+    stream.wait_stream(torch.cuda.current_stream(src.device))
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+    src.record_stream(stream)
 
 
 def _loop(
@@ -466,10 +493,13 @@ def _extract(model, tokenizer, texts, spec, plan, out_dir, meta, report, should_
 
 
 def _batches(tokenizer, texts, spec: ExtractionSpec, plan: _Plan) -> Iterator[torch.Tensor]:
+    """(B, T) int64 batches of packed tokens; on CUDA made ahead on a thread, in pinned memory."""
+    seqs = pack_documents(tokenizer, texts, spec.context_size, spec.max_samples)
+    batches = batched(seqs, plan.batch_size)
+    if plan.device.type == "cuda":
+        batches = prefetch(b.pin_memory() for b in batches)
     try:
-        yield from batched(
-            pack_documents(tokenizer, texts, spec.context_size, spec.max_samples), plan.batch_size
-        )
+        yield from batches
     except ValueError as exc:  # the tokenizer cannot pack (no EOS, context too short)
         raise ExtractionError(str(exc)) from exc
 

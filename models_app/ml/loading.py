@@ -92,10 +92,12 @@ def load_model(
     quantization: str,
     device: torch.device,
     backends: Sequence[Backend] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """Load the safetensors snapshot in folder `path` at `quantization` on `device`.
 
-    `backends` overrides the chain tried for this quantization (default `BACKENDS[quantization]`).
+    `backends` overrides the chain tried for this quantization (default `BACKENDS[quantization]`);
+    `dtype` the compute dtype (default `compute_dtype(device)`; bfloat16 is an option on CUDA).
     Returns the model (eval mode, no gradients) and a LoadReport of what really happened.
     Raises ValueError for an unknown quantization or a folder without config.json / safetensors,
     QuantizationError when no backend runs on the device or the result is not quantized.
@@ -104,7 +106,7 @@ def load_model(
     folder = _check_snapshot(Path(path))
     start = time.perf_counter()
     backend, fallback = _choose_backend(quantization, device, backends or BACKENDS[quantization])
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     model, note = backend.load(folder, device, dtype)
     model.eval().requires_grad_(False)
     if quantization != "FP16":

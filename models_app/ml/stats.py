@@ -3,7 +3,9 @@
 `SiteStats.update` takes one batch (…, d) at a time and never holds more than fixed-size
 accumulators, so the statistics of a billion-token extraction cost the same memory as one batch.
 The accumulators are tensors on the input's device and `update` never synchronises a GPU after the
-first batch; `to_dict` turns them into plain floats.
+first batch; `to_dict` turns them into plain floats. `StatsBank` does the same for S sites at once
+from one stacked batch (S, …, d): on a GPU that is one set of kernel launches per batch instead of
+one per site (the launches, not the arithmetic, are what the statistics cost there).
 
 - mean / std: over every scalar value (per-batch fp64 sums, Chan's merge of mean and M2 in fp64);
 - min / max: signed;
@@ -13,8 +15,9 @@ first batch; `to_dict` turns them into plain floats.
 - fraction near zero: |x| < near_zero (absolute threshold, recorded);
 - nonfinite: count of inf/NaN values (the caller treats any as a hard failure);
 - value histogram for the UI: VALUE_BINS equal half-open bins whose range is fixed on the first
-  batch to its [min, max] widened by HIST_MARGIN of the span on each side; later values outside
-  that range are counted in `underflow` / `overflow` rather than moving the bins.
+  batch (its first UPDATE_VALUES values) to its [min, max] widened by HIST_MARGIN of the span on
+  each side; later values outside that range are counted in `underflow` / `overflow` rather than
+  moving the bins.
 """
 
 from __future__ import annotations
@@ -28,46 +31,63 @@ NORM_BINS_PER_DECADE = 200
 VALUE_BINS = 64
 HIST_MARGIN = 0.5
 NEAR_ZERO = 1e-6
+# Values (all sites together) per step of StatsBank.update: its float32 temporaries stay under
+# 128 MiB each, and a GPT-2-small batch of 32 × 256 tokens at 3 sites is one step.
+UPDATE_VALUES = 2**25
 
 
-class SiteStats:
-    """Streaming statistics of one hook site's activations (see the module docstring)."""
+class StatsBank:
+    """Streaming statistics of `n_sites` sites, updated together from stacked batches (S, …, d).
 
-    def __init__(self, near_zero: float = NEAR_ZERO, value_bins: int = VALUE_BINS):
+    Every site sees the same number of values per update. `sites()` gives a SiteStats view of
+    each site, with the single-site API (to_dict, nonfinite, …).
+    """
+
+    def __init__(self, n_sites: int, near_zero: float = NEAR_ZERO, value_bins: int = VALUE_BINS):
+        self.n_sites = n_sites
         self.near_zero = near_zero
         self.value_bins = value_bins
-        self.count = 0  # scalar values seen
-        self.n_vectors = 0  # token vectors seen
+        self.count = 0  # scalar values seen, per site
+        self.n_vectors = 0  # token vectors seen, per site
         self._acc: dict[str, torch.Tensor] | None = None
-        self._range: tuple[float, float] | None = None
+        self._ranges: list[tuple[float, float]] | None = None  # value-histogram range per site
+        self._lo_scale: torch.Tensor | None = None  # (2, S, 1, 1): lo and bins/(hi-lo) per site
+
+    def sites(self) -> list[SiteStats]:
+        return [SiteStats(bank=self, index=i) for i in range(self.n_sites)]
 
     def _init(self, x: torch.Tensor) -> None:
-        f64 = dict(dtype=torch.float64, device=x.device)
+        S, f64 = self.n_sites, dict(dtype=torch.float64, device=x.device)
         i64 = dict(dtype=torch.int64, device=x.device)
         n_norm_bins = (NORM_LOG10_MAX - NORM_LOG10_MIN) * NORM_BINS_PER_DECADE
         self._acc = {
-            "mean": torch.zeros((), **f64),
-            "m2": torch.zeros((), **f64),
-            "min": torch.full((), math.inf, **f64),
-            "max": torch.full((), -math.inf, **f64),
-            "near_zero": torch.zeros((), **i64),
-            "nonfinite": torch.zeros((), **i64),
-            "norm_sum": torch.zeros((), **f64),
-            "norm_max": torch.zeros((), **f64),
-            "norm_hist": torch.zeros(n_norm_bins, **i64),
-            "hist": torch.zeros(self.value_bins + 2, **i64),  # [underflow, bins…, overflow]
+            "mean": torch.zeros(S, **f64),
+            "m2": torch.zeros(S, **f64),
+            "min": torch.full((S,), math.inf, **f64),
+            "max": torch.full((S,), -math.inf, **f64),
+            "near_zero": torch.zeros(S, **i64),
+            "nonfinite": torch.zeros(S, **i64),
+            "norm_sum": torch.zeros(S, **f64),
+            "norm_max": torch.zeros(S, **f64),
+            "norm_hist": torch.zeros(S, n_norm_bins, **i64),
+            "hist": torch.zeros(S, self.value_bins + 2, **i64),  # [underflow, bins…, overflow]
         }
         # The only synchronisation: the value bins adapt once, to the first batch's finite range.
-        lo, hi = (v.item() for v in torch.aminmax(x))
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: mask out the inf/NaN (a copy)
-            finite = x[torch.isfinite(x)]
-            lo, hi = (finite.min().item(), finite.max().item()) if finite.numel() else (-1.0, 1.0)
-        span = hi - lo if hi > lo else 1.0
-        self._range = (lo - HIST_MARGIN * span, hi + HIST_MARGIN * span)
+        self._ranges = [_value_range(site) for site in x]
+        lo = torch.tensor([r[0] for r in self._ranges], **f64)
+        scale = torch.tensor([self.value_bins / (hi - lo) for lo, hi in self._ranges], **f64)
+        self._lo_scale = torch.stack([lo, scale]).to(torch.float32).view(2, S, 1, 1)
 
     def update(self, x: torch.Tensor) -> None:
-        """Add one batch of activations, shape (…, d), any float dtype, any device."""
-        x = x.detach().reshape(-1, x.shape[-1])  # (N, d)
+        """Add one stacked batch of activations, shape (S, …, d), any float dtype, any device.
+
+        Taken UPDATE_VALUES values at a time, which bounds the temporaries (float32 copies)."""
+        x = x.detach().reshape(self.n_sites, -1, x.shape[-1])  # (S, N, d)
+        rows = max(1, UPDATE_VALUES // (x.shape[0] * x.shape[2]))
+        for part in x.split(rows, dim=1):  # (S, n, d)
+            self._update(part)
+
+    def _update(self, x: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # bf16/fp16 -> fp32 is exact; fp32 is used as is, without a copy
         if x.numel() == 0:
@@ -75,73 +95,60 @@ class SiteStats:
         if self._acc is None:
             self._init(x)
         acc = self._acc
-        sq_norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square()  # (N,)
+        sq_norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square()  # (S, N)
         self._count_nonfinite(x, sq_norms)
         self._merge_moments(x, sq_norms)
-        lo, hi = torch.aminmax(x)
-        acc["min"] = torch.minimum(acc["min"], lo.double())
-        acc["max"] = torch.maximum(acc["max"], hi.double())
-        acc["near_zero"] += torch.count_nonzero(x.abs() < self.near_zero)
+        lo, hi = torch.aminmax(x.reshape(self.n_sites, -1), dim=1)  # (S,) each
+        torch.minimum(acc["min"], lo.double(), out=acc["min"])
+        torch.maximum(acc["max"], hi.double(), out=acc["max"])
+        acc["near_zero"] += torch.count_nonzero(x.abs() < self.near_zero, dim=(1, 2))
         self._update_norms(sq_norms.sqrt())
         self._update_hist(x)
-        self.n_vectors += x.shape[0]
+        self.n_vectors += x.shape[1]
 
     def _count_nonfinite(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
         # A token with inf/NaN has a non-finite fp64 norm. On CPU that check is free, so the full
         # count only runs when needed; on a GPU it always runs, to avoid a synchronisation.
         if x.is_cuda or not bool(torch.isfinite(sq_norms).all()):
-            self._acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x))
+            self._acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x), dim=(1, 2))
 
     def _merge_moments(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
         # Per batch: sum and sum of squares in fp64 (M2_b = Σx² − n·mean², exact enough unless
         # |mean| > 1e6·std); across batches: Chan's merge, so the result does not drift.
-        acc, n_b = self._acc, x.numel()
-        mean_b = x.sum(dtype=torch.float64) / n_b
-        m2_b = (sq_norms.sum() - n_b * mean_b.square()).clamp_min(0)
+        acc, n_b = self._acc, x.shape[1] * x.shape[2]
+        mean_b = x.sum(dim=(1, 2), dtype=torch.float64) / n_b  # (S,)
+        m2_b = (sq_norms.sum(dim=1) - n_b * mean_b.square()).clamp_min(0)  # (S,)
         total = self.count + n_b
         delta = mean_b - acc["mean"]
         acc["mean"] += delta * (n_b / total)
         acc["m2"] += m2_b + delta.square() * (self.count * n_b / total)
         self.count = total
 
-    def _update_norms(self, norms: torch.Tensor) -> None:
+    def _update_norms(self, norms: torch.Tensor) -> None:  # norms: (S, N)
         acc = self._acc
-        acc["norm_sum"] += norms.sum()
-        acc["norm_max"] = torch.maximum(acc["norm_max"], norms.max())
-        bins = acc["norm_hist"].numel()
-        logn = norms.clamp(min=10.0**NORM_LOG10_MIN, max=10.0**NORM_LOG10_MAX).log10()  # (N,)
+        acc["norm_sum"] += norms.sum(dim=1)
+        torch.maximum(acc["norm_max"], norms.amax(dim=1), out=acc["norm_max"])
+        bins = acc["norm_hist"].shape[1]
+        logn = norms.clamp(min=10.0**NORM_LOG10_MIN, max=10.0**NORM_LOG10_MAX).log10()  # (S, N)
         idx = ((logn - NORM_LOG10_MIN) * NORM_BINS_PER_DECADE).floor_().clamp_(0, bins - 1)
-        acc["norm_hist"] += _bincount(idx, bins)
+        acc["norm_hist"] += _bincount_per_site(idx, bins)
 
     def _update_hist(self, x: torch.Tensor) -> None:
         # Bin i covers [lo + i·w, lo + (i+1)·w); slot 0 is underflow, slot bins + 1 overflow.
-        (lo, hi), bins = self._range, self.value_bins
-        idx = ((x - lo) * (bins / (hi - lo))).floor_().clamp_(-1, bins).add_(1)  # (N, d)
-        self._acc["hist"] += _bincount(idx, bins + 2)
+        lo, scale = self._lo_scale.to(x.device)
+        idx = ((x - lo) * scale).floor_().clamp_(-1, self.value_bins).add_(1)  # (S, N, d)
+        self._acc["hist"] += _bincount_per_site(idx, self.value_bins + 2)
 
-    @property
-    def nonfinite(self) -> int:
-        """Number of inf/NaN values seen so far (synchronises the device)."""
-        return 0 if self._acc is None else int(self._acc["nonfinite"].item())
+    def nonfinite_tensor(self) -> torch.Tensor:
+        """The inf/NaN counts so far, (S,) int64 on the activations' device (no sync)."""
+        return self._acc["nonfinite"]
 
-    def norm_quantile(self, q: float) -> float:
-        """Approximate q-quantile of the token L2 norms (log-linear interpolation in a bin)."""
-        hist = self._acc["norm_hist"].cpu()
-        cdf = hist.cumsum(0)  # (bins,)
-        target = q * float(cdf[-1])
-        i = int(
-            torch.searchsorted(cdf, torch.tensor(target, dtype=cdf.dtype)).clamp(max=len(cdf) - 1)
-        )
-        below = float(cdf[i - 1]) if i > 0 else 0.0
-        frac = (target - below) / float(hist[i]) if hist[i] > 0 else 0.0
-        return 10.0 ** (NORM_LOG10_MIN + (i + frac) / NORM_BINS_PER_DECADE)
-
-    def to_dict(self) -> dict:
-        """JSON-ready statistics; values are floats/ints, `histogram.edges` has VALUE_BINS + 1."""
+    def to_dict(self, i: int) -> dict:
+        """JSON-ready statistics of site i; `histogram.edges` has VALUE_BINS + 1 values."""
         if self._acc is None:
             return {"count": 0, "n_tokens": 0}
-        acc = {k: v.cpu() for k, v in self._acc.items()}
-        lo, hi = self._range
+        acc = {k: v[i].cpu() for k, v in self._acc.items()}
+        lo, hi = self._ranges[i]
         return {
             "count": self.count,
             "n_tokens": self.n_vectors,
@@ -151,8 +158,8 @@ class SiteStats:
             "max": float(acc["max"]),
             "norm": {
                 "mean": float(acc["norm_sum"]) / self.n_vectors,
-                "p50": self.norm_quantile(0.5),
-                "p99": self.norm_quantile(0.99),
+                "p50": _quantile(acc["norm_hist"], 0.5),
+                "p99": _quantile(acc["norm_hist"], 0.99),
                 "max": float(acc["norm_max"]),
             },
             "frac_near_zero": int(acc["near_zero"]) / self.count,
@@ -165,6 +172,79 @@ class SiteStats:
                 "overflow": int(acc["hist"][-1]),
             },
         }
+
+
+class SiteStats:
+    """Streaming statistics of one hook site's activations (see the module docstring): a bank of
+    one site of its own, or site `index` of a shared StatsBank (updated through the bank)."""
+
+    def __init__(
+        self,
+        near_zero: float = NEAR_ZERO,
+        value_bins: int = VALUE_BINS,
+        *,
+        bank: StatsBank | None = None,
+        index: int = 0,
+    ):
+        self.bank = bank or StatsBank(1, near_zero, value_bins)
+        self.index = index
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add one batch of activations, shape (…, d) (a bank of one site only)."""
+        if self.bank.n_sites != 1:
+            raise ValueError("update a shared StatsBank with a stacked batch instead")
+        self.bank.update(x.unsqueeze(0))
+
+    @property
+    def count(self) -> int:
+        return self.bank.count
+
+    @property
+    def n_vectors(self) -> int:
+        return self.bank.n_vectors
+
+    def nonfinite_tensor(self) -> torch.Tensor:
+        """The inf/NaN count so far as a 0-d int64 tensor on the activations' device (no sync)."""
+        return self.bank.nonfinite_tensor()[self.index]
+
+    @property
+    def nonfinite(self) -> int:
+        """Number of inf/NaN values seen so far (synchronises the device)."""
+        return 0 if self.bank._acc is None else int(self.nonfinite_tensor().item())
+
+    def norm_quantile(self, q: float) -> float:
+        """Approximate q-quantile of the token L2 norms (log-linear interpolation in a bin)."""
+        return _quantile(self.bank._acc["norm_hist"][self.index].cpu(), q)
+
+    def to_dict(self) -> dict:
+        return self.bank.to_dict(self.index)
+
+
+def _value_range(x: torch.Tensor) -> tuple[float, float]:
+    """[min, max] of the finite values of x, widened by HIST_MARGIN of the span on each side."""
+    lo, hi = (v.item() for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: mask out the inf/NaN (a copy)
+        finite = x[torch.isfinite(x)]
+        lo, hi = (finite.min().item(), finite.max().item()) if finite.numel() else (-1.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    return lo - HIST_MARGIN * span, hi + HIST_MARGIN * span
+
+
+def _quantile(hist: torch.Tensor, q: float) -> float:
+    """Approximate q-quantile of the norms counted in the log-spaced histogram `hist` (CPU)."""
+    cdf = hist.cumsum(0)  # (bins,)
+    target = q * float(cdf[-1])
+    i = int(torch.searchsorted(cdf, torch.tensor(target, dtype=cdf.dtype)).clamp(max=len(cdf) - 1))
+    below = float(cdf[i - 1]) if i > 0 else 0.0
+    frac = (target - below) / float(hist[i]) if hist[i] > 0 else 0.0
+    return 10.0 ** (NORM_LOG10_MIN + (i + frac) / NORM_BINS_PER_DECADE)
+
+
+def _bincount_per_site(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 counts (S, n) of each site's integer-valued float indices idx (S, …) in 0 … n-1."""
+    S = idx.shape[0]
+    offsets = torch.arange(S, device=idx.device, dtype=idx.dtype).view(S, *[1] * (idx.dim() - 1))
+    return _bincount(idx + offsets * n, S * n).view(S, n)
 
 
 def _bincount(idx: torch.Tensor, n: int) -> torch.Tensor:

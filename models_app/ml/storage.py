@@ -10,12 +10,12 @@ fsynced, then renamed; its sha256 is taken from the bytes on disk. The manifest 
 the shard directories were fsynced; a reader trusts only the shards the manifest lists.
 
 Memory: the main thread copies hooked tensors into a small pool of batch-sized staging slots
-(pinned host memory with non_blocking copies on CUDA); a writer thread moves each slot into one
-shard buffer per hook and writes shard k of every hook when they are full (the hooks' files side
-by side, IO_THREADS at a time). Host memory is therefore
-pool slots × batch + one shard per hook, whatever the dataset size. The writer thread runs no
-torch kernels (numpy copies, hashing and file I/O only), so it never competes with the forward's
-OpenMP threads.
+(pinned host memory with non_blocking copies on a side stream on CUDA); a writer thread appends
+each slot to shard k of every hook (the hooks' files side by side, IO_THREADS at a time), hashing
+the bytes as it writes them, and closes the shard when it is full. Host memory is therefore
+pool slots × batch (+ the token ids of one shard), whatever the dataset and shard sizes. The
+writer runs no torch kernels (file writes and hashing only, which release the GIL), so it never
+competes with the forward's OpenMP threads.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -43,9 +42,8 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _TMP_PREFIX = ".tmp-"
-# Threads writing the shards of one flush (one file per hook) at once. Hashing and fsync release
-# the GIL, so the hooks' files are written side by side: measured on 2 cores, 9 shards of 12 MiB
-# took 108 ms instead of 157 ms; on a GPU host the writer keeps up with a faster forward.
+# Threads writing the hooks' files at once. Writes, hashing and fsync release the GIL, so the
+# files are written side by side: on a GPU host the writer keeps up with a faster forward.
 IO_THREADS = 4
 
 
@@ -181,6 +179,16 @@ class Slot:
     token_ids: torch.Tensor | None = None  # (n, T) int32, CPU
     n: int = 0
     event: object | None = None  # torch.cuda.Event recorded after the copies were queued
+    # CUDA: each hook's inf/NaN count so far, copied with the batch (pinned, in buffers' order),
+    # so that checking it needs no GPU synchronisation; None: read the statistics directly.
+    nonfinite: torch.Tensor | None = None  # (n_hooks,) int64
+    nonfinite_copied: bool = False
+
+    def nonfinite_counts(self, stats: dict[str, SiteStats]) -> dict[str, int]:
+        """{hook name: inf/NaN values seen up to this batch}."""
+        if self.nonfinite_copied:
+            return dict(zip(self.buffers, self.nonfinite.tolist(), strict=True))
+        return {name: stats[name].nonfinite for name in self.buffers}
 
 
 class StagingPool:
@@ -202,29 +210,91 @@ class StagingPool:
                 name: torch.empty(shape, dtype=dtype, pin_memory=pin)  # (B, T, d)
                 for name, shape in shapes.items()
             }
-            self._free.put(Slot(buffers))
+            counts = torch.zeros(len(shapes), dtype=torch.int64, pin_memory=pin)
+            self._free.put(Slot(buffers, nonfinite=counts))
 
     def acquire(self) -> Slot:
         return self._free.get()
 
     def release(self, slot: Slot) -> None:
-        slot.n, slot.token_ids, slot.event = 0, None, None
+        slot.n, slot.token_ids, slot.event, slot.nonfinite_copied = 0, None, None, False
         self._free.put(slot)
 
 
-@dataclass
-class HookBuffer:
-    """The one shard-sized buffer of a hook and the manifest records of its written shards."""
+class ShardFile:
+    """Shard k of one hook, written straight from staged batches: no shard-sized buffer.
 
-    data: torch.Tensor  # (S, T, d)
-    records: list[dict] = field(default_factory=list)
+    safetensors layout: 8-byte header length, JSON header padded with spaces to a fixed length,
+    activations (n, T, d), then token_ids (n, T). The header is that of a full shard, so the
+    sha256 is taken from the bytes as they are written (no second read); a short last shard
+    rewrites its header in place (same length) and is hashed from disk.
+    """
+
+    def __init__(self, out_dir: Path, relpath: str, capacity: int, context_size: int, d: int,
+                 dtype: torch.dtype):  # fmt: skip
+        self.relpath, self.capacity, self.shape = relpath, capacity, (context_size, d)
+        self.dtype, self.n = dtype, 0
+        self.final = out_dir / relpath
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(_TMP_PREFIX + self.final.name)
+        self.file = open(self.tmp, "wb", buffering=0)  # noqa: SIM115 - closed by close/discard
+        self.hash = hashlib.sha256()
+        header = self._header(capacity)
+        self.header_len = len(header)
+        self._write(header)
+
+    def _header(self, n: int, length: int | None = None) -> bytes:
+        """The 8-byte length and the JSON header of a shard of n sequences, padded to `length`."""
+        (t, d), dtype = self.shape, _st_dtype(dtype_name(self.dtype))
+        acts, ids = n * t * d * self.dtype.itemsize, n * t * 4  # bytes
+        head = {
+            "activations": {"dtype": dtype, "shape": [n, t, d], "data_offsets": [0, acts]},
+            "token_ids": {"dtype": "I32", "shape": [n, t], "data_offsets": [acts, acts + ids]},
+        }
+        text = json.dumps(head, separators=(",", ":")).encode()
+        text = text.ljust(length or -(-len(text) // 8) * 8)  # safetensors pads with spaces
+        return len(text).to_bytes(8, "little") + text
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # an unbuffered file may write less than asked
+            view = view[self.file.write(view) :]
+        self.hash.update(data)
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Add rows (k, T, d), a contiguous CPU tensor of the shard's dtype."""
+        self._write(_bytes_of(rows))
+        self.n += rows.shape[0]
+
+    def close(self, token_ids: torch.Tensor) -> dict:
+        """Write token_ids (n, T) int32, fsync, rename; returns {file, n_seq, bytes, sha256}."""
+        self._write(_bytes_of(token_ids))
+        if self.n < self.capacity:  # a short last shard: its own header, same length
+            self.file.seek(0)
+            self.file.write(self._header(self.n, self.header_len - 8))
+        os.fsync(self.file.fileno())
+        self.file.close()
+        sha = self.hash.hexdigest() if self.n == self.capacity else sha256_file(self.tmp)
+        size = self.tmp.stat().st_size
+        os.replace(self.tmp, self.final)
+        return {"file": self.relpath, "n_seq": self.n, "bytes": size, "sha256": sha}
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _bytes_of(t: torch.Tensor):
+    """The raw bytes of a contiguous CPU tensor, without a copy (numpy has no bfloat16)."""
+    return t.contiguous().view(torch.uint8).numpy()
 
 
 class ShardWriter:
-    """Fills one shard buffer per hook from staged batches; writes shard k of every hook at once.
+    """Appends staged batches to shard k of every hook; closes them together when full.
 
     Runs on a background thread (`start`/`submit`/`finish`); errors raised there are re-raised in
-    the main thread at the next `submit` or at `finish`.
+    the main thread at the next `submit` or at `finish`. Each hook's file is written (and hashed)
+    on an IO thread of its own, straight from the staging slot.
     """
 
     def __init__(
@@ -239,10 +309,10 @@ class ShardWriter:
         max_pending: int,
     ):
         self.out_dir = Path(out_dir)
-        self.hooks = {
-            name: HookBuffer(torch.empty((shard_sequences, context_size, d), dtype=dtype))
-            for name, d in dims.items()
-        }  # (S, T, d) per hook
+        self.dims, self.context_size, self.dtype = dims, context_size, dtype
+        self.capacity = shard_sequences
+        self.records: dict[str, list[dict]] = {name: [] for name in dims}
+        self.files: dict[str, ShardFile] | None = None  # the shard being written
         self.tokens = torch.empty((shard_sequences, context_size), dtype=torch.int32)  # (S, T)
         self.filled = 0
         self.stats = stats  # updated by the main thread; read here for the inf/NaN check
@@ -266,22 +336,25 @@ class ShardWriter:
             raise self.error
 
     def finish(self) -> dict[str, list[dict]]:
-        """Write the last partial shard, stop the thread; returns {hook name: shard records}."""
+        """Close the last partial shard, stop the thread; returns {hook name: shard records}."""
         self._queue.put(None)
         self._thread.join()
         self.raise_if_failed()
-        return {name: buf.records for name, buf in self.hooks.items()}
+        return self.records
 
     def abort(self) -> None:
-        """Stop without writing what is buffered (cancel or failure); waits for the thread."""
+        """Stop without keeping what is unfinished (cancel or failure); waits for the thread."""
         self._aborted = True
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 
     def _run(self) -> None:
-        with ThreadPoolExecutor(min(len(self.hooks), IO_THREADS), "shard-io") as self._io:
-            self._drain()
+        with ThreadPoolExecutor(min(len(self.dims), IO_THREADS), "shard-io") as self._io:
+            try:
+                self._drain()
+            finally:
+                self._discard()
 
     def _drain(self) -> None:
         while (slot := self._queue.get()) is not None:
@@ -294,55 +367,53 @@ class ShardWriter:
                 self.release(slot)
         try:
             if self.error is None and not self._aborted and self.filled:
-                self._flush()
+                self._close_shard()
         except BaseException as exc:
             self.error = exc
 
     def _consume(self, slot: Slot) -> None:
         if slot.event is not None:
             slot.event.synchronize()  # the non_blocking device->host copies have landed
-        self._check_finite()
+        self._check_finite(slot)
         start = 0
         while start < slot.n:  # a batch may straddle two shards
-            take = min(slot.n - start, self.tokens.shape[0] - self.filled)
-            rows = slice(self.filled, self.filled + take)
-            _copy_rows(self.tokens[rows], slot.token_ids[start : start + take])
-            for name, buf in self.hooks.items():
-                _copy_rows(buf.data[rows], slot.buffers[name][start : start + take])
+            take = min(slot.n - start, self.capacity - self.filled)
+            rows = slice(start, start + take)
+            self.tokens[self.filled : self.filled + take] = slot.token_ids[rows]
+            files = self.files = self.files or self._open_shard()
+            self._each(lambda name: files[name].append(slot.buffers[name][rows]))  # noqa: B023
             self.filled += take
             start += take
-            if self.filled == self.tokens.shape[0]:
-                self._flush()
+            if self.filled == self.capacity:
+                self._close_shard()
 
-    def _check_finite(self) -> None:
-        for name, stats in self.stats.items():
-            if stats.nonfinite:
-                raise NonFiniteError(name, stats.nonfinite)
+    def _check_finite(self, slot: Slot) -> None:
+        for name, count in slot.nonfinite_counts(self.stats).items():
+            if count:
+                raise NonFiniteError(name, count)
 
-    def _flush(self) -> None:
-        """Write shard k of every hook, the hooks in parallel (see IO_THREADS)."""
-        n = self.filled
+    def _open_shard(self) -> dict[str, ShardFile]:
+        k = len(next(iter(self.records.values())))
+        return {
+            name: ShardFile(self.out_dir, shard_relpath(name, k), self.capacity,
+                            self.context_size, d, self.dtype)
+            for name, d in self.dims.items()
+        }  # fmt: skip
 
-        def write(item: tuple[str, HookBuffer]) -> dict:
-            name, buf = item
-            relpath = shard_relpath(name, len(buf.records))
-            return write_shard(self.out_dir, relpath, buf.data[:n], self.tokens[:n])
+    def _close_shard(self) -> None:
+        files, tokens = self.files, self.tokens[: self.filled]
+        for name, record in zip(files, self._each(lambda n: files[n].close(tokens)), strict=True):
+            self.records[name].append(record)
+        self.files, self.filled = None, 0
 
-        items = list(self.hooks.items())
-        for (_, buf), record in zip(items, self._io.map(write, items), strict=True):
-            buf.records.append(record)
-        self.filled = 0
+    def _each(self, fn: Callable[[str], object]) -> list:
+        """fn(hook name) for every hook, side by side on the IO threads."""
+        return list(self._io.map(fn, self.dims))
 
-
-def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src through numpy: a plain memcpy that releases the GIL.
-
-    A torch copy here would start a second OpenMP team next to the forward's (measured on 2 CPU
-    cores: the extraction fell from 70% to 45% of the bare forward rate).
-    """
-    if dst.dtype == torch.bfloat16:  # numpy has no bfloat16: copy the bits
-        dst, src = dst.view(torch.int16), src.view(torch.int16)
-    np.copyto(dst.numpy(), src.numpy())
+    def _discard(self) -> None:
+        for shard in (self.files or {}).values():
+            shard.discard()
+        self.files = None
 
 
 class NonFiniteError(StorageError):

@@ -10,11 +10,15 @@ Packing (no padding, so no padded positions hold garbage activations):
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
 PROBE_TEXT = "Hello world"
 ENCODE_CHUNK = 64  # documents tokenized per call: batch speed without holding the dataset
 
@@ -100,3 +104,49 @@ def batched(sequences: Iterable[torch.Tensor], batch_size: int) -> Iterator[torc
 def token_budget(max_sequences: int, context_size: int) -> int:
     """Tokens an extraction will process at most: the progress total (tokens)."""
     return max_sequences * context_size
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate `items` on a background thread, at most `depth` items ahead of the consumer.
+
+    On a GPU the forward is asynchronous, so tokenizing the next batches on another thread keeps
+    that CPU work off the thread that launches the kernels. An exception raised while producing
+    an item is raised here, at that item; closing the returned generator stops the thread.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer
+            put(_Raised(exc))
+
+    threading.Thread(target=produce, name="prefetch", daemon=True).start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from models_app.ml.stats import VALUE_BINS, SiteStats
+from models_app.ml import stats as stats_module
+from models_app.ml.stats import VALUE_BINS, SiteStats, StatsBank
 
 
 def _data(seed: int = 0, n: int = 4000, d: int = 32) -> torch.Tensor:
@@ -90,3 +91,28 @@ def test_to_dict_is_json_ready_and_empty_stats_are_explicit():
     stats = SiteStats()
     stats.update(_data(seed=5).to(torch.bfloat16))  # any float dtype is accepted
     json.dumps(stats.to_dict(), allow_nan=False)
+
+
+def test_a_bank_of_sites_matches_one_statistics_object_per_site(monkeypatch):
+    sites = [_data(seed=10 + i, n=800) for i in range(3)]  # each (n, d)
+    alone = [_streamed(x, batches=4).to_dict() for x in sites]
+    monkeypatch.setattr(stats_module, "UPDATE_VALUES", 1000)  # many steps per update
+    bank = StatsBank(3)
+    for chunk in torch.stack(sites).chunk(4, dim=1):  # (3, n/4, d)
+        bank.update(chunk)
+    for i, want in enumerate(alone):
+        got = bank.sites()[i].to_dict()
+        assert got["count"] == want["count"] and got["nonfinite"] == 0
+        for key in ("mean", "std", "min", "max", "frac_near_zero"):
+            assert got[key] == pytest.approx(want[key], rel=1e-10)
+        assert got["norm"] == pytest.approx(want["norm"], rel=1e-10)
+        total = sum(got["histogram"]["counts"]) + got["histogram"]["underflow"]
+        assert total + got["histogram"]["overflow"] == sites[i].numel()
+
+
+def test_a_bank_counts_inf_and_nan_per_site():
+    x = torch.stack([_data(seed=20), _data(seed=21)])  # (2, n, d)
+    x[1, 3, 0] = math.nan
+    bank = StatsBank(2)
+    bank.update(x)
+    assert [s.nonfinite for s in bank.sites()] == [0, 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from models_app.ml.tokens import (
     batched,
     bos_policy,
     pack_documents,
+    prefetch,
     token_budget,
 )
 
@@ -105,3 +107,30 @@ def test_batched_stacks_sequences_and_keeps_a_short_last_batch():
     shapes = [b.shape for b in batched(seqs, 3)]
     assert shapes == [(3, 5), (3, 5), (1, 5)]
     assert token_budget(10, 128) == 1280
+
+
+def test_prefetch_yields_every_item_in_order_and_raises_where_the_source_did():
+    def source():
+        yield from range(5)
+        raise ValueError("bad document")
+
+    seen = []
+    with pytest.raises(ValueError, match="bad document"):
+        for item in prefetch(source(), depth=2):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_closing_a_prefetch_stops_its_thread():
+    produced = []
+
+    def source():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    items = prefetch(source(), depth=1)
+    assert next(items) == 0
+    items.close()
+    time.sleep(0.5)
+    assert len(produced) < 10  # the thread stopped instead of running through the source
