@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from models_app.ml.extract import copy_on_stream
 from models_app.ml.hooks import capture
 from models_app.ml.loading import load_model
 from models_app.ml.stats import StatsBank
+from models_app.ml.storage import copy_on_stream
 
 from .extraction import (
     BenchConfig,

@@ -60,7 +60,8 @@ ACTIVATIONS_DIR = DATA_DIR / "activations"
 DATASETS_DIR = DATA_DIR / "datasets"
 # Keep this much free after a download or extraction (bytes).
 DISK_MARGIN_BYTES = env_int("MISTUDIO_DISK_MARGIN_MB", 512) * 1024 * 1024
-# Bytes per shard and hook: host memory holds one shard per hook, so this bounds it (Jetson).
+# Bytes per shard file and hook. Shards are written from batch-sized staging buffers, so host
+# memory does not depend on it; smaller shards are finer-grained files for readers.
 EXTRACTION_SHARD_BYTES = env_int("MISTUDIO_SHARD_MB", 32) * 1024 * 1024
 ALLOW_PICKLE_WEIGHTS = env_bool("MISTUDIO_ALLOW_PICKLE_WEIGHTS", False)
 # huggingface_hub reads these at import; we pass them to every call so tests can override them.

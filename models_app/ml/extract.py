@@ -1,8 +1,11 @@
 """Activation extraction: validate a spec, self-check branch sites, stream batches to shards.
 
     texts ─ pack_documents ─> (B, T) int64 ─ forward up to the deepest layer ─ hooks copy (B, T, d)
-          into a staging slot ─ writer thread ─> one shard buffer per hook ─> shards/…/k.safetensors
-                                                                          └─> manifest.json (last)
+          into a staging slot ─ writer thread ─> appended to shard k of each hook (sha256 as it
+          goes) ─> shards/…/k.safetensors, and manifest.json last
+On CUDA the token batches are made ahead on a thread in pinned memory, the device->host copies run
+on a side stream, and one stacked statistics update covers every site, so the thread that launches
+the forward's kernels does little else.
 
 With attention/MLP sites, the self-check (resid_post − resid_pre ≈ attn_out + mlp_out) rides on the
 first batch's forward and is scored before anything reaches the writer. Progress is reported in
@@ -40,6 +43,7 @@ from .storage import (
     ShardWriter,
     Slot,
     StagingPool,
+    copy_on_stream,
     dtype_name,
     remove_partial,
     write_manifest,
@@ -379,17 +383,6 @@ class _Run:
 
     def abort(self) -> None:
         self.writer.abort()
-
-
-def copy_on_stream(stream, dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Queue dst.copy_(src) (device -> pinned host) on `stream` after the work that produced src.
-
-    `record_stream` keeps src's memory from being reused by the forward until the copy ran.
-    """
-    stream.wait_stream(torch.cuda.current_stream(src.device))
-    with torch.cuda.stream(stream):
-        dst.copy_(src, non_blocking=True)
-    src.record_stream(stream)
 
 
 def _loop(

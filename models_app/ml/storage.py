@@ -221,6 +221,17 @@ class StagingPool:
         self._free.put(slot)
 
 
+def copy_on_stream(stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Queue dst.copy_(src) (device -> pinned host) on `stream` after the work that produced src.
+
+    `record_stream` keeps src's memory from being reused by the forward until the copy ran.
+    """
+    stream.wait_stream(torch.cuda.current_stream(src.device))
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+    src.record_stream(stream)
+
+
 class ShardFile:
     """Shard k of one hook, written straight from staged batches: no shard-sized buffer.
 
