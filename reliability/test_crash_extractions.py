@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 LAYER0 = {"layers": [0], "hook_types": ["residual"]}
 SMALL = {**LAYER0, "batch_size": 4, "max_samples": 8}
 # tiny/llama's layer 0, 16 tokens per sequence: ~40 small batches over seconds, progress shown
-# every half second, one 20 MB shard at the end
+# every half second, one 20 MB shard, finished at the end (a temp file until then)
 MID = {**LAYER0, "batch_size": 64, "max_samples": 2500, "context_size": 16}
 # 6000 sequences: the first shard (4096 sequences, 32 MiB at MISTUDIO_SHARD_MB's default) is
 # written while the run goes on
@@ -53,8 +53,9 @@ def _extract(web: LiveClient, model, dataset, params: dict) -> str:
 
 
 def _shard_files(job_id: str) -> list[Path]:
+    """The job's finished shards (a shard being written is a hidden temp file until closed)."""
     out = Path(settings.ACTIVATIONS_DIR) / job_id
-    return [p for p in out.rglob("*") if p.name.endswith(".safetensors")]
+    return [p for p in out.rglob("*.safetensors") if not p.name.startswith(".")]
 
 
 def _wait_running(job_id: str, point: str) -> None:
