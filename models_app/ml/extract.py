@@ -342,7 +342,6 @@ class _Run:
         self.bank.update(torch.stack(fired))  # (S, b, T, d)
         if self.cuda:  # the inf/NaN counts travel with the batch: the writer never syncs the GPU
             copy_on_stream(self.copy_stream, slot.nonfinite, self.bank.nonfinite_tensor())  # (S,)
-            slot.nonfinite_copied = True
             slot.event = torch.cuda.Event()  # the writer waits on it: all copies have landed
             slot.event.record(self.copy_stream)
         slot.n, slot.token_ids = ids.shape[0], ids.to(torch.int32)  # (b, T)

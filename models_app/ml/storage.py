@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .stats import SiteStats
 
@@ -81,21 +80,6 @@ def _commit(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
-
-
-def write_shard(out_dir: Path, relpath: str, activations: torch.Tensor, token_ids: torch.Tensor):
-    """Write one shard atomically; returns {file, n_seq, bytes, sha256} for the manifest.
-
-    activations (n_seq, T, d) and token_ids (n_seq, T) must be contiguous CPU tensors.
-    """
-    final = out_dir / relpath
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(_TMP_PREFIX + final.name)
-    save_file({"activations": activations, "token_ids": token_ids}, tmp)
-    sha = sha256_file(tmp)
-    size = tmp.stat().st_size
-    _commit(tmp, final)
-    return {"file": relpath, "n_seq": int(activations.shape[0]), "bytes": size, "sha256": sha}
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
@@ -180,13 +164,13 @@ class Slot:
     n: int = 0
     event: object | None = None  # torch.cuda.Event recorded after the copies were queued
     # CUDA: each hook's inf/NaN count so far, copied with the batch (pinned, in buffers' order),
-    # so that checking it needs no GPU synchronisation; None: read the statistics directly.
+    # so that checking it needs no GPU synchronisation; without an event (CPU) the statistics are
+    # read directly.
     nonfinite: torch.Tensor | None = None  # (n_hooks,) int64
-    nonfinite_copied: bool = False
 
     def nonfinite_counts(self, stats: dict[str, SiteStats]) -> dict[str, int]:
         """{hook name: inf/NaN values seen up to this batch}."""
-        if self.nonfinite_copied:
+        if self.event is not None:  # copied with the batch, which the event covers
             return dict(zip(self.buffers, self.nonfinite.tolist(), strict=True))
         return {name: stats[name].nonfinite for name in self.buffers}
 
@@ -217,7 +201,7 @@ class StagingPool:
         return self._free.get()
 
     def release(self, slot: Slot) -> None:
-        slot.n, slot.token_ids, slot.event, slot.nonfinite_copied = 0, None, None, False
+        slot.n, slot.token_ids, slot.event = 0, None, None
         self._free.put(slot)
 
 

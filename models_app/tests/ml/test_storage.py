@@ -15,13 +15,13 @@ from models_app.ml.stats import SiteStats
 from models_app.ml.storage import (
     SCHEMA_VERSION,
     NonFiniteError,
+    ShardFile,
     ShardWriter,
     StagingPool,
     StorageError,
     read_manifest,
     remove_partial,
     verify,
-    write_shard,
 )
 
 from .conftest import corpus
@@ -30,7 +30,10 @@ from .conftest import corpus
 def test_a_shard_is_written_atomically_with_its_sha256(tmp_path):
     acts = torch.randn(3, 5, 8)  # (n_seq, T, d)
     ids = torch.arange(15, dtype=torch.int32).reshape(3, 5)
-    record = write_shard(tmp_path, "shards/blocks.0.hook_resid_post/000000.safetensors", acts, ids)
+    relpath = "shards/blocks.0.hook_resid_post/000000.safetensors"
+    shard = ShardFile(tmp_path, relpath, capacity=3, context_size=5, d=8, dtype=torch.float32)
+    shard.append(acts)
+    record = shard.close(ids)
     path = tmp_path / record["file"]
     assert record["n_seq"] == 3 and record["bytes"] == path.stat().st_size
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import time
+import threading
 
 import pytest
 import torch
@@ -132,5 +132,7 @@ def test_closing_a_prefetch_stops_its_thread():
     items = prefetch(source(), depth=1)
     assert next(items) == 0
     items.close()
-    time.sleep(0.5)
+    for thread in [t for t in threading.enumerate() if t.name == "prefetch"]:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
     assert len(produced) < 10  # the thread stopped instead of running through the source
