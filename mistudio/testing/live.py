@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 
 from django.conf import settings
@@ -58,7 +59,8 @@ class LiveStack:
 
     def _spawn(self, name: str, args: list[str], **env) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        # append: a cluster restarted by a crash test keeps its first life's log for the report
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
             args,
             cwd=ROOT,
@@ -112,10 +114,17 @@ class LiveStack:
         )
 
     def __exit__(self, *exc) -> None:
-        for name in list(self.procs):
-            proc = self.procs.pop(name)
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
+        """Stop like systemd's KillMode=mixed: SIGTERM to each main process at once (django-q2's
+        sentinel then stops its workers in about a second; SIGTERM to the whole group kills them
+        under it and it waits forever), a shared grace period, then SIGKILL to what is left."""
+        procs, self.procs = list(self.procs.values()), {}
+        for proc in procs:
+            with suppress(ProcessLookupError):
+                proc.terminate()
+        deadline = time.monotonic() + 15
+        for proc in procs:
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # orphans of a main process that had to go
+            proc.wait(timeout=30)

@@ -11,10 +11,19 @@ from models_app.models import Model
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
-def widths(page) -> list[float]:
-    style = page.locator(".model-card .progress-fill").first.get_attribute("style") or ""
-    match = re.search(r"width:\s*([\d.]+)%", style)
-    return [float(match.group(1))] if match else []
+def download_width(page) -> float | None:
+    """The download bar's width, read in one step with the card's status: a card swapped to
+    `quantizing` between two reads would show the quantization bar (0%) as if it were the download's."""
+    style = page.evaluate(
+        """() => {
+          const card = document.querySelector(".model-card");
+          if (!card || card.dataset.status !== "downloading") return null;
+          const fill = card.querySelector(".progress-fill");
+          return fill ? fill.getAttribute("style") || "" : null;
+        }"""
+    )
+    match = re.search(r"width:\s*([\d.]+)%", style or "")
+    return float(match.group(1)) if match else None
 
 
 def test_download_progress_ready_and_architecture(page, live, hub):
@@ -31,9 +40,9 @@ def test_download_progress_ready_and_architecture(page, live, hub):
     assert page.get_by_label("HuggingFace Model Repository").input_value() == ""
 
     seen: list[float] = []
-    page.locator(".model-card .progress-fill").first.wait_for()
-    while page.locator(".model-card[data-status=downloading]").count():
-        seen += widths(page)
+    page.locator(".model-card[data-status=downloading] .progress-fill").first.wait_for()
+    while (width := download_width(page)) is not None:
+        seen.append(width)
         page.wait_for_timeout(100)
     assert len(set(seen)) >= 3 and seen == sorted(seen), seen  # moving, never backwards
 
