@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 def download_width(page) -> float | None:
     """The download bar's width, read in one step with the card's status: a card swapped to
-    `quantizing` between two reads would show the quantization bar (0%) as if it were the download's."""
+    `quantizing` between two reads would show the quantization bar (0%) as the download's."""
     style = page.evaluate(
         """() => {
           const card = document.querySelector(".model-card");
