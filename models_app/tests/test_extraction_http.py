@@ -193,6 +193,15 @@ def test_cli_uses_a_template(ready):
     assert (job.layers, job.hook_types, job.max_samples) == ([1], ["attention"], 4)
 
 
+def test_cli_takes_a_dataset_by_the_name_the_datasets_page_shows(ready):
+    model, ds = ready
+    call_command(
+        "extract", model=model.pk, dataset=ds.name, layers="0", hooks="residual", max_samples=2
+    )
+    job = ExtractionJob.objects.get()
+    assert job.dataset_id == ds.pk and job.status == ExtractionStatus.COMPLETED
+
+
 @pytest.mark.parametrize(
     "args",
     [

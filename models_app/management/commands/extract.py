@@ -1,6 +1,6 @@
 """Extract activations from the command line, with the same services and validation as the app.
 
-    python manage.py extract --model <id or repo> --dataset <id or file> --layers 0,5,11 \
+    python manage.py extract --model <id or repo> --dataset <id, name or file> --layers 0,5,11 \
         --hooks residual,mlp --max-samples N --batch-size B --context-size T \
         [--template NAME] [--out DIR] [--quantization Q4] [--text-field text]
 
@@ -64,7 +64,8 @@ def _free_name(stem: str) -> str:
 
 
 def dataset_resolve(ref: str, text_field: str | None) -> str:
-    """A dataset id, or a local file registered as a new dataset (same parser as uploads)."""
+    """A dataset id, the name shown on the Datasets page, or a local file registered as a new
+    dataset (same parser as uploads)."""
     from django.core.files import File
 
     from datasets_app.models import Dataset
@@ -72,9 +73,12 @@ def dataset_resolve(ref: str, text_field: str | None) -> str:
 
     if Dataset.objects.filter(pk=ref).exists():
         return ref
+    named = Dataset.objects.filter(name=ref).exclude(status__in=["error", "cancelled"]).first()
+    if named:
+        return named.pk  # not ready yet: the extraction request says so
     path = Path(ref).expanduser()
     if not path.is_file():
-        raise CommandError(f"{ref!r} is neither a dataset id nor a file.")
+        raise CommandError(f"{ref!r} is neither a dataset id, a dataset name nor a file.")
     with path.open("rb") as fh:
         row = dataset_upload(
             upload=File(fh, name=path.name),
@@ -111,7 +115,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True, help="model id (m_…) or repo id")
         parser.add_argument("--quantization", choices=["FP16", "Q8", "Q4", "Q2"])
-        parser.add_argument("--dataset", required=True, help="dataset id (d_…) or a text file")
+        parser.add_argument("--dataset", required=True, help="dataset id (d_…), name or file")
         parser.add_argument("--text-field", help="field/column of .jsonl/.csv/.parquet files")
         parser.add_argument("--layers", help="comma-separated block indices, e.g. 0,5,11")
         parser.add_argument("--hooks", help="comma-separated: residual,mlp,attention")
