@@ -12,7 +12,7 @@ from functools import lru_cache
 from django.conf import settings
 from django.utils import timezone
 
-from mistudio.errors import Conflict
+from mistudio.errors import Conflict, ServiceError
 
 from .ml.architecture import describe
 from .ml.cache import MODEL_CACHE
@@ -152,9 +152,11 @@ def model_unload(model_id: str) -> Model:
 
 
 def model_load_run(model_id: str) -> None:
+    """Load a ready model (a second delivery finds it resident); a model deleted or no longer
+    ready by the time the worker gets here is skipped."""
     try:
         model_resident(model_id)
-    except Conflict as exc:
+    except ServiceError as exc:
         log.info("load skipped: %s", exc.message)
 
 

@@ -178,3 +178,18 @@ def test_loading_a_second_model_evicts_the_first(hub):
     assert (a.is_loaded, b.is_loaded) == (False, True)
     tasks.model_unload_task(b.pk)
     assert not Model.objects.get(pk=b.pk).is_loaded
+
+
+def test_load_and_unload_delivered_twice_or_after_a_delete_are_no_ops(hub):
+    row = download("tiny/gpt2", "FP16")
+    tasks.model_unload_task(row.pk)
+    for _ in range(2):
+        tasks.model_load_task(row.pk)
+    assert Model.objects.get(pk=row.pk).is_loaded
+    for _ in range(2):
+        tasks.model_unload_task(row.pk)
+    assert not Model.objects.get(pk=row.pk).is_loaded
+    services.model_delete(row.pk)
+    tasks.model_load_task(row.pk)  # the worker got it after the delete: skipped, no exception
+    tasks.model_unload_task(row.pk)
+    assert not Model.objects.filter(pk=row.pk).exists()
