@@ -100,8 +100,13 @@ def _upload_size_check(size: int) -> None:
         raise _too_large(size)
 
 
+def dataset_named(name: str) -> Dataset | None:
+    """The dataset holding `name` (failed and cancelled rows free their name)."""
+    return Dataset.objects.filter(name=name).exclude(status__in=FAILED_STATUSES).first()
+
+
 def _name_free(name: str) -> None:
-    if Dataset.objects.filter(name=name).exclude(status__in=FAILED_STATUSES).exists():
+    if dataset_named(name):
         raise Conflict(
             f"A dataset named '{name}' already exists; choose another name or delete it first.",
             code="duplicate",

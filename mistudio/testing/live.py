@@ -119,8 +119,7 @@ class LiveStack:
         under it and it waits forever), a shared grace period, then SIGKILL to what is left."""
         procs, self.procs = list(self.procs.values()), {}
         for proc in procs:
-            with suppress(ProcessLookupError):
-                proc.terminate()
+            proc.terminate()  # a no-op for one that already exited
         deadline = time.monotonic() + 15
         for proc in procs:
             with suppress(subprocess.TimeoutExpired):

@@ -54,10 +54,10 @@ def model_resolve(ref: str, quantization: str | None) -> Model:
 
 
 def _free_name(stem: str) -> str:
-    from datasets_app.models import Dataset
+    from datasets_app.services import dataset_named
 
     name, n = stem, 1
-    while Dataset.objects.filter(name=name).exists():
+    while dataset_named(name):
         n += 1
         name = f"{stem} ({n})"
     return name
@@ -69,12 +69,11 @@ def dataset_resolve(ref: str, text_field: str | None) -> str:
     from django.core.files import File
 
     from datasets_app.models import Dataset
-    from datasets_app.services import dataset_upload
+    from datasets_app.services import dataset_named, dataset_upload
 
     if Dataset.objects.filter(pk=ref).exists():
         return ref
-    named = Dataset.objects.filter(name=ref).exclude(status__in=["error", "cancelled"]).first()
-    if named:
+    if named := dataset_named(ref):
         return named.pk  # not ready yet: the extraction request says so
     path = Path(ref).expanduser()
     if not path.is_file():
