@@ -7,7 +7,7 @@
   third with extraction jobs) and 500 templates. Server time is the median (and p90) over
   `requests` requests through the Django test client, in milliseconds; the query count comes from
   `CaptureQueriesContext`, at 10 and at 500 rows (equal counts: no per-row queries).
-- Progress delay: a worker process writes progress with `row_update`, exactly as a job does; a
+- Progress delay: a worker process writes progress with `Model.touch`, exactly as a job does; a
   `channels.testing.WebsocketCommunicator` on `/ws/models/` timestamps the frame carrying that
   write. Milliseconds from just before the write to the frame, median / p95 / max over `samples`
   writes, for the embedded setup (in-memory layer + the relay polling the DB) and for
@@ -212,14 +212,13 @@ def worker_loop(pk: str) -> None:
 
     django.setup()
     from models_app.models import Model
-    from models_app.progress import row_update
 
     Model.objects.filter(pk=pk).exists()  # connect before the first timed write
     print("ready", flush=True)
     for line in sys.stdin:
         i = int(line)
         t_write = time.time()
-        row_update(Model, pk, progress=float(i % 100), phase=f"bench-{i}")
+        Model.touch(pk, progress=float(i % 100), phase=f"bench-{i}")
         print(repr(t_write), flush=True)
 
 

@@ -7,7 +7,6 @@ from django.template.loader import render_to_string
 from mistudio.realtime import CardConsumer
 
 from .models import Dataset
-from .progress import DATASETS_GROUP
 
 
 def card_html(dataset_id: str) -> str | None:
@@ -20,6 +19,6 @@ def card_html(dataset_id: str) -> str | None:
 
 
 class DatasetsConsumer(CardConsumer):
-    group = DATASETS_GROUP
+    group = Dataset.live_group
     prefix = "dataset"
     card_html = staticmethod(card_html)

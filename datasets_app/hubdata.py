@@ -1,8 +1,7 @@
 """Hugging Face dataset repos: access check, the files of one split, byte-accurate downloads.
 
 No Django here: callers pass endpoint, token and folders explicitly (tests point them at the
-loopback fake hub). Every Hub failure becomes a `models_app.hub.HubError` (the API already answers
-those as 4xx/502 with the message) worded for datasets.
+loopback fake hub). Hub failures are mistudio.hub's HubError, worded for datasets.
 """
 
 from __future__ import annotations
@@ -12,16 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
-from models_app.hub import DownloadCancelled, HubError, RepoFile, files_fetch
+from mistudio.hub import DownloadCancelled, HubError, RepoFile, files_fetch, repo_listing
 
 from .formats import HUB_FORMATS, ImportCancelled, format_of
 
@@ -47,55 +37,6 @@ class DatasetPreflight:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
-
-
-def hub_error(exc: Exception, repo_id: str, endpoint: str, has_token: bool) -> HubError:
-    """A Hub exception as a HubError whose message tells a researcher what to do."""
-    page = f"{endpoint}/datasets/{repo_id}"
-    if isinstance(exc, GatedRepoError):
-        hint = "" if has_token else " and paste an access token"
-        return HubError(
-            f"The dataset {repo_id} is gated: accept its conditions at {page}{hint},"
-            " then try again.",
-            code="gated",
-            status=403,
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        return HubError(
-            f"The dataset {repo_id} was not found on the Hub, or it is private (a"
-            " private dataset needs a token with access).",
-            code="not_found",
-            status=404,
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return HubError(
-            f"The dataset {repo_id} has no such revision.", code="no_revision", status=404
-        )
-    if isinstance(exc, EntryNotFoundError):
-        return HubError(f"A file of {repo_id} is gone from the Hub.", code="no_file", status=404)
-    if isinstance(exc, HfHubHTTPError):
-        return _http_error(exc, endpoint)
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return HubError("The disk filled up during the download.", code="disk_full")
-    return HubError(
-        f"Could not reach the Hub at {endpoint}: {type(exc).__name__}.",
-        code="unreachable",
-        status=502,
-    )
-
-
-def _http_error(exc: HfHubHTTPError, endpoint: str) -> HubError:
-    status = exc.response.status_code if exc.response is not None else None
-    if status == 401:
-        return HubError(
-            "The access token is invalid or expired: create a new one at"
-            f" {endpoint}/settings/tokens.",
-            code="bad_token",
-            status=401,
-        )
-    if status == 429:
-        return HubError("The Hub is rate-limiting requests; try again later.", code="rate")
-    return HubError(f"The Hub answered HTTP {status}.", code="hub_http", status=502)
 
 
 def _split_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
@@ -155,25 +96,15 @@ def split_files(files: list[RepoFile], split: str, repo_id: str) -> tuple[str, l
     return fmt, sorted((f for f, f_fmt in chosen if f_fmt == fmt), key=lambda f: f.name)
 
 
-def _api(endpoint: str) -> HfApi:
-    return HfApi(endpoint=endpoint, library_name="mistudio")
-
-
 def dataset_preflight(
     repo_id: str, *, split: str, revision: str, token: str | None, endpoint: str
 ) -> DatasetPreflight:
     """Check access and list the split's files with their sizes, before any byte of data."""
-    api = _api(endpoint)
-    try:
-        api.auth_check(repo_id, repo_type="dataset", token=token or False)
-        info = api.dataset_info(
-            repo_id, revision=revision, files_metadata=True, token=token or False
-        )
-    except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
-        raise hub_error(exc, repo_id, endpoint, bool(token)) from None
-    files = [RepoFile(s.rfilename, int(s.size or 0)) for s in (info.siblings or [])]
-    fmt, chosen = split_files(files, split, repo_id)
-    return DatasetPreflight(repo_id, info.sha or revision, split, fmt, chosen)
+    listing = repo_listing(
+        repo_id, repo_type="dataset", revision=revision, token=token, endpoint=endpoint
+    )
+    fmt, chosen = split_files(listing.files, split, repo_id)
+    return DatasetPreflight(repo_id, listing.commit_sha, split, fmt, chosen)
 
 
 def files_download(
@@ -199,7 +130,6 @@ def files_download(
             local_dir=local_dir,
             on_bytes=on_bytes,
             should_cancel=should_cancel,
-            map_error=hub_error,
         )
     except DownloadCancelled:
         raise ImportCancelled() from None

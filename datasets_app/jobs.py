@@ -13,19 +13,16 @@ import shutil
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db.models import F
-from django.utils import timezone
+from django_q.tasks import async_task
 
 from mistudio.errors import is_disk_full
-from mistudio.secretbox import unseal
-from models_app.hub import HubError
-from models_app.progress import ByteProgress, heartbeat
+from mistudio.hub import HubError
+from mistudio.jobs import ByteRate
 
 from . import formats, hubdata
 from .formats import TEXTS_FILE, FormatError, ImportCancelled, Normalized, Source
 from .models import Dataset, DatasetCredential, DatasetStatus
-from .progress import notify, row_update
-from .services import credential_drop, dataset_dir, files_remove
+from .storage import dataset_dir, files_remove
 
 log = logging.getLogger(__name__)
 
@@ -40,43 +37,43 @@ UNEXPECTED = (
 )
 
 
-def job_claim(dataset_id: str, **fields) -> bool:
-    """Move a queued row to `importing` exactly once; a second delivery finds nothing to claim."""
-    now = timezone.now()
-    n = Dataset.objects.filter(
-        pk=dataset_id, status=DatasetStatus.QUEUED, cancel_requested=False
-    ).update(
-        status=DatasetStatus.IMPORTING,
-        attempt=F("attempt") + 1,
-        heartbeat_at=now,
-        updated_at=now,
-        **fields,
+def enqueue_job(task: str, dataset_id: str) -> None:
+    """Queue `datasets_app.tasks.<task>(dataset_id)` on the download cluster."""
+    async_task(
+        f"datasets_app.tasks.{task}",
+        dataset_id,
+        cluster=settings.DOWNLOAD_CLUSTER,
+        task_name=f"{task} {dataset_id}",
     )
-    if n:
-        notify("card.changed", dataset_id)
-    return n == 1
+
+
+def _claim(dataset_id: str, **fields) -> bool:
+    """Move a queued row to `importing` exactly once; a second delivery finds nothing to claim."""
+    return Dataset.claim(
+        dataset_id, from_status=DatasetStatus.QUEUED, status=DatasetStatus.IMPORTING, **fields
+    )
 
 
 def _job_end(dataset_id: str, status: str, **fields) -> None:
-    row_update(dataset_id, status=status, speed_bps=0, eta_seconds=None, phase="", **fields)
+    Dataset.touch(dataset_id, status=status, speed_bps=0, eta_seconds=None, phase="", **fields)
 
 
 def job_fail(dataset_id: str, message: str) -> None:
     """End a job in `error` with `message`; its files and token are removed."""
     log.warning("dataset %s failed: %s", dataset_id, message)
     files_remove(dataset_id)
-    credential_drop(dataset_id)
+    DatasetCredential.drop(dataset_id)
     _job_end(dataset_id, DatasetStatus.ERROR, error_message=message)
 
 
 def job_cancelled(dataset_id: str) -> None:
     files_remove(dataset_id)
-    credential_drop(dataset_id)
+    DatasetCredential.drop(dataset_id)
     _job_end(dataset_id, DatasetStatus.CANCELLED, error_message="Cancelled by the user.")
 
 
 def _job_ready(dataset_id: str, result: Normalized) -> None:
-    credential_drop(dataset_id)
+    DatasetCredential.drop(dataset_id)
     _job_end(
         dataset_id,
         DatasetStatus.READY,
@@ -87,34 +84,29 @@ def _job_ready(dataset_id: str, result: Normalized) -> None:
     )
 
 
-def cancel_requested(dataset_id: str) -> bool:
-    """Whether the user asked to cancel (polled per download chunk and per progress tick)."""
-    return Dataset.objects.filter(pk=dataset_id, cancel_requested=True).exists()
-
-
 def _normalize(dataset_id: str, sources: list[Source], start: float) -> Normalized:
     """Normalize `sources` into texts.jsonl; progress runs from `start` to just under 100."""
-    if cancel_requested(dataset_id):  # between the download and the first batch
+    if Dataset.cancel_requested(dataset_id):  # between the download and the first batch
         raise ImportCancelled()
 
     def tick(fraction: float, rows: int) -> None:
-        if cancel_requested(dataset_id):
+        if Dataset.cancel_requested(dataset_id):
             raise ImportCancelled()
-        row_update(
+        Dataset.touch(
             dataset_id,
             progress=min(start + (100.0 - start) * fraction, 99.9),
             row_count=rows,
             phase=f"normalizing · {rows:,} rows",
         )
 
-    row_update(dataset_id, progress=start, phase="normalizing", speed_bps=0, eta_seconds=None)
+    Dataset.touch(dataset_id, progress=start, phase="normalizing", speed_bps=0, eta_seconds=None)
     return formats.texts_normalize(sources, dataset_dir(dataset_id) / TEXTS_FILE, on_tick=tick)
 
 
 def _run(dataset_id: str, work: Callable[[], Normalized]) -> None:
     """Run `work` under a heartbeat and end the row in exactly one terminal state."""
     try:
-        with heartbeat(Dataset, dataset_id):
+        with Dataset.heartbeat(dataset_id):
             result = work()
     except ImportCancelled:
         job_cancelled(dataset_id)
@@ -130,13 +122,8 @@ def _run(dataset_id: str, work: Callable[[], Normalized]) -> None:
         _job_ready(dataset_id, result)
 
 
-def _token_for(dataset_id: str) -> str | None:
-    cred = DatasetCredential.objects.filter(dataset_id=dataset_id).first()
-    return unseal(cred.ciphertext) if cred else None
-
-
 def _download_progress(dataset_id: str, *, progress: float, **fields) -> None:
-    row_update(dataset_id, progress=progress * DOWNLOAD_SHARE / 100.0, **fields)
+    Dataset.touch(dataset_id, progress=progress * DOWNLOAD_SHARE / 100.0, **fields)
 
 
 def _hub_files(row: Dataset, token: str | None) -> Normalized:
@@ -147,14 +134,14 @@ def _hub_files(row: Dataset, token: str | None) -> Normalized:
         token=token,
         endpoint=settings.HF_ENDPOINT,
     )
-    row_update(
+    Dataset.touch(
         row.pk,
         bytes_total=pre.total_bytes,
         phase="downloading",
         file_format=pre.fmt,
         files=[{"name": f.name, "size": f.size} for f in pre.files],
     )
-    tracker = ByteProgress(lambda **kw: _download_progress(row.pk, **kw), pre.total_bytes)
+    tracker = ByteRate(lambda **kw: _download_progress(row.pk, **kw), pre.total_bytes)
     raw = dataset_dir(row.pk) / "raw"
     paths = hubdata.files_download(
         pre,
@@ -162,7 +149,7 @@ def _hub_files(row: Dataset, token: str | None) -> Normalized:
         endpoint=settings.HF_ENDPOINT,
         local_dir=raw,
         on_bytes=tracker,
-        should_cancel=lambda: cancel_requested(row.pk),
+        should_cancel=lambda: Dataset.cancel_requested(row.pk),
     )
     tracker.flush()
     sources = [
@@ -177,10 +164,10 @@ def _hub_files(row: Dataset, token: str | None) -> Normalized:
 def dataset_import_run(dataset_id: str) -> None:
     """The Hub import job: preflight again (pinned commit), download the split's files with
     byte progress, normalize them with row progress. Ends ready, error or cancelled."""
-    if not job_claim(dataset_id, phase="checking the repo", progress=0, bytes_done=0):
+    if not _claim(dataset_id, phase="checking the repo", progress=0, bytes_done=0):
         return
     row = Dataset.objects.get(pk=dataset_id)
-    token = _token_for(dataset_id)
+    token = DatasetCredential.token_for(dataset_id)
     try:
         _run(dataset_id, lambda: _hub_files(row, token))
     finally:
@@ -189,7 +176,7 @@ def dataset_import_run(dataset_id: str) -> None:
 
 def dataset_normalize_run(dataset_id: str) -> None:
     """The large-upload job: normalize the stored upload with progress, then drop the upload."""
-    if not job_claim(dataset_id, phase="normalizing", progress=0):
+    if not _claim(dataset_id, phase="normalizing", progress=0):
         return
     row = Dataset.objects.get(pk=dataset_id)
     upload = dataset_dir(dataset_id) / f"upload.{row.file_format}"

@@ -11,7 +11,8 @@ import uuid
 from django.db import models
 from django.db.models import Q
 
-from mistudio.jobs import ByteProgress, JobState
+from mistudio.jobs import ByteCounts, Job
+from mistudio.secretbox import SealedToken
 
 
 def new_dataset_id() -> str:
@@ -35,8 +36,10 @@ ACTIVE_STATUSES = (DatasetStatus.QUEUED, DatasetStatus.IMPORTING)
 FAILED_STATUSES = (DatasetStatus.ERROR, DatasetStatus.CANCELLED)
 
 
-class Dataset(JobState, ByteProgress):
+class Dataset(Job, ByteCounts):
     """A text dataset registered from an uploaded file or a Hub dataset repo split."""
+
+    live_group = "datasets"
 
     id = models.CharField(primary_key=True, max_length=40, default=new_dataset_id, editable=False)
     name = models.CharField(max_length=200)
@@ -91,18 +94,11 @@ class Dataset(JobState, ByteProgress):
         return self.status == DatasetStatus.READY
 
 
-class DatasetCredential(models.Model):
-    """An access token for one Hub import, encrypted at rest and deleted when the job ends.
-
-    Tasks receive the dataset id only; the worker decrypts the token from here.
-    """
+class DatasetCredential(SealedToken):
+    """The access token of one Hub import (see SealedToken)."""
 
     dataset = models.OneToOneField(Dataset, on_delete=models.CASCADE, related_name="credential")
-    ciphertext = models.BinaryField()
-    created_at = models.DateTimeField(auto_now_add=True)
+    owner_field = "dataset"
 
     class Meta:
         db_table = "dataset_credentials"
-
-    def __str__(self) -> str:
-        return f"credential for {self.dataset_id}"

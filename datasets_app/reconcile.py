@@ -1,9 +1,9 @@
 """The dataset reconciler: no row stays "importing" forever after a worker dies, and no folder
 outlives its row.
 
-Meant to run where `models_app.reconcile.jobs_reconcile` runs (worker start-up and the periodic
-schedule). An importing row whose heartbeat is older than STALE_HEARTBEAT_SECONDS is ended with
-a readable message and its files removed; a dataset folder with no row (a request that died
+Runs where the model reconciler runs (worker start-up and the periodic schedule). An importing
+row whose heartbeat is older than STALE_HEARTBEAT_SECONDS is ended with a readable message and its
+files removed; a dataset folder with no row (a request that died
 between writing files and creating the row) is removed once it has been idle as long.
 """
 
@@ -17,9 +17,8 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from .jobs import job_fail
+from .jobs import enqueue_job, job_fail
 from .models import Dataset, DatasetSource, DatasetStatus
-from .services import enqueue_job
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def datasets_requeue(waiting: set[str]) -> list[tuple[str, str]]:
     """Queue again the queued imports whose task is not among the `waiting` broker ids (a dead
     worker took it); return (task, id) of each. The job's exactly-once claim makes any duplicate
     a no-op."""
-    queued = Dataset.objects.filter(status=DatasetStatus.QUEUED, cancel_requested=False)
+    queued = Dataset.objects.filter(status=DatasetStatus.QUEUED, cancel_flag=False)
     lost = []
     for pk, source in queued.exclude(pk__in=waiting).values_list("pk", "source"):
         task = "dataset_import_task" if source == DatasetSource.HUB else "dataset_normalize_task"

@@ -7,7 +7,6 @@ from datetime import datetime
 from mistudio.realtime import RelaySource
 
 from .models import Dataset
-from .progress import DATASETS_GROUP
 
 
 def dataset_changes(since: datetime) -> list[tuple[str, str, datetime]]:
@@ -15,4 +14,4 @@ def dataset_changes(since: datetime) -> list[tuple[str, str, datetime]]:
     return [(pk, pk, ts) for pk, ts in rows]
 
 
-DATASETS_SOURCE = RelaySource(DATASETS_GROUP, "card.changed", dataset_changes)
+DATASETS_SOURCE = RelaySource(Dataset.live_group, "card.changed", dataset_changes)

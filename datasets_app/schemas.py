@@ -6,32 +6,14 @@ from datetime import datetime
 from typing import Annotated
 
 from ninja import Schema
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field
 
-from mistudio.validation import error_list
-from models_app.hub import HubError, repo_id_clean
-from models_app.schemas import AccessToken, Revision
+from mistudio.validation import AccessToken, DatasetRepoId, Revision
 
 from .hubdata import SPLIT_RE
 
 NAME_MAX = 200
 TEXT_FIELD_MAX = 200
-FIELD_LABELS = {
-    "name": "Name",
-    "file": "File",
-    "text_field": "Text field",
-    "hf_dataset_id": "Dataset repository",
-    "split": "Split",
-    "revision": "Revision",
-    "access_token": "Access token",
-}
-
-
-def _repo_id(value: str) -> str:
-    try:
-        return repo_id_clean(value)
-    except HubError as exc:
-        raise ValueError(exc.message.replace("model-name", "dataset-name")) from None
 
 
 def _name(value: str | None) -> str | None:
@@ -61,7 +43,6 @@ def _split(value: str | None) -> str:
     return value
 
 
-DatasetRepoId = Annotated[str, Field(max_length=400), AfterValidator(_repo_id)]
 Name = Annotated[str | None, Field(max_length=1000), AfterValidator(_name)]
 TextField = Annotated[str | None, Field(max_length=1000), AfterValidator(_text_field)]
 Split = Annotated[str | None, Field(max_length=200), AfterValidator(_split)]
@@ -83,15 +64,6 @@ class HubImportIn(Schema):
     revision: Revision = None
     access_token: AccessToken = None
     name: Name = None
-
-
-def validation_message(exc: ValidationError) -> str:
-    """One readable line naming each bad field, without echoing input (it may hold a token)."""
-    parts = [
-        f"{FIELD_LABELS.get(e['field'], e['field'] or 'Input')}: {e['message']}"
-        for e in error_list(exc)
-    ]
-    return " ".join(parts) or "Invalid input."
 
 
 class DatasetOut(Schema):

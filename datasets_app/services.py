@@ -15,17 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from django.conf import settings
+from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
 from django.utils import timezone
-from django_q.tasks import async_task
 
 from mistudio.errors import Conflict, Invalid, NotFound, ServiceError, is_disk_full
-from mistudio.secretbox import seal
-from models_app.templatetags.mistudio_format import bytes_h
+from mistudio.humanize import bytes_h
 
 from . import formats, hubdata
 from .formats import FIELD_FORMATS, TEXTS_FILE, FormatError, Source
+from .jobs import dataset_normalize_run, enqueue_job
 from .models import (
     ACTIVE_STATUSES,
     FAILED_STATUSES,
@@ -35,24 +35,16 @@ from .models import (
     DatasetStatus,
     new_dataset_id,
 )
-from .progress import notify
 from .schemas import NAME_MAX
+from .storage import dataset_dir, files_remove, texts_path
 
 log = logging.getLogger(__name__)
 
 WAITING = "waiting for a worker"
+# Statuses of an extraction (the rows that point at a dataset) that still read it.
+EXTRACTION_READING = ("queued", "running")
 # A multipart body carries a few hundred bytes besides the file; allow for them.
 MULTIPART_SLACK = 64 * 1024
-
-
-def dataset_dir(dataset_id: str) -> Path:
-    """The folder holding one dataset's files."""
-    return Path(settings.DATASETS_DIR) / dataset_id
-
-
-def texts_path(dataset_id: str) -> Path:
-    """The normalized file: one JSON string per line."""
-    return dataset_dir(dataset_id) / TEXTS_FILE
 
 
 def dataset_get(dataset_id: str) -> Dataset:
@@ -125,29 +117,19 @@ def _disk_check(needed: int) -> None:
         )
 
 
-def enqueue_job(task: str, dataset_id: str) -> None:
-    async_task(
-        f"datasets_app.tasks.{task}",
-        dataset_id,
-        cluster=settings.DOWNLOAD_CLUSTER,
-        task_name=f"{task} {dataset_id}",
-    )
-
-
 def _row_create(*, task: str | None = None, token: str | None = None, **fields) -> Dataset:
     """Insert the row (and the sealed token) and queue `task` once the transaction commits."""
     try:
         with transaction.atomic():
             row = Dataset.objects.create(**fields)
-            if token:
-                DatasetCredential.objects.create(dataset=row, ciphertext=seal(token))
+            DatasetCredential.store(row, token)
             if task:
                 transaction.on_commit(lambda: enqueue_job(task, row.pk))
     except IntegrityError:
         raise Conflict(
             f"A dataset named '{fields['name']}' already exists.", code="duplicate"
         ) from None
-    notify("card.changed", row.pk)
+    Dataset.announce(row.pk)
     return row
 
 
@@ -272,14 +254,6 @@ def dataset_import(
     )
 
 
-def files_remove(dataset_id: str) -> None:
-    shutil.rmtree(dataset_dir(dataset_id), ignore_errors=True)
-
-
-def credential_drop(dataset_id: str) -> None:
-    DatasetCredential.objects.filter(dataset_id=dataset_id).delete()
-
-
 def dataset_cancel(dataset_id: str) -> Dataset:
     """Cancel a queued or running import. Queued rows end at once; a running job stops at the
     next chunk or batch and removes its files. Returns the row; Conflict if nothing to cancel."""
@@ -287,7 +261,7 @@ def dataset_cancel(dataset_id: str) -> Dataset:
     if row.status not in ACTIVE_STATUSES:
         raise Conflict(f"{row.name} is {row.status}; there is nothing to cancel.")
     now = timezone.now()
-    Dataset.objects.filter(pk=dataset_id).update(cancel_requested=True, updated_at=now)
+    Dataset.request_cancel(dataset_id)
     # A job that has not started will never see the flag: end it here.
     if Dataset.objects.filter(pk=dataset_id, status=DatasetStatus.QUEUED).update(
         status=DatasetStatus.CANCELLED,
@@ -295,25 +269,23 @@ def dataset_cancel(dataset_id: str) -> Dataset:
         phase="",
         updated_at=now,
     ):
-        credential_drop(dataset_id)
+        DatasetCredential.drop(dataset_id)
         files_remove(dataset_id)
-    notify("card.changed", dataset_id)
+    Dataset.announce(dataset_id)
     return dataset_get(dataset_id)
 
 
 def dataset_delete(dataset_id: str) -> None:
     """Delete a dataset and its files. Raises Conflict (409) while its import is queued or
-    running, NotFound for an unknown id."""
-    from models_app.extraction import dataset_in_use
-
+    running or an extraction reads it, NotFound for an unknown id."""
     row = dataset_get(dataset_id)
     if row.status in ACTIVE_STATUSES:
         raise Conflict(f"{row.name} is {row.status}; cancel the import before deleting it.")
-    if dataset_in_use(dataset_id):
+    if row.extractions.filter(status__in=EXTRACTION_READING).exists():
         raise Conflict(f"An extraction is reading {row.name}; wait for it or cancel it first.")
     row.delete()
     files_remove(dataset_id)
-    notify("card.deleted", dataset_id)
+    Dataset.announce(dataset_id, "card.deleted")
 
 
 def dataset_texts(dataset_id: str) -> Iterator[str]:
@@ -333,3 +305,31 @@ def dataset_texts(dataset_id: str) -> Iterator[str]:
             code="missing_files",
         )
     return formats.texts_iter(path)
+
+
+def _free_name(stem: str) -> str:
+    name, n = stem, 1
+    while dataset_named(name):
+        n += 1
+        name = f"{stem} ({n})"
+    return name
+
+
+def dataset_resolve(ref: str, *, text_field: str | None = None) -> Dataset:
+    """A dataset by id, by the name the Datasets page shows, or a local file registered here as a
+    new dataset (same checks as an upload; a large file is normalized in this process, as a
+    worker would). NotFound when `ref` is none of these."""
+    if row := Dataset.objects.filter(pk=ref).first() or dataset_named(ref):
+        return row  # not ready yet: the extraction request says so
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise NotFound(f"{ref!r} is neither a dataset id, a dataset name nor a file.")
+    with path.open("rb") as fh:
+        row = dataset_upload(
+            upload=File(fh, name=path.name),
+            text_field=text_field or "text",
+            name=_free_name(path.stem),
+        )
+    if not row.is_ready:
+        dataset_normalize_run(row.pk)
+    return dataset_get(row.pk)

@@ -9,10 +9,11 @@ from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError
 
 from mistudio.errors import Invalid, ServiceError
-from models_app.hub import HubError
+from mistudio.hub import HubError
+from mistudio.validation import validation_message
 
 from . import selectors, services
-from .schemas import HubImportIn, UploadIn, validation_message
+from .schemas import HubImportIn, UploadIn
 
 PAGE = "datasets_app/datasets.html"
 SECTION = "#dataset-section"

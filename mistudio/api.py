@@ -9,7 +9,7 @@ from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import APIKeyCookie
 
 from mistudio.errors import ServiceError
-from models_app.hub import HubError
+from mistudio.hub import HubError
 
 
 class SiteAuth(APIKeyCookie):

@@ -1,32 +1,127 @@
-"""The state every background job row carries (downloads, dataset imports, extractions).
+"""The one job model every background job row inherits (downloads, dataset imports, extractions).
 
-The row is the truth for status and progress; workers claim it exactly once, refresh
-`heartbeat_at` while they run, and the reconciler ends rows whose heartbeat went stale.
+The row is the truth for status and progress. A worker takes a queued step exactly once
+(`claim`), writes progress through `touch` (which also refreshes `heartbeat_at` and tells the
+live pages), polls `cancel_requested` between files or batches, and keeps the heartbeat fresh with
+`heartbeat` during long silent steps; the reconciler ends rows whose heartbeat went stale.
 """
 
 from __future__ import annotations
 
-from django.db import models
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+from django.conf import settings
+from django.db import close_old_connections, models
+from django.db.models import F
+from django.utils import timezone
+
+from mistudio.realtime import group_notify
+
+log = logging.getLogger(__name__)
 
 
-class JobState(models.Model):
+class Job(models.Model):
+    """Status-agnostic job state; concrete rows add `status` and their own fields.
+
+    `live_group` names the realtime group whose pages show these rows; `card_ids(pk)` says which
+    card ids a change of row `pk` refreshes (an extraction refreshes its model's card).
+    """
+
     phase = models.CharField(max_length=200, blank=True)  # what the job is doing now, for people
     progress = models.FloatField(default=0.0)  # 0–100
     eta_seconds = models.FloatField(null=True, blank=True)
     error_message = models.TextField(blank=True)  # readable reason of error/failed/cancelled
-    cancel_requested = models.BooleanField(default=False)  # polled between files/batches
+    # The user asked to stop; polled between files/batches (see cancel_requested()).
+    cancel_flag = models.BooleanField(default=False, db_column="cancel_requested")
     attempt = models.PositiveIntegerField(default=0)  # claims so far
     heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True, db_index=True)  # the relay watches this
 
+    live_group: ClassVar[str] = ""
+
     class Meta:
         abstract = True
 
+    @classmethod
+    def card_ids(cls, pk: str) -> list[str]:
+        return [pk]
 
-class ByteProgress(models.Model):
-    """Download progress: bytes so far of a total taken before the first byte, and the rate."""
+    @classmethod
+    def announce(cls, pk: str, event: str = "card.changed") -> None:
+        """Tell live pages that row `pk` changed (`card.changed`) or went (`card.deleted`)."""
+        for card_id in cls.card_ids(pk):
+            group_notify(cls.live_group, event, card_id)
+
+    @classmethod
+    def claim(cls, pk: str, *, from_status: str, where: dict | None = None, **fields) -> bool:
+        """Take a queued step exactly once: UPDATE the row in `from_status` (and matching
+        `where`), not cancelled, setting `fields` and bumping `attempt`. False when a second
+        delivery (or a cancel) got there first."""
+        now = timezone.now()
+        where = {"pk": pk, "status": from_status, "cancel_flag": False, **(where or {})}
+        n = cls.objects.filter(**where).update(
+            attempt=F("attempt") + 1, heartbeat_at=now, updated_at=now, **fields
+        )
+        if n:
+            cls.announce(pk)
+        return n == 1
+
+    @classmethod
+    def touch(cls, pk: str, **fields) -> int:
+        """UPDATE row `pk` with `fields`, refresh updated_at/heartbeat_at and tell live pages.
+        Returns the number of rows updated (0 when the row is gone)."""
+        now = timezone.now()
+        n = cls.objects.filter(pk=pk).update(updated_at=now, heartbeat_at=now, **fields)
+        if n:
+            cls.announce(pk)
+        return n
+
+    @classmethod
+    def cancel_requested(cls, pk: str) -> bool:
+        """Whether the user asked to stop row `pk` (read from the database, not a cached row)."""
+        return cls.objects.filter(pk=pk, cancel_flag=True).exists()
+
+    @classmethod
+    def request_cancel(cls, pk: str) -> None:
+        cls.objects.filter(pk=pk).update(cancel_flag=True, updated_at=timezone.now())
+
+    @classmethod
+    @contextmanager
+    def heartbeat(cls, pk: str, *, every: float | None = None) -> Iterator[None]:
+        """Keep `heartbeat_at` fresh from a thread during long steps that report no progress.
+
+        Beats every `every` seconds (default: a quarter of STALE_HEARTBEAT_SECONDS, so a live job
+        is never taken for a dead one by the reconciler)."""
+        every = every or settings.STALE_HEARTBEAT_SECONDS / 4
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every):
+                try:
+                    cls.objects.filter(pk=pk).update(heartbeat_at=timezone.now())
+                except Exception:  # noqa: BLE001
+                    log.warning("heartbeat failed for %s", pk, exc_info=True)
+                finally:
+                    close_old_connections()
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{pk}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
+class ByteCounts(models.Model):
+    """Transfer fields of a job that moves bytes: done of a total taken before the first byte."""
 
     bytes_done = models.BigIntegerField(default=0)
     bytes_total = models.BigIntegerField(default=0)
@@ -34,3 +129,45 @@ class ByteProgress(models.Model):
 
     class Meta:
         abstract = True
+
+
+class ByteRate:
+    """Turns a running byte count into throttled writes of progress, speed and ETA.
+
+    `write(progress=…, bytes_done=…, speed_bps=…, eta_seconds=…)` is called at most every
+    `interval` seconds and once more at the end; speed is taken over the last ~3 s."""
+
+    def __init__(self, write: Callable[..., None], total: int, *, interval: float = 0.25):
+        self.write = write
+        self.total = max(int(total), 1)
+        self.interval = interval
+        self.started = time.monotonic()
+        self.last_write = 0.0
+        self.done = 0
+        self.samples: list[tuple[float, int]] = []
+
+    def __call__(self, done: int) -> None:
+        self.done = max(self.done, int(done))
+        now = time.monotonic()
+        self.samples.append((now, self.done))
+        if now - self.last_write >= self.interval or self.done >= self.total:
+            self.flush(now)
+
+    def speed(self, now: float) -> float:
+        """Bytes/s over the last ~3 s, so the ETA follows the current rate."""
+        recent = [(t, d) for t, d in self.samples if now - t <= 3.0] or self.samples[-1:]
+        self.samples = recent
+        (t0, d0), (t1, d1) = recent[0], recent[-1]
+        if t1 - t0 < 0.05:
+            elapsed = max(now - self.started, 1e-6)
+            return self.done / elapsed
+        return (d1 - d0) / (t1 - t0)
+
+    def flush(self, now: float | None = None) -> None:
+        now = now or time.monotonic()
+        self.last_write = now
+        speed = self.speed(now) if self.samples else 0.0
+        remaining = max(self.total - self.done, 0)
+        eta = remaining / speed if speed > 0 else None
+        progress = min(100.0, 100.0 * self.done / self.total)
+        self.write(progress=progress, bytes_done=self.done, speed_bps=speed, eta_seconds=eta)

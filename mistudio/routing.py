@@ -1,9 +1,14 @@
-from django.urls import path
+"""Websocket routes: each app's `routing.websocket_urlpatterns`, named by dotted path the way
+`include()` names an app's URLconf, so the project's wiring never imports an app."""
 
-from datasets_app.consumers import DatasetsConsumer
-from models_app.consumers import ModelsConsumer
+from importlib import import_module
 
-websocket_urlpatterns = [
-    path("ws/models/", ModelsConsumer.as_asgi()),
-    path("ws/datasets/", DatasetsConsumer.as_asgi()),
-]
+APPS_ROUTING = ("models_app.routing", "datasets_app.routing")
+
+
+def ws_include(module: str) -> list:
+    """The websocket_urlpatterns of `module`."""
+    return list(import_module(module).websocket_urlpatterns)
+
+
+websocket_urlpatterns = [route for module in APPS_ROUTING for route in ws_include(module)]

@@ -1,4 +1,4 @@
-"""Symmetric encryption for secrets kept briefly in the DB (access tokens between request and job).
+"""Secrets kept briefly in the DB (access tokens between request and job), encrypted.
 
 The key comes from MISTUDIO_TOKEN_KEY (a Fernet key) or is derived from the Django SECRET_KEY.
 """
@@ -8,9 +8,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from typing import ClassVar
 
 from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
+from django.db import models
 
 
 def _fernet() -> Fernet:
@@ -31,3 +33,37 @@ def unseal(blob: bytes) -> str | None:
         return _fernet().decrypt(bytes(blob)).decode()
     except InvalidToken:
         return None
+
+
+class SealedToken(models.Model):
+    """An access token for one job, encrypted at rest and dropped when the job ends.
+
+    Tasks receive the job's id only; the worker unseals the token from here. Concrete tables add
+    a one-to-one `owner_field` to their job row.
+    """
+
+    ciphertext = models.BinaryField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    owner_field: ClassVar[str] = ""
+
+    class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return f"token for {getattr(self, f'{self.owner_field}_id')}"
+
+    @classmethod
+    def store(cls, owner: models.Model, token: str | None) -> None:
+        """Seal and keep `token` for `owner` (nothing when there is no token)."""
+        if token:
+            cls.objects.create(**{cls.owner_field: owner, "ciphertext": seal(token)})
+
+    @classmethod
+    def token_for(cls, owner_id: str) -> str | None:
+        row = cls.objects.filter(**{f"{cls.owner_field}_id": owner_id}).first()
+        return unseal(row.ciphertext) if row else None
+
+    @classmethod
+    def drop(cls, owner_id: str) -> None:
+        cls.objects.filter(**{f"{cls.owner_field}_id": owner_id}).delete()

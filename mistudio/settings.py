@@ -60,9 +60,8 @@ ACTIVATIONS_DIR = DATA_DIR / "activations"
 DATASETS_DIR = DATA_DIR / "datasets"
 # Keep this much free after a download or extraction (bytes).
 DISK_MARGIN_BYTES = env_int("MISTUDIO_DISK_MARGIN_MB", 512) * 1024 * 1024
-# Bytes per shard file and hook. Shards are written from batch-sized staging buffers, so host
-# memory does not depend on it; smaller shards are finer-grained files for readers.
-EXTRACTION_SHARD_BYTES = env_int("MISTUDIO_SHARD_MB", 32) * 1024 * 1024
+# Bytes per shard file and hook; unset: the extraction's own default (models_app.ml.storage).
+EXTRACTION_SHARD_BYTES = (env_int("MISTUDIO_SHARD_MB", 0) * 1024 * 1024) or None
 ALLOW_PICKLE_WEIGHTS = env_bool("MISTUDIO_ALLOW_PICKLE_WEIGHTS", False)
 # huggingface_hub reads these at import; we pass them to every call so tests can override them.
 HF_ENDPOINT = env_str("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
@@ -146,6 +145,7 @@ TEMPLATES = [
                 "mistudio.context_processors.shell",
             ],
             "builtins": ["template_partials.templatetags.partials"],
+            "libraries": {"mistudio_format": "mistudio.templatetags.mistudio_format"},
         },
     },
 ]
@@ -222,7 +222,7 @@ else:
 GPU_CLUSTER = "gpu"
 DOWNLOAD_CLUSTER = "mistudio"
 # A job whose heartbeat is older than this is considered dead by the reconciler. Running jobs
-# beat at a quarter of it (models_app.progress.heartbeat).
+# beat at a quarter of it (mistudio.jobs.Job.heartbeat).
 STALE_HEARTBEAT_SECONDS = env_int("MISTUDIO_STALE_HEARTBEAT_S", 60)
 
 AUTH_PASSWORD_VALIDATORS = [

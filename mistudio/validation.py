@@ -1,12 +1,20 @@
-"""Turn pydantic validation errors into one readable line, without echoing the input back
-(the input may hold an access token)."""
+"""Validators every app's request schemas share (repo ids, revisions, access tokens) and one
+readable line from pydantic errors, without echoing the input back (it may hold a token)."""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from collections.abc import Callable
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, ValidationError
+
+from mistudio.hub import HubError, repo_id_clean, revision_clean
+
+TOKEN_MAX = 500
 
 FIELD_LABELS = {
     "hf_repo_id": "Repository",
+    "hf_dataset_id": "Dataset repository",
     "quantization": "Quantization",
     "access_token": "Access token",
     "revision": "Revision",
@@ -16,7 +24,46 @@ FIELD_LABELS = {
     "batch_size": "Batch size",
     "max_samples": "Max samples",
     "context_size": "Context size",
+    "name": "Name",
+    "file": "File",
+    "text_field": "Text field",
+    "split": "Split",
 }
+
+
+def _hub_checked(fn: Callable[[object], str]) -> Callable[[object], str]:
+    """A Hub id check as a pydantic validator (HubError → ValueError with its message)."""
+
+    def check(value):
+        try:
+            return fn(value)
+        except HubError as exc:
+            raise ValueError(exc.message) from None
+
+    return check
+
+
+def _token_clean(value: str | None) -> str | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    if not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError("An access token is one word of printable ASCII characters.")
+    return value
+
+
+def _dataset_repo_id(value: object) -> str:
+    return repo_id_clean(value, kind="dataset")
+
+
+RepoId = Annotated[str, Field(max_length=400), AfterValidator(_hub_checked(repo_id_clean))]
+DatasetRepoId = Annotated[
+    str, Field(max_length=400), AfterValidator(_hub_checked(_dataset_repo_id))
+]
+Revision = Annotated[
+    str | None, Field(max_length=200), AfterValidator(_hub_checked(revision_clean))
+]
+AccessToken = Annotated[str | None, Field(max_length=TOKEN_MAX), AfterValidator(_token_clean)]
 
 
 def error_list(exc: ValidationError) -> list[dict]:
@@ -30,6 +77,7 @@ def error_list(exc: ValidationError) -> list[dict]:
 
 
 def validation_message(exc: ValidationError) -> str:
+    """'Label: message' for each bad field, on one line."""
     parts = []
     for err in error_list(exc):
         label = FIELD_LABELS.get(err["field"], err["field"] or "Input")

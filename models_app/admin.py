@@ -39,4 +39,4 @@ class ModelAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
     )
-    exclude = ("cancel_requested",)
+    exclude = ("cancel_flag",)

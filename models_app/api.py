@@ -6,8 +6,9 @@ from django.http import HttpRequest
 from ninja import Router
 
 from mistudio.apischema import ERRORS
+from mistudio.humanize import bytes_h, params_h
 
-from . import extraction, resident, services
+from . import extraction, selectors, services
 from .models import ExtractionJob, Model
 from .schemas import (
     ArchitectureOut,
@@ -17,7 +18,6 @@ from .schemas import (
     ExtractionStarted,
     ModelOut,
 )
-from .templatetags.mistudio_format import bytes_h, params_h
 
 router = Router(tags=["models"])
 
@@ -33,7 +33,7 @@ def model_json(m: Model) -> dict:
 
 @router.get("", response=list[ModelOut])
 def models_list(request: HttpRequest, status: str | None = None):
-    return [model_json(m) for m in services.model_list(status=status)]
+    return [model_json(m) for m in selectors.model_list(status=status)]
 
 
 @router.post("/download", response={201: ModelOut, **ERRORS})
@@ -43,7 +43,7 @@ def models_download(request: HttpRequest, payload: DownloadIn):
 
 @router.get("/{model_id}", response={200: ModelOut, **ERRORS})
 def models_get(request: HttpRequest, model_id: str):
-    return model_json(services.model_get(model_id))
+    return model_json(selectors.model_get(model_id))
 
 
 @router.delete("/{model_id}", response={204: None, **ERRORS})
@@ -59,17 +59,17 @@ def models_cancel(request: HttpRequest, model_id: str):
 
 @router.post("/{model_id}/load", response={202: ModelOut, **ERRORS})
 def models_load(request: HttpRequest, model_id: str):
-    return 202, model_json(resident.model_load(model_id))
+    return 202, model_json(services.model_load(model_id))
 
 
 @router.post("/{model_id}/unload", response={202: ModelOut, **ERRORS})
 def models_unload(request: HttpRequest, model_id: str):
-    return 202, model_json(resident.model_unload(model_id))
+    return 202, model_json(services.model_unload(model_id))
 
 
 @router.get("/{model_id}/architecture", response={200: ArchitectureOut, **ERRORS})
 def models_architecture(request: HttpRequest, model_id: str):
-    return services.model_architecture(model_id)
+    return selectors.model_architecture(model_id)
 
 
 def extraction_json(job: ExtractionJob) -> dict:
@@ -84,7 +84,7 @@ def models_extract(request: HttpRequest, model_id: str, payload: ExtractionIn):
 
 @router.get("/{model_id}/extractions", response={200: list[ExtractionOut], **ERRORS})
 def models_extractions(request: HttpRequest, model_id: str):
-    return [extraction_json(j) for j in extraction.extraction_list(model_id=model_id)]
+    return [extraction_json(j) for j in selectors.extraction_list(model_id=model_id)]
 
 
 extractions_router = Router(tags=["extractions"])
@@ -92,7 +92,7 @@ extractions_router = Router(tags=["extractions"])
 
 @extractions_router.get("/{extraction_id}", response={200: ExtractionOut, **ERRORS})
 def extractions_get(request: HttpRequest, extraction_id: str):
-    return extraction_json(extraction.extraction_get(extraction_id))
+    return extraction_json(selectors.extraction_get(extraction_id))
 
 
 @extractions_router.post("/{extraction_id}/cancel", response={200: ExtractionOut, **ERRORS})

@@ -7,8 +7,8 @@ from django.template.loader import render_to_string
 from mistudio.errors import NotFound
 from mistudio.realtime import CardConsumer
 
-from .progress import MODELS_GROUP
-from .services import model_card_get
+from .models import Model
+from .selectors import model_card_get
 
 
 def card_html(model_id: str) -> str | None:
@@ -21,6 +21,6 @@ def card_html(model_id: str) -> str | None:
 
 
 class ModelsConsumer(CardConsumer):
-    group = MODELS_GROUP
+    group = Model.live_group
     prefix = "model"
     card_html = staticmethod(card_html)

@@ -1,4 +1,4 @@
-"""Extraction services: start, run (in the GPU worker), cancel, delete, list.
+"""Extraction services: start, cancel, delete; and the job itself, run by the GPU worker.
 
 The job runs the model exactly as it was downloaded (its quantization, from the loaded-model
 cache), tokenizes with the model's own tokenizer and writes shards + manifest per
@@ -14,11 +14,17 @@ from functools import lru_cache
 from pathlib import Path
 
 from django.conf import settings
-from django.db.models import F
 from django.utils import timezone
+from transformers import AutoTokenizer
 
-from mistudio.errors import Conflict, Invalid, NotFound, ServiceError, is_disk_full
+from datasets_app.models import Dataset
+from datasets_app.services import dataset_texts
+from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full
+from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
+from .jobs import enqueue_gpu
+from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec, run_extraction
+from .ml.storage import sequence_bytes, storage_dtype
 from .models import (
     EXTRACTION_ACTIVE,
     ExtractionJob,
@@ -27,23 +33,11 @@ from .models import (
     ModelStatus,
     new_extraction_id,
 )
-from .progress import heartbeat, notify
-from .services import enqueue_gpu, model_get
+from .resident import model_resident
+from .selectors import device, extraction_get, model_get
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes
-
-
-def extraction_get(extraction_id: str) -> ExtractionJob:
-    try:
-        return ExtractionJob.objects.select_related("model").get(pk=extraction_id)
-    except (ExtractionJob.DoesNotExist, ValueError):
-        raise NotFound(f"No extraction with id {extraction_id}.") from None
-
-
-def extraction_list(*, model_id: str):
-    model_get(model_id)
-    return ExtractionJob.objects.filter(model_id=model_id)
 
 
 def output_dir(extraction_id: str) -> Path:
@@ -51,13 +45,11 @@ def output_dir(extraction_id: str) -> Path:
     return Path(settings.ACTIVATIONS_DIR) / extraction_id
 
 
-def _dataset(dataset_id: str):
-    from datasets_app.models import Dataset
-
+def _dataset(dataset_id: str) -> Dataset:
     dataset = Dataset.objects.filter(pk=dataset_id).first()
     if dataset is None:
         raise Invalid(f"No dataset with id {dataset_id}.", code="no_dataset")
-    if dataset.status != "ready":
+    if not dataset.is_ready:
         raise Conflict(f"Dataset {dataset.name} is {dataset.status}, not ready.")
     return dataset
 
@@ -82,17 +74,10 @@ def _check_against_model(model: Model, layers: list[int], context_size: int) -> 
         )
 
 
-def bytes_per_sequence(model: Model, context_size: int, device: str) -> int:
-    """Shard bytes of one sequence of one hook: activations (float32 on CPU, bfloat16 on GPU)
-    plus int32 token ids."""
-    width = 4 if device.startswith("cpu") else 2
-    return context_size * ((model.hidden_dim or 1) * width + 4)
-
-
 def output_bytes_estimate(model: Model, n_sites: int, max_samples: int, context_size: int) -> int:
-    """Upper bound of the bytes an extraction writes."""
-    device = model.loaded_device or "cpu"
-    return n_sites * max_samples * bytes_per_sequence(model, context_size, device)
+    """Upper bound of the bytes an extraction writes on the GPU worker's device."""
+    dtype = storage_dtype(device())
+    return n_sites * max_samples * sequence_bytes(model.hidden_dim or 1, context_size, dtype)
 
 
 def _disk_check(needed: int) -> None:
@@ -108,8 +93,6 @@ def _disk_check(needed: int) -> None:
 
 
 def default_context_size(model: Model) -> int:
-    from mistudio.limits import DEFAULT_CONTEXT_SIZE
-
     return min(DEFAULT_CONTEXT_SIZE, model.max_position or DEFAULT_CONTEXT_SIZE)
 
 
@@ -140,8 +123,10 @@ def extraction_start(
     Inputs are already shape-checked by `schemas.ExtractionIn`. Raises Conflict (409) for a model
     or dataset that is not ready, Invalid (422) for layers/context the model lacks or a full disk.
     `out` (CLI) writes somewhere else than ACTIVATIONS_DIR/<id>; `enqueue=False` leaves the job
-    queued for the caller to run in-process.
+    queued for the caller to run in-process (Conflict while another extraction runs).
     """
+    if not enqueue and ExtractionJob.objects.filter(status=ExtractionStatus.RUNNING).exists():
+        raise Conflict("Another extraction is running on this device; wait for it.")
     model = model_get(model_id)
     context_size = context_size or default_context_size(model)
     _check_against_model(model, layers, context_size)
@@ -154,7 +139,7 @@ def extraction_start(
     job = ExtractionJob.objects.create(
         id=job_id,
         model=model,
-        dataset_id=dataset.pk,
+        dataset=dataset,
         dataset_name=dataset.name,
         layers=layers,
         hook_types=hook_types,
@@ -166,31 +151,8 @@ def extraction_start(
     )
     if enqueue:
         enqueue_gpu("extraction_run_task", job.pk)
-    notify("card.changed", model.pk)
+    ExtractionJob.announce(job.pk)
     return extraction_get(job.pk)
-
-
-def _job_update(job_id: str, **fields) -> None:
-    now = timezone.now()
-    ExtractionJob.objects.filter(pk=job_id).update(updated_at=now, heartbeat_at=now, **fields)
-    model_id = ExtractionJob.objects.filter(pk=job_id).values_list("model_id", flat=True).first()
-    if model_id:
-        notify("card.changed", model_id)
-
-
-def _claim(job_id: str) -> bool:
-    now = timezone.now()
-    n = ExtractionJob.objects.filter(
-        pk=job_id, status=ExtractionStatus.QUEUED, cancel_requested=False
-    ).update(
-        status=ExtractionStatus.RUNNING,
-        attempt=F("attempt") + 1,
-        started_at=now,
-        heartbeat_at=now,
-        updated_at=now,
-        phase="loading the model",
-    )
-    return n == 1
 
 
 class _Progress:
@@ -208,7 +170,7 @@ class _Progress:
         self.last = now
         rate = done / max(now - self.started, 1e-6)
         eta = (total - done) / rate if rate > 0 else None
-        _job_update(
+        ExtractionJob.touch(
             self.job_id,
             tokens_done=done,
             tokens_total=total,
@@ -219,12 +181,10 @@ class _Progress:
         )
 
 
-def _cancel_requested(job_id: str) -> bool:
-    return ExtractionJob.objects.filter(pk=job_id, cancel_requested=True).exists()
-
-
 def extraction_end(job: ExtractionJob, status: str, **fields) -> None:
-    _job_update(job.pk, status=status, finished_at=timezone.now(), eta_seconds=None, **fields)
+    ExtractionJob.touch(
+        job.pk, status=status, finished_at=timezone.now(), eta_seconds=None, **fields
+    )
 
 
 def extraction_files_remove(job: ExtractionJob) -> None:
@@ -234,23 +194,10 @@ def extraction_files_remove(job: ExtractionJob) -> None:
 
 @lru_cache(maxsize=4)
 def _tokenizer(local_path: str):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
 
 
-def shard_sequences(job: ExtractionJob, device: str) -> int:
-    """Sequences per shard so that one shard of one hook is about EXTRACTION_SHARD_BYTES."""
-    per_seq = bytes_per_sequence(job.model, job.context_size, device)
-    return max(1, min(job.max_samples, settings.EXTRACTION_SHARD_BYTES // per_seq))
-
-
 def _run(job: ExtractionJob) -> dict:
-    from datasets_app.services import dataset_texts
-
-    from .ml.extract import ExtractionSpec, run_extraction
-    from .resident import model_resident
-
     model, report = model_resident(job.model_id)
     spec = ExtractionSpec(
         layers=job.layers,
@@ -258,7 +205,7 @@ def _run(job: ExtractionJob) -> dict:
         context_size=job.context_size,
         batch_size=job.batch_size,
         max_samples=job.max_samples,
-        shard_sequences=shard_sequences(job, report.device),
+        shard_bytes=settings.EXTRACTION_SHARD_BYTES,
     )
     row = job.model
     meta = {
@@ -270,7 +217,7 @@ def _run(job: ExtractionJob) -> dict:
         "dataset_id": job.dataset_id,
         "extraction_id": job.pk,
     }
-    _job_update(job.pk, phase="extracting")
+    ExtractionJob.touch(job.pk, phase="extracting")
     return run_extraction(
         model,
         _tokenizer(row.local_path),
@@ -279,7 +226,7 @@ def _run(job: ExtractionJob) -> dict:
         Path(job.output_path),
         meta=meta,
         on_progress=_Progress(job.pk),
-        should_cancel=lambda: _cancel_requested(job.pk),
+        should_cancel=lambda: ExtractionJob.cancel_requested(job.pk),
     )
 
 
@@ -301,13 +248,17 @@ def _completed(job: ExtractionJob, manifest: dict) -> None:
 
 def extraction_run(extraction_id: str) -> None:
     """The GPU job. Ends `completed`, `failed` (readable reason, no files) or `cancelled`."""
-    from .ml.extract import ExtractionCancelled, ExtractionError
-
-    if not _claim(extraction_id):
+    if not ExtractionJob.claim(
+        extraction_id,
+        from_status=ExtractionStatus.QUEUED,
+        status=ExtractionStatus.RUNNING,
+        started_at=timezone.now(),
+        phase="loading the model",
+    ):
         return
     job = extraction_get(extraction_id)
     try:
-        with heartbeat(ExtractionJob, job.pk):
+        with ExtractionJob.heartbeat(job.pk):
             manifest = _run(job)
     except ExtractionCancelled:
         extraction_files_remove(job)
@@ -342,7 +293,7 @@ def extraction_cancel(extraction_id: str) -> ExtractionJob:
     job = extraction_get(extraction_id)
     if job.status not in EXTRACTION_ACTIVE:
         raise Conflict(f"This extraction is {job.status}; there is nothing to cancel.")
-    ExtractionJob.objects.filter(pk=job.pk).update(cancel_requested=True)
+    ExtractionJob.request_cancel(job.pk)
     if ExtractionJob.objects.filter(pk=job.pk, status=ExtractionStatus.QUEUED).update(
         status=ExtractionStatus.CANCELLED,
         error_message="Cancelled by the user.",
@@ -351,7 +302,7 @@ def extraction_cancel(extraction_id: str) -> ExtractionJob:
         phase="",
     ):
         extraction_files_remove(job)
-    notify("card.changed", job.model_id)
+    ExtractionJob.announce(job.pk)
     return extraction_get(job.pk)
 
 
@@ -362,7 +313,7 @@ def extraction_delete(extraction_id: str) -> None:
         raise Conflict("This extraction is still running; cancel it first.")
     extraction_files_remove(job)
     job.delete()
-    notify("card.changed", job.model_id)
+    Model.announce(job.model_id)
 
 
 def extractions_remove_for_model(model: Model) -> None:
@@ -371,10 +322,3 @@ def extractions_remove_for_model(model: Model) -> None:
         raise Conflict(f"An extraction of {model.hf_repo_id} is running; cancel it first.")
     for job in model.extractions.all():
         extraction_files_remove(job)
-
-
-def dataset_in_use(dataset_id: str) -> bool:
-    """True while a queued or running extraction reads this dataset."""
-    return ExtractionJob.objects.filter(
-        dataset_id=dataset_id, status__in=EXTRACTION_ACTIVE
-    ).exists()

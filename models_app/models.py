@@ -9,7 +9,8 @@ from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 
-from mistudio.jobs import ByteProgress, JobState
+from mistudio.jobs import ByteCounts, Job
+from mistudio.secretbox import SealedToken
 
 
 def new_model_id() -> str:
@@ -41,8 +42,10 @@ def _models_root() -> str:
     return reverse("models:page")
 
 
-class Model(JobState, ByteProgress):
+class Model(Job, ByteCounts):
     """A Hugging Face model downloaded at one quantization."""
+
+    live_group = "models"
 
     id = models.CharField(primary_key=True, max_length=40, default=new_model_id, editable=False)
     name = models.CharField(max_length=200)
@@ -115,21 +118,14 @@ class Model(JobState, ByteProgress):
         return self.status == ModelStatus.READY
 
 
-class HubCredential(models.Model):
-    """An access token for one download, encrypted at rest and deleted when the job ends.
-
-    Tasks receive the model id only; the worker decrypts the token from here.
-    """
+class HubCredential(SealedToken):
+    """The access token of one model download (see SealedToken)."""
 
     model = models.OneToOneField(Model, on_delete=models.CASCADE, related_name="credential")
-    ciphertext = models.BinaryField()
-    created_at = models.DateTimeField(auto_now_add=True)
+    owner_field = "model"
 
     class Meta:
         db_table = "hub_credentials"
-
-    def __str__(self) -> str:
-        return f"credential for {self.model_id}"
 
 
 def new_extraction_id() -> str:
@@ -147,14 +143,25 @@ class ExtractionStatus(models.TextChoices):
 EXTRACTION_ACTIVE = (ExtractionStatus.QUEUED, ExtractionStatus.RUNNING)
 
 
-class ExtractionJob(JobState):
-    """One activation extraction: sites × dataset → shards + manifest under the data dir."""
+class ExtractionJob(Job):
+    """One activation extraction: sites × dataset → shards + manifest under the data dir.
+
+    Its progress shows on its model's card, so changes are announced as the model's."""
+
+    live_group = "models"
 
     id = models.CharField(
         primary_key=True, max_length=40, default=new_extraction_id, editable=False
     )
     model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="extractions")
-    dataset_id = models.CharField(max_length=64)
+    # The dataset read; null once the dataset is deleted (its name stays for the history).
+    dataset = models.ForeignKey(
+        "datasets_app.Dataset",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="extractions",
+    )
     dataset_name = models.CharField(max_length=255, blank=True)
     layers = models.JSONField()
     hook_types = models.JSONField()
@@ -200,3 +207,7 @@ class ExtractionJob(JobState):
     @property
     def is_active(self) -> bool:
         return self.status in EXTRACTION_ACTIVE
+
+    @classmethod
+    def card_ids(cls, pk: str) -> list[str]:
+        return list(cls.objects.filter(pk=pk).values_list("model_id", flat=True))

@@ -17,10 +17,16 @@ from django.conf import settings
 from django.db import connections
 from django.db.models import Q
 from django.utils import timezone
+from django_q.brokers import get_broker
+from django_q.models import OrmQ, Schedule
+from django_q.signing import SignedPackage
 
-from . import hub
+from datasets_app.reconcile import datasets_reconcile, datasets_requeue
+
+from . import repo
+from .extraction import extraction_end, extraction_files_remove
+from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail
 from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
-from .services import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +53,6 @@ EXTRACTION_STALE = (
 
 
 def _extractions_reconcile(cutoff) -> int:
-    from .extraction import extraction_end, extraction_files_remove
-
     moved = 0
     for job in ExtractionJob.objects.filter(
         status=ExtractionStatus.RUNNING, heartbeat_at__lt=cutoff
@@ -65,7 +69,7 @@ def jobs_reconcile(now=None) -> int:
     cutoff = now - timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS)
     moved = _extractions_reconcile(cutoff)
     for row in _stale_rows(cutoff):
-        hub.partial_files_remove(settings.MODELS_CACHE_DIR, row.hf_repo_id)
+        repo.partial_files_remove(settings.MODELS_CACHE_DIR, row.hf_repo_id)
         job_fail(row.pk, STALE_MESSAGES[row.status])
         moved += 1
     if moved:
@@ -75,8 +79,6 @@ def jobs_reconcile(now=None) -> int:
 
 def reconcile_all() -> int:
     """Every job kind: models, extractions, dataset imports. Returns rows ended."""
-    from datasets_app.reconcile import datasets_reconcile
-
     return jobs_reconcile() + (datasets_reconcile() or 0)
 
 
@@ -87,8 +89,6 @@ def schedule_ensure() -> None:
     """Register the periodic reconciler with django-q2's scheduler (idempotent). Schedule names
     are not unique: workers starting together may both insert one; the extra ones are removed
     here rather than made an error (get() would raise for every later worker)."""
-    from django_q.models import Schedule
-
     fields = {
         "func": "models_app.tasks.reconcile_task",
         "schedule_type": Schedule.MINUTES,
@@ -110,10 +110,6 @@ def broker_waiting_ids(cluster: str) -> set[str]:
     """The ids carried by tasks still waiting in `cluster`'s broker queue (not yet taken by a
     worker). Tasks a worker took are not listed: if that worker died, they are lost (Redis) or
     locked for `retry` seconds (ORM)."""
-    from django_q.brokers import get_broker
-    from django_q.models import OrmQ
-    from django_q.signing import SignedPackage
-
     broker = get_broker(cluster)
     if settings.REDIS_URL:
         payloads = broker.connection.lrange(broker.list_key, 0, -1)
@@ -133,16 +129,16 @@ def _queued_jobs(cluster: str) -> list[tuple[str, str]]:
     """(task function, id) of every job of `cluster` that waits for a worker."""
     if cluster == settings.GPU_CLUSTER:
         extractions = ExtractionJob.objects.filter(
-            status=ExtractionStatus.QUEUED, cancel_requested=False
+            status=ExtractionStatus.QUEUED, cancel_flag=False
         )
         checks = Model.objects.filter(
-            status=ModelStatus.QUANTIZING, phase=WAITING_GPU, cancel_requested=False
+            status=ModelStatus.QUANTIZING, phase=WAITING_GPU, cancel_flag=False
         )
         return [("extraction_run_task", pk) for pk in extractions.values_list("pk", flat=True)] + [
             ("model_load_check_task", pk) for pk in checks.values_list("pk", flat=True)
         ]
     if cluster == settings.DOWNLOAD_CLUSTER:
-        downloads = Model.objects.filter(status=ModelStatus.QUEUED, cancel_requested=False)
+        downloads = Model.objects.filter(status=ModelStatus.QUEUED, cancel_flag=False)
         return [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)]
     return []
 
@@ -150,8 +146,6 @@ def _queued_jobs(cluster: str) -> list[tuple[str, str]]:
 def jobs_requeue(cluster: str) -> int:
     """Queue again the queued jobs of `cluster` whose task is not waiting in the broker; return
     how many. Run at worker start, when a dead worker may have taken tasks with it."""
-    from datasets_app.reconcile import datasets_requeue
-
     waiting = broker_waiting_ids(cluster)
     lost = [(func, pk) for func, pk in _queued_jobs(cluster) if pk not in waiting]
     for func, pk in lost:

@@ -8,7 +8,6 @@ from datetime import datetime
 from mistudio.realtime import RelaySource
 
 from .models import ExtractionJob, Model
-from .progress import MODELS_GROUP
 
 
 def model_changes(since: datetime) -> list[tuple[str, str, datetime]]:
@@ -20,4 +19,4 @@ def model_changes(since: datetime) -> list[tuple[str, str, datetime]]:
     return [(pk, pk, ts) for pk, ts in models] + [(pk, mid, ts) for pk, mid, ts in jobs]
 
 
-MODELS_SOURCE = RelaySource(MODELS_GROUP, "card.changed", model_changes)
+MODELS_SOURCE = RelaySource(Model.live_group, "card.changed", model_changes)

@@ -1,4 +1,4 @@
-"""Loading models into the GPU worker: the load check after a download, load/unload, the cache.
+"""GPU-worker steps for models: the load check after a download, load, unload, the cache.
 
 These run in the one-worker GPU cluster, which owns the process-wide `MODEL_CACHE` (at most one
 model resident per device). `is_loaded` on the row mirrors that cache.
@@ -7,44 +7,19 @@ model resident per device). `is_loaded` on the row mirrors that cache.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
-from django.conf import settings
 from django.utils import timezone
 
 from mistudio.errors import Conflict, ServiceError
 
+from .jobs import WAITING_GPU, job_cancelled, job_fail, job_finish
 from .ml.architecture import describe
 from .ml.cache import MODEL_CACHE
-from .ml.device import device_info, resolve_device
 from .ml.loading import LoadReport, QuantizationError, load_model
 from .models import Model, ModelStatus
-from .progress import heartbeat, notify, row_update
-from .services import (
-    WAITING_GPU,
-    enqueue_gpu,
-    job_cancelled,
-    job_claim,
-    job_fail,
-    job_finish,
-    model_get,
-)
+from .selectors import device, model_get
 
 log = logging.getLogger(__name__)
-
-
-@lru_cache(maxsize=1)
-def device():
-    return resolve_device(settings.MISTUDIO_DEVICE)
-
-
-def device_summary() -> dict:
-    """The device jobs run on, with its memory (bytes) — for the page header."""
-    info = device_info(device())
-    info["loaded"] = list(
-        Model.objects.filter(is_loaded=True).values_list("name", "quantization", "mem_req_bytes")
-    )
-    return info
 
 
 def _load(row: Model):
@@ -57,7 +32,7 @@ def _load(row: Model):
     if evicted:
         Model.objects.filter(pk__in=evicted).update(is_loaded=False, updated_at=timezone.now())
         for pk in evicted:
-            notify("card.changed", pk)
+            Model.announce(pk)
     return model, report
 
 
@@ -68,7 +43,7 @@ def model_resident(model_id: str):
         raise Conflict(f"{row.hf_repo_id} is {row.status}, not ready.")
     model, report = _load(row)
     if not row.is_loaded:
-        row_update(Model, row.pk, is_loaded=True, loaded_device=report.device)
+        Model.touch(row.pk, is_loaded=True, loaded_device=report.device)
     return model, report
 
 
@@ -102,23 +77,23 @@ def model_load_check_run(model_id: str) -> None:
 
     Ends `ready` (and resident: `is_loaded`), `error` with the reason, or `cancelled`.
     """
-    if not job_claim(
+    if not Model.claim(
         model_id,
-        where_status=ModelStatus.QUANTIZING,
-        where_phase=WAITING_GPU,
+        from_status=ModelStatus.QUANTIZING,
+        where={"phase": WAITING_GPU},
         phase="loading with quantization",
     ):
         return
     row = Model.objects.get(pk=model_id)
     try:
-        with heartbeat(Model, model_id):
+        with Model.heartbeat(model_id):
             model, report = _load(row)
             arch = describe(model)
     except (QuantizationError, ValueError, OSError, RuntimeError) as exc:
         MODEL_CACHE.evict(model_id)
         job_fail(model_id, f"Loading at {row.quantization} failed: {exc}")
         return
-    if Model.objects.filter(pk=model_id, cancel_requested=True).exists():
+    if Model.cancel_requested(model_id):
         MODEL_CACHE.evict(model_id)
         job_cancelled(row)
         return
@@ -133,24 +108,6 @@ def model_load_check_run(model_id: str) -> None:
     )
 
 
-def model_load(model_id: str) -> Model:
-    """Queue loading a ready model into the GPU worker (evicting the one resident there)."""
-    row = model_get(model_id)
-    if row.status != ModelStatus.READY:
-        raise Conflict(f"{row.hf_repo_id} is {row.status}; only a ready model can be loaded.")
-    enqueue_gpu("model_load_task", model_id)
-    return row
-
-
-def model_unload(model_id: str) -> Model:
-    """Queue unloading a model from the GPU worker."""
-    row = model_get(model_id)
-    if not row.is_loaded:
-        raise Conflict(f"{row.hf_repo_id} is not loaded.")
-    enqueue_gpu("model_unload_task", model_id)
-    return row
-
-
 def model_load_run(model_id: str) -> None:
     """Load a ready model (a second delivery finds it resident); a model deleted or no longer
     ready by the time the worker gets here is skipped."""
@@ -162,7 +119,7 @@ def model_load_run(model_id: str) -> None:
 
 def model_unload_run(model_id: str) -> None:
     MODEL_CACHE.evict(model_id)
-    row_update(Model, model_id, is_loaded=False, loaded_device="")
+    Model.touch(model_id, is_loaded=False, loaded_device="")
 
 
 def cache_reset() -> None:

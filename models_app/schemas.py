@@ -9,37 +9,9 @@ from ninja import Schema
 from pydantic import AfterValidator, Field
 
 from mistudio import limits
-
-from .hub import HubError, repo_id_clean, revision_clean
+from mistudio.validation import AccessToken, RepoId, Revision
 
 QuantizationName = Literal["FP16", "Q8", "Q4", "Q2"]
-TOKEN_MAX = 500
-
-
-def _hub_checked(fn):
-    def check(value):
-        try:
-            return fn(value)
-        except HubError as exc:
-            raise ValueError(exc.message) from None
-
-    return check
-
-
-def _token_clean(value: str | None) -> str | None:
-    value = (value or "").strip()
-    if not value:
-        return None
-    if not value.isascii() or not value.isprintable() or " " in value:
-        raise ValueError("An access token is one word of printable ASCII characters.")
-    return value
-
-
-RepoId = Annotated[str, Field(max_length=400), AfterValidator(_hub_checked(repo_id_clean))]
-Revision = Annotated[
-    str | None, Field(max_length=200), AfterValidator(_hub_checked(revision_clean))
-]
-AccessToken = Annotated[str | None, Field(max_length=TOKEN_MAX), AfterValidator(_token_clean)]
 
 
 class EstimateIn(Schema):
@@ -109,11 +81,10 @@ LayerIndex = Annotated[int, Field(ge=0, le=limits.LAYER_INDEX_MAX)]
 HookType = Literal["residual", "mlp", "attention"]
 
 
-class ExtractionIn(Schema):
-    """An extraction request (modal, API, CLI). Model-specific bounds (layer count, context
-    length) are checked by the service against the real model."""
+class ExtractionSettings(Schema):
+    """What to extract, whatever the dataset (a template holds these). Model-specific bounds
+    (layer count, context length) are checked by the service against the real model."""
 
-    dataset_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable_id)]
     layers: Annotated[
         list[LayerIndex],
         Field(min_length=1, max_length=limits.LAYERS_PER_JOB_MAX),
@@ -133,10 +104,16 @@ class ExtractionIn(Schema):
     )
 
 
+class ExtractionIn(ExtractionSettings):
+    """An extraction request (modal, API, CLI): the settings and the dataset to read."""
+
+    dataset_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable_id)]
+
+
 class ExtractionOut(Schema):
     id: str
     model_id: str
-    dataset_id: str
+    dataset_id: str | None
     dataset_name: str
     status: str
     phase: str

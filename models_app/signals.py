@@ -6,17 +6,16 @@ import logging
 
 from django.conf import settings
 from django.dispatch import receiver
+from django_q.conf import Conf
 from django_q.signals import post_spawn
+
+from . import reconcile, resident
 
 log = logging.getLogger(__name__)
 
 
 @receiver(post_spawn)
 def worker_started(sender, proc_name: str, **kwargs) -> None:
-    from django_q.conf import Conf
-
-    from . import reconcile, resident
-
     try:
         if Conf.CLUSTER_NAME == settings.GPU_CLUSTER:
             resident.cache_reset()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from . import extraction, reconcile, resident, services
+from . import extraction, jobs, reconcile, resident
 
 
 def model_download_task(model_id: str) -> None:
-    services.model_download_run(model_id)
+    jobs.model_download_run(model_id)
 
 
 def model_load_check_task(model_id: str) -> None:

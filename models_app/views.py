@@ -8,10 +8,10 @@ from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError
 
 from mistudio.errors import ServiceError
+from mistudio.hub import HubError
 from mistudio.validation import validation_message
 
-from . import resident, services
-from .hub import HubError
+from . import selectors, services
 from .models import Quantization
 from .schemas import DownloadIn, EstimateIn
 
@@ -20,7 +20,7 @@ PAGE = "models_app/models.html"
 
 def _page_context(**extra) -> dict:
     return {
-        "models": services.model_list(),
+        "models": selectors.model_list(),
         "quantizations": Quantization.choices,
         "default_quantization": Quantization.Q4,
         **extra,
@@ -76,7 +76,7 @@ def model_estimate(request: HttpRequest) -> HttpResponse:
 
 def _card_or_page(request: HttpRequest, model_id: str, status: int = 200) -> HttpResponse:
     if request.htmx:
-        model = services.model_card_get(model_id)
+        model = selectors.model_card_get(model_id)
         return _partial(request, "model_card", {"model": model}, status=status)
     return redirect("models:page")
 
@@ -103,8 +103,8 @@ def _card_action(action):
 
 
 model_cancel = _card_action(services.model_cancel)
-model_load = _card_action(resident.model_load)
-model_unload = _card_action(resident.model_unload)
+model_load = _card_action(services.model_load)
+model_unload = _card_action(services.model_unload)
 
 
 @require_POST
@@ -121,8 +121,8 @@ def model_delete(request: HttpRequest, model_id: str) -> HttpResponse:
 @require_GET
 def model_architecture(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
-        model = services.model_get(model_id)
-        arch = services.model_architecture(model_id)
+        model = selectors.model_get(model_id)
+        arch = selectors.model_architecture(model_id)
     except ServiceError as exc:
         return _error(request, exc.message, exc.status, "#modal")
     context = {"model": model, "arch": arch}
@@ -133,4 +133,4 @@ def model_architecture(request: HttpRequest, model_id: str) -> HttpResponse:
 
 @require_GET
 def device_badge(request: HttpRequest) -> HttpResponse:
-    return render(request, "shell.html#device_badge", {"device": resident.device_summary()})
+    return render(request, "shell.html#device_badge", {"device": selectors.device_summary()})

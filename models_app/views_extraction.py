@@ -7,11 +7,13 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError
 
+from datasets_app.selectors import dataset_options
 from mistudio import limits
 from mistudio.errors import Conflict, ServiceError
 from mistudio.validation import validation_message
+from templates_app.selectors import section_context, template_get
 
-from . import extraction, services
+from . import extraction, selectors
 from .models import Model
 from .schemas import ExtractionIn
 
@@ -32,17 +34,14 @@ def _default_form(model: Model) -> dict:
 
 
 def _template_form(model: Model, template_id: str) -> dict:
-    from templates_app.services import template_get
-
-    t = template_get(template_id)
+    values = template_get(template_id).extraction_settings()
     form = _default_form(model)
     n = model.num_layers or 0
+    context = values["context_size"]
     form.update(
-        layers=[i for i in t.layers if i < n] or form["layers"],
-        hook_types=list(t.hook_types),
-        batch_size=t.batch_size,
-        max_samples=t.max_samples,
-        context_size=min(t.context_size, model.max_position or t.context_size),
+        values,
+        layers=[i for i in values["layers"] if i < n] or form["layers"],
+        context_size=min(context, model.max_position or context),
     )
     return form
 
@@ -60,11 +59,9 @@ def _posted_form(request: HttpRequest) -> dict:
 
 
 def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **extra) -> dict:
-    from datasets_app.selectors import dataset_options
-    from templates_app.selectors import section_context
-
     return {
         "model": model,
+        "model_id": model.pk,
         "form": form,
         "layer_range": range(model.num_layers or 0),
         "hook_choices": list(limits.HOOK_LABELS.items()),
@@ -78,7 +75,7 @@ def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **
 @require_GET
 def extract_modal(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
-        model = services.model_get(model_id)
+        model = selectors.model_get(model_id)
         if not model.is_ready:
             raise Conflict(f"{model.hf_repo_id} is {model.status}, not ready.")
         template_id = request.GET.get("template")
@@ -111,7 +108,7 @@ def _start_error(request: HttpRequest, model: Model, message: str, status: int) 
 @require_POST
 def extract_start(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
-        model = services.model_get(model_id)
+        model = selectors.model_get(model_id)
     except ServiceError as exc:
         return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
     try:
@@ -125,7 +122,7 @@ def extract_start(request: HttpRequest, model_id: str) -> HttpResponse:
         response = render(
             request,
             "models_app/models.html#model_card",
-            {"model": services.model_card_get(model_id)},
+            {"model": selectors.model_card_get(model_id)},
             status=202,
         )
         response["HX-Retarget"] = f"#model-{model_id}"
@@ -136,14 +133,14 @@ def extract_start(request: HttpRequest, model_id: str) -> HttpResponse:
 
 
 def _history_context(model: Model) -> dict:
-    jobs = list(extraction.extraction_list(model_id=model.pk))
+    jobs = list(selectors.extraction_list(model_id=model.pk))
     return {"model": model, "jobs": jobs, "has_active": any(j.is_active for j in jobs)}
 
 
 @require_GET
 def extraction_history(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
-        model = services.model_get(model_id)
+        model = selectors.model_get(model_id)
     except ServiceError as exc:
         return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
     context = _history_context(model)
@@ -156,7 +153,7 @@ def _job_action(action):
     @require_POST
     def view(request: HttpRequest, extraction_id: str) -> HttpResponse:
         try:
-            job = extraction.extraction_get(extraction_id)
+            job = selectors.extraction_get(extraction_id)
             action(extraction_id)
         except ServiceError as exc:
             return HttpResponse(exc.message, status=exc.status, content_type="text/plain")

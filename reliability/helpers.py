@@ -13,8 +13,8 @@ import httpx
 from django.conf import settings
 from huggingface_hub import HfApi, hf_hub_download
 
-from models_app.hub import repo_cache_dir
 from models_app.models import ExtractionJob, Model
+from models_app.repo import repo_cache_dir
 from models_app.tests.helpers import CORPUS, text_dataset, wait_for
 
 from .conftest import FIGURES, figure_max

@@ -78,7 +78,7 @@ def seed() -> None:
             defaults=dict(
                 model=ready, dataset_id="d_ready", layers=[0], hook_types=["residual"],
                 batch_size=2, max_samples=4, context_size=16, status=status, heartbeat_at=now,
-                cancel_requested=False, output_path=f"/nonexistent/{pk}",
+                cancel_flag=False, output_path=f"/nonexistent/{pk}",
             ),
         )  # fmt: skip
     ExtractionJob.objects.exclude(pk__in=IDS["extraction"]).delete()
@@ -97,7 +97,7 @@ def _models(now) -> None:
             defaults=dict(
                 name=pk, hf_repo_id=f"tiny/{pk}", quantization="Q4", status=status,
                 num_layers=2, hidden_dim=128, max_position=256, heartbeat_at=now,
-                cancel_requested=False, is_loaded=False,
+                cancel_flag=False, is_loaded=False,
             ),
         )  # fmt: skip
 
@@ -109,7 +109,7 @@ def _datasets(now) -> None:
         Dataset.objects.update_or_create(
             pk=pk,
             defaults=dict(
-                name=pk, source="upload", status=status, heartbeat_at=now, cancel_requested=False
+                name=pk, source="upload", status=status, heartbeat_at=now, cancel_flag=False
             ),
         )
 

@@ -14,6 +14,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from datasets_app import services as dataset_services
+from datasets_app import storage as dataset_storage
 from datasets_app import tasks as dataset_tasks
 from datasets_app.models import Dataset
 from models_app import extraction, tasks
@@ -130,7 +131,7 @@ def test_a_disk_that_fills_mid_dataset_import_ends_the_job_cleanly(settings, sma
     dataset_tasks.dataset_normalize_task(row.pk)
     row.refresh_from_db()
     assert row.status == "error" and row.error_message.startswith("The disk filled up while")
-    assert not dataset_services.dataset_dir(row.pk).exists() and serves_pages(Client())
+    assert not dataset_storage.dataset_dir(row.pk).exists() and serves_pages(Client())
     filler.unlink()
     FIGURES["jobs ended cleanly by a disk that filled up"] += 1
 

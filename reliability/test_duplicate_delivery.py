@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import connections
 
 from datasets_app import services as dataset_services
+from datasets_app import storage as dataset_storage
 from datasets_app import tasks as dataset_tasks
 from datasets_app.models import Dataset
 from models_app import extraction, services, tasks
@@ -115,5 +116,5 @@ def test_a_dataset_import_delivered_twice_at_once_imports_once(hub, texts_repo):
     row.refresh_from_db()
     assert (row.status, row.attempt, row.row_count) == ("ready", 1, 40), row.error_message
     assert in_order_once(seen.seen, ["queued", "importing", "ready"]), seen.seen
-    files = [p.name for p in dataset_services.dataset_dir(row.pk).iterdir()]
+    files = [p.name for p in dataset_storage.dataset_dir(row.pk).iterdir()]
     assert files == ["texts.jsonl"]

@@ -42,7 +42,7 @@ def templates_create(request: HttpRequest, payload: TemplateIn):
 
 @router.get("/extraction/{template_id}", response={200: TemplateOut, **ERRORS})
 def templates_get(request: HttpRequest, template_id: str):
-    return services.template_get(template_id)
+    return selectors.template_get(template_id)
 
 
 @router.put("/extraction/{template_id}", response={200: TemplateOut, **ERRORS})

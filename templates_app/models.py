@@ -88,6 +88,16 @@ class ExtractionTemplate(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def extraction_settings(self) -> dict:
+        """The fields an extraction request takes from a template."""
+        return {
+            "layers": list(self.layers),
+            "hook_types": list(self.hook_types),
+            "batch_size": self.batch_size,
+            "max_samples": self.max_samples,
+            "context_size": self.context_size,
+        }
+
     @property
     def hooks_display(self) -> str:
         return ", ".join(self.hook_types)

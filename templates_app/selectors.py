@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.db.models import QuerySet
+
+from mistudio.errors import NotFound
 
 from .models import ExtractionTemplate
 from .schemas import LIST_LIMIT_MAX
+
+
+def template_get(template_id: str | uuid.UUID) -> ExtractionTemplate:
+    try:
+        return ExtractionTemplate.objects.get(pk=uuid.UUID(str(template_id)))
+    except (ExtractionTemplate.DoesNotExist, ValueError):
+        raise NotFound("No such template; it may have been deleted.") from None
+
+
+def template_named(name: str) -> ExtractionTemplate:
+    """The template called `name` (NotFound when there is none)."""
+    row = ExtractionTemplate.objects.filter(name=name).first()
+    if row is None:
+        raise NotFound(f"No extraction template named {name!r}.")
+    return row
 
 
 def template_page(

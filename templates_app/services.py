@@ -14,7 +14,7 @@ from django.utils import timezone
 from pydantic import ValidationError as PydanticValidationError
 
 from mistudio import limits
-from mistudio.errors import Conflict, Invalid, NotFound, ServiceError
+from mistudio.errors import Conflict, Invalid, ServiceError
 
 from .models import ExtractionTemplate
 from .schemas import (
@@ -26,15 +26,9 @@ from .schemas import (
     TemplateOut,
     errors_message,
 )
+from .selectors import template_get
 
 DUPLICATE_MESSAGE = "A template with this name already exists; pick another name."
-
-
-def template_get(template_id: str | uuid.UUID) -> ExtractionTemplate:
-    try:
-        return ExtractionTemplate.objects.get(pk=uuid.UUID(str(template_id)))
-    except (ExtractionTemplate.DoesNotExist, ValueError):
-        raise NotFound("No such template; it may have been deleted.") from None
 
 
 def _name_taken(name: str, *, exclude: uuid.UUID | None = None) -> bool:

@@ -8,6 +8,7 @@ HTMX swaps into `#templates-error`.
 from __future__ import annotations
 
 import json
+import re
 
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -16,7 +17,6 @@ from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError as PydanticValidationError
 
 from mistudio.errors import ServiceError
-from models_app.models import Model
 
 from . import selectors, services
 from .schemas import TemplateSaveIn, errors_message, form_fields
@@ -24,17 +24,21 @@ from .schemas import TemplateSaveIn, errors_message, form_fields
 SECTION = "templates_app/section.html"
 
 
-def _model(request: HttpRequest) -> Model | None:
-    """The modal's model (for the Load links); absent or unknown: the section works without."""
-    model_id = request.POST.get("model_id") or request.GET.get("model_id")
-    return Model.objects.filter(pk=model_id).first() if model_id else None
+MODEL_ID = re.compile(r"^m_[0-9a-f]{32}$")
+
+
+def _model_id(request: HttpRequest) -> str:
+    """The modal's model id (for the Load links); absent or malformed: the section works without.
+    An unknown id gives links that answer 404, as for a model deleted while the modal is open."""
+    model_id = request.POST.get("model_id") or request.GET.get("model_id") or ""
+    return model_id if MODEL_ID.fullmatch(model_id) else ""
 
 
 def _section(request: HttpRequest, status: int = 200, **extra) -> HttpResponse:
     if not request.htmx and request.method == "POST":
         return redirect("models:page")
     context = {
-        "model": _model(request),
+        "model_id": _model_id(request),
         "template_section": selectors.section_context(True),
         **extra,
     }

@@ -8,7 +8,6 @@ from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
 from datasets_app.models import Dataset, DatasetStatus
-from datasets_app.progress import notify, row_update
 from datasets_app.relay import DATASETS_SOURCE
 from mistudio.asgi import application
 from mistudio.realtime import Relay
@@ -32,7 +31,7 @@ async def test_a_progress_write_pushes_the_card_partial():
     row = await database_sync_to_async(make_row)(status=DatasetStatus.IMPORTING)
     comm, connected = await connect()
     assert connected
-    await database_sync_to_async(row_update)(row.pk, progress=12.5, phase="downloading")
+    await database_sync_to_async(Dataset.touch)(row.pk, progress=12.5, phase="downloading")
     html = await comm.receive_from(timeout=5)
     assert f'id="dataset-{row.pk}"' in html and 'hx-swap-oob="true"' in html and "12.5%" in html
     await comm.disconnect()
@@ -41,7 +40,7 @@ async def test_a_progress_write_pushes_the_card_partial():
 @pytest.mark.asyncio
 async def test_a_deleted_dataset_removes_its_card():
     comm, _ = await connect()
-    await database_sync_to_async(notify)("card.deleted", "d_gone")
+    await database_sync_to_async(Dataset.announce)("d_gone", "card.deleted")
     assert 'id="dataset-d_gone" hx-swap-oob="delete"' in await comm.receive_from(timeout=5)
     await comm.disconnect()
 

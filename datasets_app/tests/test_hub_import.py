@@ -10,8 +10,8 @@ from datasets_app.hubdata import split_files
 from datasets_app.models import Dataset, DatasetCredential, DatasetStatus
 from datasets_app.reconcile import datasets_reconcile
 from mistudio.errors import Conflict
+from mistudio.hub import HubError, RepoFile
 from mistudio.testing.queues import queued_task_payloads
-from models_app.hub import HubError, RepoFile
 
 from .helpers import BIG_ROWS, files_under, hub_import, in_thread, story, wait_for
 

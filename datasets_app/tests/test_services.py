@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from datasets_app import selectors, services
+from datasets_app import selectors, services, storage
 from datasets_app.models import Dataset, DatasetStatus
 from mistudio.errors import Conflict, NotFound
 
@@ -27,7 +27,7 @@ def test_dataset_texts_refuses_what_is_not_ready_or_missing(settings):
     with pytest.raises(Conflict):
         services.dataset_texts(row.id)
     Dataset.objects.filter(pk=row.id).update(status=DatasetStatus.READY)
-    services.texts_path(row.id).unlink()
+    storage.texts_path(row.id).unlink()
     with pytest.raises(Conflict) as err:
         services.dataset_texts(row.id)
     assert err.value.code == "missing_files"

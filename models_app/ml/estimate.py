@@ -169,24 +169,3 @@ def fit_label(required: int, device_info: dict) -> tuple[str, str]:
     if required <= free * (1 + FIT_MARGIN):
         return "partial", f"Tight fit {where}"
     return "too_large", "Likely too large"
-
-
-def format_params(n: int) -> str:
-    """124_439_808 → "124M", 1_100_048_384 → "1.1B", 557_696 → "558K"."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return _short(n / scale) + unit
-    return str(n)
-
-
-def format_bytes(n: int) -> str:
-    """Decimal units, one decimal: 2_200_000_000 → "2.2 GB", 512 → "512 B"."""
-    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _short(value: float) -> str:
-    text = f"{value:.1f}" if value < 10 else f"{value:.0f}"
-    return text.removesuffix(".0")

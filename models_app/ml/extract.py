@@ -46,11 +46,12 @@ from .storage import (
     copy_on_stream,
     dtype_name,
     remove_partial,
+    shard_sequences_for,
+    storage_dtype,
     write_manifest,
 )
 from .tokens import batched, bos_policy, pack_documents, prefetch, token_budget
 
-SHARD_TARGET_BYTES = 128 * 2**20  # per hook and shard when shard_sequences is None
 SELF_CHECK_SEQUENCES = 2  # sequences of the first batch the sum check runs on
 POOL_SLOTS = 3  # staged batches in flight: one being filled, two queued for the writer
 # Relative tolerance of the sum check, by compute dtype: fp32 adds are exact up to rounding;
@@ -78,8 +79,9 @@ class ExtractionSpec:
     context_size: int  # tokens per sequence (T)
     batch_size: int  # sequences per forward (B)
     max_samples: int  # sequences to extract at most
-    shard_sequences: int | None = None  # sequences per shard; None: ≈ SHARD_TARGET_BYTES per hook
-    dtype: str | None = None  # storage dtype float32|bfloat16; None: float32 on CPU, bf16 on GPU
+    shard_sequences: int | None = None  # sequences per shard; None: from shard_bytes
+    shard_bytes: int | None = None  # bytes per shard and hook; None: storage.DEFAULT_SHARD_BYTES
+    dtype: str | None = None  # storage dtype float32|bfloat16; None: see storage.storage_dtype
     include_resid_pre: bool = False  # also store blocks.{i}.hook_resid_pre
 
     def validate(self, model: nn.Module) -> None:
@@ -87,8 +89,10 @@ class ExtractionSpec:
         for name in ("context_size", "batch_size", "max_samples"):
             if int(getattr(self, name)) < 1:
                 raise ExtractionError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.shard_sequences is not None and self.shard_sequences < 1:
-            raise ExtractionError(f"shard_sequences must be at least 1, got {self.shard_sequences}")
+        for name in ("shard_sequences", "shard_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ExtractionError(f"{name} must be at least 1, got {value}")
         if not self.layers or not self.hook_types:
             raise ExtractionError("choose at least one layer and one hook type")
         limit = max_positions(model.config)
@@ -118,9 +122,7 @@ class ExtractionSpec:
             raise ExtractionError(str(exc)) from exc
 
     def storage_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype is not None:
-            return STORAGE_DTYPES[self.dtype]
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return storage_dtype(device, self.dtype)
 
 
 def max_positions(config) -> int | None:
@@ -408,8 +410,13 @@ def _plan(model: nn.Module, spec: ExtractionSpec) -> _Plan:
     device = model_device(model)
     dtype = spec.storage_dtype(device)
     d = hidden_size(model.config)
-    per_seq = spec.context_size * d * dtype.itemsize  # bytes of one sequence of one hook
-    shard = min(spec.shard_sequences or max(1, SHARD_TARGET_BYTES // per_seq), spec.max_samples)
+    shard = min(
+        spec.shard_sequences
+        or shard_sequences_for(
+            d, spec.context_size, dtype, max_samples=spec.max_samples, shard_bytes=spec.shard_bytes
+        ),
+        spec.max_samples,
+    )
     batch = min(spec.batch_size, spec.max_samples)
     return _Plan(spec.sites(model), device, dtype, d, spec.context_size, batch, shard, batch)
 

@@ -40,6 +40,10 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Bytes of one shard file of one hook, unless the caller asks for another size. Shards are written
+# from batch-sized staging slots, so host memory does not depend on it; it sets how fine-grained
+# the files are for readers (and how much a crash loses).
+DEFAULT_SHARD_BYTES = 32 * 2**20
 _TMP_PREFIX = ".tmp-"
 # Threads writing the hooks' files at once. Writes, hashing and fsync release the GIL, so the
 # files are written side by side: on a GPU host the writer keeps up with a faster forward.
@@ -53,6 +57,29 @@ class StorageError(RuntimeError):
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32' for torch.float32, etc."""
     return str(dtype).removeprefix("torch.")
+
+
+def storage_dtype(device: torch.device | str, requested: str | None = None) -> torch.dtype:
+    """The dtype shards are stored in: `requested` (a STORAGE_DTYPES name) if given, else float32
+    on CPU (what CPU compute uses) and bfloat16 on a GPU (half the bytes, the range of float32)."""
+    if requested is not None:
+        return STORAGE_DTYPES[requested]
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.float32 if kind == "cpu" else torch.bfloat16
+
+
+def sequence_bytes(d: int, context_size: int, dtype: torch.dtype) -> int:
+    """Bytes one sequence adds to one hook's shard: activations (T, d) + int32 token ids (T)."""
+    return context_size * (d * dtype.itemsize + 4)
+
+
+def shard_sequences_for(
+    d: int, context_size: int, dtype: torch.dtype, *, max_samples: int, shard_bytes: int | None
+) -> int:
+    """Sequences per shard so that one shard of one hook is about `shard_bytes` (default
+    DEFAULT_SHARD_BYTES), at least 1 and at most `max_samples`."""
+    per_seq = sequence_bytes(d, context_size, dtype)
+    return max(1, min(max_samples, (shard_bytes or DEFAULT_SHARD_BYTES) // per_seq))
 
 
 def shard_relpath(hook_name: str, k: int) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from datasets_app.services import dataset_upload
 from mistudio.testing.waiting import in_thread, wait_for  # noqa: F401 - re-exported
-from models_app import services, tasks
+from models_app import extraction, services, tasks
 from models_app.models import Model
 
 
@@ -35,18 +38,12 @@ CORPUS = [
 
 def text_dataset(name: str = "corpus", lines: list[str] | None = None):
     """A ready dataset registered through the real upload service."""
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
-    from datasets_app.services import dataset_upload
-
     body = "\n".join(lines or CORPUS).encode()
     return dataset_upload(upload=SimpleUploadedFile(f"{name}.txt", body), name=name)
 
 
 def extract(model: Model, dataset, **overrides):
     """Start an extraction through the service and run its GPU task inline; return the row."""
-    from models_app import extraction
-
     params = {
         "layers": [0, 1],
         "hook_types": ["residual", "mlp", "attention"],

@@ -10,7 +10,6 @@ from django.utils import timezone
 from mistudio.asgi import application
 from mistudio.realtime import Relay
 from models_app.models import Model, ModelStatus
-from models_app.progress import notify
 from models_app.relay import MODELS_SOURCE
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -32,7 +31,7 @@ async def test_a_change_pushes_the_card_partial():
     row = await database_sync_to_async(make_row)(status=ModelStatus.DOWNLOADING, progress=12.5)
     comm, connected = await connect()
     assert connected
-    await database_sync_to_async(notify)("card.changed", row.pk)
+    await database_sync_to_async(Model.announce)(row.pk)
     html = await comm.receive_from(timeout=5)
     assert f'id="model-{row.pk}"' in html and 'hx-swap-oob="true"' in html and "12.5%" in html
     await comm.disconnect()
@@ -41,7 +40,7 @@ async def test_a_change_pushes_the_card_partial():
 @pytest.mark.asyncio
 async def test_a_deleted_model_removes_its_card():
     comm, _ = await connect()
-    await database_sync_to_async(notify)("card.deleted", "m_gone")
+    await database_sync_to_async(Model.announce)("m_gone", "card.deleted")
     assert 'hx-swap-oob="delete"' in await comm.receive_from(timeout=5)
     await comm.disconnect()
 

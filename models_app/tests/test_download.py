@@ -8,8 +8,8 @@ from optimum.quanto import QLinear
 
 from conftest import GOOD_TOKEN
 from mistudio.errors import Conflict
+from mistudio.hub import HubError
 from models_app import resident, services, tasks
-from models_app.hub import HubError
 from models_app.ml.layers import find_blocks
 from models_app.models import HubCredential, Model, ModelStatus
 

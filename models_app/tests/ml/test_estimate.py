@@ -15,14 +15,13 @@ from transformers import (
     Qwen2Config,
 )
 
+from mistudio.humanize import bytes_h, params_h
 from mistudio.testing.tiny_models import build_tiny_model
 from models_app.ml.estimate import (
     RUNTIME_OVERHEAD,
     estimate_memory,
     estimate_parameters,
     fit_label,
-    format_bytes,
-    format_params,
 )
 from models_app.ml.loading import QUANTIZATIONS, load_model
 
@@ -69,7 +68,7 @@ def test_parameter_estimate_equals_the_real_model(name):
 def test_known_published_parameter_counts():
     assert estimate_parameters(REAL_SHAPES["gpt2-small"].to_dict()) == 124_439_808
     assert estimate_parameters(REAL_SHAPES["tinyllama-1.1b"].to_dict()) == 1_100_048_384
-    assert format_params(estimate_parameters(REAL_SHAPES["qwen2-0.5b"].to_dict())) == "494M"
+    assert params_h(estimate_parameters(REAL_SHAPES["qwen2-0.5b"].to_dict())) == "494M"
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,7 @@ def test_fit_label(required, device, expected):
      (13_015_864_320, "13B"), (557_696, "558K"), (999, "999"), (2_000_000_000, "2B")],
 )  # fmt: skip
 def test_format_params(n, text):
-    assert format_params(n) == text
+    assert params_h(n) == text
 
 
 @pytest.mark.parametrize(
@@ -143,4 +142,4 @@ def test_format_params(n, text):
     [(2_200_000_000, "2.2 GB"), (13_400_000, "13.4 MB"), (512, "512 B"), (4_000, "4.0 KB")],
 )
 def test_format_bytes(n, text):
-    assert format_bytes(n) == text
+    assert bytes_h(n) == text

@@ -1,0 +1,286 @@
+"""The Hugging Face Hub client every app uses: id checks, one error mapping, listings, downloads.
+
+No Django here: callers pass endpoint, token and folders explicitly (tests point everything at a
+loopback fake hub). Every Hub failure becomes a `HubError` whose message tells a researcher what
+to do, worded for the kind of repo (model or dataset).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from tqdm.auto import tqdm
+
+from mistudio.errors import is_disk_full
+
+# owner/name, each part ASCII letters, digits, '.', '_' or '-', not starting with '.' or '-'.
+REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+REPO_ID_MAX = 96
+
+# huggingface_hub streams in 10 MiB chunks and reports progress once per chunk; 1 MiB gives
+# byte-accurate progress and a cancel that takes effect within a megabyte. Read at call time.
+constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
+
+
+class HubError(Exception):
+    """A Hub problem with a user-facing message and the HTTP status our API answers with."""
+
+    def __init__(self, message: str, *, code: str, status: int = 422):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+class DownloadCancelled(Exception):  # noqa: N818 - an outcome, not an error
+    """Raised from inside the byte stream when the job was cancelled."""
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    name: str  # path inside the repo, '/'-separated
+    size: int  # bytes, as the Hub lists it
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What the Hub says a repo holds at one commit."""
+
+    repo_id: str
+    commit_sha: str
+    files: list[RepoFile]
+    gated: bool = False
+
+
+def repo_id_clean(raw: object, *, kind: str = "model") -> str:
+    """Return the repo id stripped of surrounding spaces, or raise HubError(status=422)."""
+    example = f"owner/{kind}-name"
+    if not isinstance(raw, str) or not raw.strip():
+        raise HubError(f"Enter a Hugging Face repo id such as {example}.", code="invalid")
+    repo_id = raw.strip()
+    if "://" in repo_id or repo_id.startswith(("www.", "huggingface.co", "hf.co")):
+        raise HubError(f"Paste the repo id ({example}), not a URL.", code="invalid")
+    if len(repo_id) > REPO_ID_MAX:
+        raise HubError(f"A repo id has at most {REPO_ID_MAX} characters.", code="invalid")
+    if not repo_id.isascii() or not REPO_ID_RE.fullmatch(repo_id) or ".." in repo_id:
+        raise HubError(
+            f"A repo id is {example} using letters, digits, '.', '_' and '-' only.",
+            code="invalid",
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubError(f"Invalid repo id: {exc}", code="invalid") from None
+    return repo_id
+
+
+def revision_clean(raw: object) -> str:
+    """A branch, tag or commit sha ('main' when empty); HubError(422) otherwise."""
+    if raw is None or raw == "":
+        return "main"
+    if not isinstance(raw, str) or not REVISION_RE.fullmatch(raw) or ".." in raw:
+        raise HubError("A revision is a branch, tag or commit sha.", code="invalid")
+    return raw
+
+
+def hub_error(exc: Exception, repo_id: str, endpoint: str, *, has_token: bool,
+              repo_type: str = "model") -> HubError:  # fmt: skip
+    """A Hub exception as a HubError worded for a model or dataset repo."""
+    what = repo_id if repo_type == "model" else f"The dataset {repo_id}"
+    page = f"{endpoint}/{repo_id}" if repo_type == "model" else f"{endpoint}/datasets/{repo_id}"
+    if isinstance(exc, GatedRepoError):
+        hint = "" if has_token else " and paste an access token"
+        terms = "the licence" if repo_type == "model" else "its conditions"
+        return HubError(
+            f"{what} is gated: accept {terms} at {page}{hint}, then try again.",
+            code="gated",
+            status=403,
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubError(
+            f"{what} was not found on the Hub, or it is private (a private repo needs a token"
+            " with access).",
+            code="not_found",
+            status=404,
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{what} has no such revision.", code="no_revision", status=404)
+    if isinstance(exc, EntryNotFoundError):
+        return HubError(f"A file of {repo_id} is not on the Hub.", code="no_file", status=404)
+    if isinstance(exc, HfHubHTTPError):
+        return _http_error(exc, endpoint)
+    if is_disk_full(exc):
+        return HubError("The disk filled up during the download.", code="disk_full")
+    return HubError(
+        f"Could not reach the Hub at {endpoint}: {type(exc).__name__}.",
+        code="unreachable",
+        status=502,
+    )
+
+
+def _http_error(exc: HfHubHTTPError, endpoint: str) -> HubError:
+    status = exc.response.status_code if exc.response is not None else None
+    if status == 401:
+        return HubError(
+            "The access token is invalid or expired: create a new one at"
+            f" {endpoint}/settings/tokens.",
+            code="bad_token",
+            status=401,
+        )
+    if status == 429:
+        return HubError("The Hub is rate-limiting requests; try again later.", code="rate")
+    return HubError(f"The Hub answered HTTP {status}.", code="hub_http", status=502)
+
+
+def api(endpoint: str) -> HfApi:
+    return HfApi(endpoint=endpoint, library_name="mistudio")
+
+
+def repo_listing(repo_id: str, *, repo_type: str, revision: str, token: str | None,
+                 endpoint: str) -> Listing:  # fmt: skip
+    """The repo's files with sizes at `revision` (one Hub call, no file content)."""
+    hub = api(endpoint)
+    try:
+        if repo_type == "dataset":  # dataset_info hides a gate that auth_check reports
+            hub.auth_check(repo_id, repo_type="dataset", token=token or False)
+        info = hub.repo_info(
+            repo_id, repo_type=repo_type, revision=revision, files_metadata=True,
+            token=token or False,
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
+        raise hub_error(
+            exc, repo_id, endpoint, has_token=bool(token), repo_type=repo_type
+        ) from None
+    files = [RepoFile(s.rfilename, int(s.size or 0)) for s in (info.siblings or [])]
+    gated = bool(getattr(info, "gated", False))
+    return Listing(repo_id, info.sha or revision, files, gated)
+
+
+def disk_free(path: Path) -> int:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free
+
+
+def disk_check(path: Path, needed: int, margin: int) -> None:
+    """HubError(422) when `needed` bytes plus `margin` do not fit in `path`'s file system."""
+    free = disk_free(path)
+    if needed + margin > free:
+        raise HubError(
+            f"Not enough disk space in {path}: the download needs {needed / 1e9:.2f} GB plus a"
+            f" {margin / 1e9:.2f} GB margin and {free / 1e9:.2f} GB are free.",
+            code="disk_full",
+            status=422,
+        )
+
+
+class _ByteCounter:
+    """Counts bytes of the file in flight across the progress bars huggingface_hub opens for it."""
+
+    def __init__(self, on_bytes: Callable[[int], None], should_cancel: Callable[[], bool]):
+        self.on_bytes = on_bytes
+        self.should_cancel = should_cancel
+        self.current = 0
+        self.lock = threading.Lock()
+
+    def bar_class(self) -> type[tqdm]:
+        counter = self
+
+        class _Bar(tqdm):
+            def __init__(self, *args, **kwargs):
+                kwargs["disable"] = True  # we report progress ourselves; keep worker logs clean
+                super().__init__(*args, **kwargs)
+                self._done = int(kwargs.get("initial") or 0)
+
+            def update(self, n=1):
+                self._done += int(n or 0)
+                counter.seen(self._done)
+                return None
+
+        return _Bar
+
+    def seen(self, done: int) -> None:
+        if self.should_cancel():
+            raise DownloadCancelled()
+        with self.lock:
+            if done > self.current:
+                self.current = done
+                self.on_bytes(done)
+
+
+def files_fetch(
+    repo_id: str,
+    files: list[RepoFile],
+    *,
+    revision: str,
+    token: str | None,
+    endpoint: str,
+    on_bytes: Callable[[int], None],
+    should_cancel: Callable[[], bool],
+    repo_type: str = "model",
+    cache_dir: Path | None = None,
+    local_dir: Path | None = None,
+) -> list[Path]:
+    """Fetch `files` one by one (into the HF cache, or `local_dir`); return their local paths.
+
+    `on_bytes(total_done)` gets the running byte count over all files (monotonic);
+    `should_cancel()` is polled on every chunk and between files (raises DownloadCancelled).
+    Hub failures become HubError (see hub_error); a full disk says so.
+    """
+    done_before, paths = 0, []
+    for f in files:
+        if should_cancel():
+            raise DownloadCancelled()
+        counter = _ByteCounter(
+            lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)), should_cancel
+        )
+        try:
+            path = hf_hub_download(
+                repo_id,
+                f.name,
+                repo_type=repo_type,
+                revision=revision,
+                token=token or False,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+                local_dir=local_dir,
+                tqdm_class=counter.bar_class(),
+            )
+        except DownloadCancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
+            raise hub_error(
+                exc, repo_id, endpoint, has_token=bool(token), repo_type=repo_type
+            ) from None
+        done_before += f.size
+        on_bytes(done_before)
+        paths.append(Path(path))
+    return paths
+
+
+def file_fetch(repo_id: str, name: str, *, revision: str, token: str | None, endpoint: str,
+               cache_dir: Path) -> Path:  # fmt: skip
+    """One small file into the HF cache (a config), without progress; HubError on failure."""
+    try:
+        path = hf_hub_download(
+            repo_id, name, revision=revision, token=token or False, endpoint=endpoint,
+            cache_dir=cache_dir,
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        raise hub_error(exc, repo_id, endpoint, has_token=bool(token)) from None
+    return Path(path)

@@ -1,0 +1,12 @@
+"""`{% load mistudio_format %}`: the humanize formats as template filters."""
+
+from __future__ import annotations
+
+from django import template
+
+from mistudio import humanize
+
+register = template.Library()
+
+for _name in ("bytes_h", "params_h", "rate_h", "eta_h"):
+    register.filter(_name, getattr(humanize, _name))
