@@ -64,7 +64,7 @@ def seed_rows(start: int, stop: int) -> None:
     )  # fmt: skip
     ExtractionJob.objects.bulk_create(
         ExtractionJob(
-            model=m, dataset_id="d1", layers=[3, 6, 9], hook_types=["residual"], batch_size=8,
+            model=m, dataset_name="d1", layers=[3, 6, 9], hook_types=["residual"], batch_size=8,
             max_samples=1000, context_size=128, status="running" if k % 2 else "completed",
         )
         for k, m in enumerate(models[::3])

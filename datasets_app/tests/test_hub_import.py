@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import GOOD_TOKEN
-from datasets_app import jobs, services, tasks
+from datasets_app import services, tasks
 from datasets_app.hubdata import split_files
 from datasets_app.models import Dataset, DatasetCredential, DatasetStatus
 from datasets_app.reconcile import datasets_reconcile
@@ -161,7 +161,7 @@ def test_the_reconciler_ends_a_stale_import_and_removes_orphans(dhub, settings):
     from django.utils import timezone
 
     row = services.dataset_import(hf_dataset_id="tiny/one-csv")
-    assert jobs.job_claim(row.id, phase="downloading")
+    assert Dataset.claim(row.id, from_status="queued", status="importing", phase="downloading")
     (settings.DATASETS_DIR / row.id / "raw").mkdir(parents=True)
     (settings.DATASETS_DIR / "d_orphan").mkdir()
     later = timezone.now() + timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS + 5)
