@@ -13,13 +13,27 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from mistudio.testing._hub_repos import HubFile, HubRepo, model_info, tree_listing
 
-if TYPE_CHECKING:
-    from mistudio.testing.fakehub import FakeHub
+
+class HubState(Protocol):
+    """What the request handlers read of the fake hub (fakehub.FakeHub provides it)."""
+
+    endpoint: str
+    cdn_endpoint: str
+    repos: dict[str, HubRepo]
+    dataset_repos: dict[str, Any]
+    tokens: set[str]
+    approved_tokens: set[str]
+    valve: Any
+
+    def record(self, *args: Any) -> None: ...
+
+    def blob(self, sha256: str) -> HubFile | None: ...
+
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -101,7 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_kind = "hub"
 
     @property
-    def hub(self) -> FakeHub:
+    def hub(self) -> HubState:
         return self.server.hub  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: object) -> None:
