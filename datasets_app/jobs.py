@@ -13,11 +13,10 @@ import shutil
 from collections.abc import Callable
 
 from django.conf import settings
-from django_q.tasks import async_task
 
 from mistudio.errors import is_disk_full
 from mistudio.hub import HubError
-from mistudio.jobs import ByteRate
+from mistudio.jobs import ByteRate, enqueue
 
 from . import formats, hubdata
 from .formats import TEXTS_FILE, FormatError, ImportCancelled, Normalized, Source
@@ -39,12 +38,7 @@ UNEXPECTED = (
 
 def enqueue_job(task: str, dataset_id: str) -> None:
     """Queue `datasets_app.tasks.<task>(dataset_id)` on the download cluster."""
-    async_task(
-        f"datasets_app.tasks.{task}",
-        dataset_id,
-        cluster=settings.DOWNLOAD_CLUSTER,
-        task_name=f"{task} {dataset_id}",
-    )
+    enqueue(f"datasets_app.tasks.{task}", dataset_id, cluster=settings.DOWNLOAD_CLUSTER)
 
 
 def _claim(dataset_id: str, **fields) -> bool:

@@ -63,19 +63,16 @@ class Dataset(Job, ByteCounts):
     size_bytes = models.BigIntegerField(default=0)
     preview = models.JSONField(default=list, blank=True)
 
-    class Meta:
+    class Meta(Job.Meta):
         db_table = "datasets"
         ordering = ["-created_at"]
         constraints = [
+            *Job.Meta.constraints,
             # Names tell datasets apart in the extraction form; failed rows free their name.
             models.UniqueConstraint(
                 fields=["name"],
                 condition=~Q(status__in=["error", "cancelled"]),
                 name="unique_live_dataset_name",
-            ),
-            models.CheckConstraint(
-                condition=Q(progress__gte=0) & Q(progress__lte=100),
-                name="dataset_progress_0_100",
             ),
             models.CheckConstraint(
                 condition=Q(source__in=["upload", "hub"]), name="known_dataset_source"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
+from mistudio.apischema import ByteCountsOut, JobOut
 from mistudio.validation import AccessToken, DatasetRepoId, Revision
 
 from .hubdata import SPLIT_RE
@@ -66,7 +66,7 @@ class HubImportIn(Schema):
     name: Name = None
 
 
-class DatasetOut(Schema):
+class DatasetOut(JobOut, ByteCountsOut):
     id: str
     name: str
     source: str
@@ -77,16 +77,6 @@ class DatasetOut(Schema):
     revision: str
     commit_sha: str
     text_field: str
-    status: str
-    phase: str
-    progress: float
-    bytes_done: int
-    bytes_total: int
-    speed_bps: float
-    eta_seconds: float | None
-    error_message: str
     row_count: int
     size_bytes: int
     preview: list[str]
-    created_at: datetime
-    updated_at: datetime

@@ -17,10 +17,9 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from mistudio.errors import Conflict, Invalid, NotFound, ServiceError, is_disk_full
+from mistudio.errors import Conflict, Invalid, NotFound, ServiceError, is_disk_full, room_check
 from mistudio.humanize import bytes_h
 
 from . import formats, hubdata
@@ -106,31 +105,18 @@ def _name_free(name: str) -> None:
 
 
 def _disk_check(needed: int) -> None:
-    root = Path(settings.DATASETS_DIR)
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    if needed + settings.DISK_MARGIN_BYTES > free:
-        raise Invalid(
-            f"Not enough disk space in {root}: the dataset needs about"
-            f" {bytes_h(needed)} and {bytes_h(free)} are free.",
-            code="disk_full",
-        )
+    room_check(settings.DATASETS_DIR, needed, settings.DISK_MARGIN_BYTES, what="the dataset")
 
 
 def _row_create(*, task: str | None = None, token: str | None = None, **fields) -> Dataset:
     """Insert the row (and the sealed token) and queue `task` once the transaction commits."""
-    try:
-        with transaction.atomic():
-            row = Dataset.objects.create(**fields)
-            DatasetCredential.store(row, token)
-            if task:
-                transaction.on_commit(lambda: enqueue_job(task, row.pk))
-    except IntegrityError:
-        raise Conflict(
-            f"A dataset named '{fields['name']}' already exists.", code="duplicate"
-        ) from None
-    Dataset.announce(row.pk)
-    return row
+    return Dataset.create_queued(
+        task=(lambda pk: enqueue_job(task, pk)) if task else None,
+        conflict=f"A dataset named '{fields['name']}' already exists.",
+        token=token,
+        tokens=DatasetCredential,
+        **fields,
+    )
 
 
 def _save_upload(upload: UploadedFile, dest: Path) -> None:

@@ -9,7 +9,6 @@ from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError
 
 from mistudio.errors import Invalid, ServiceError
-from mistudio.hub import HubError
 from mistudio.validation import validation_message
 
 from . import selectors, services
@@ -73,7 +72,7 @@ def _dataset_upload(request: HttpRequest) -> HttpResponse:
         services.dataset_upload(upload=upload, **data.model_dump())
     except ValidationError as exc:
         return _error(request, validation_message(exc), 422, "#upload-error", "upload_error")
-    except (ServiceError, HubError) as exc:
+    except ServiceError as exc:
         return _error(request, exc.message, exc.status, "#upload-error", "upload_error")
     return _created(request)
 
@@ -85,7 +84,7 @@ def dataset_import(request: HttpRequest) -> HttpResponse:
         services.dataset_import(**data.model_dump())
     except ValidationError as exc:
         return _error(request, validation_message(exc), 422, "#import-error", "import_error")
-    except (ServiceError, HubError) as exc:
+    except ServiceError as exc:
         return _error(request, exc.message, exc.status, "#import-error", "import_error")
     return _created(request)
 

@@ -9,7 +9,6 @@ from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import APIKeyCookie
 
 from mistudio.errors import ServiceError
-from mistudio.hub import HubError
 
 
 class SiteAuth(APIKeyCookie):
@@ -39,11 +38,6 @@ def _error(request, status: int, detail: str, code: str = "invalid", **extra):
 
 @api.exception_handler(ServiceError)
 def _service_error(request, exc: ServiceError):
-    return _error(request, exc.status, exc.message, exc.code)
-
-
-@api.exception_handler(HubError)
-def _hub_error(request, exc: HubError):
     return _error(request, exc.status, exc.message, exc.code)
 
 

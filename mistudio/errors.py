@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import shutil
+from pathlib import Path
+
+from mistudio.humanize import bytes_h
 
 
 class ServiceError(Exception):
@@ -30,6 +34,22 @@ class NotFound(ServiceError):
 class Conflict(ServiceError):
     status = 409
     code = "conflict"
+
+
+def room_check(
+    path: Path, needed: int, margin: int, *, what: str, hint: str = "", error=Invalid
+) -> None:
+    """Raise `error` (422, code disk_full) when `needed` bytes plus `margin` do not fit on the
+    file system of `path` (created if missing); `what` names the work ("the download")."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if needed + margin > free:
+        raise error(
+            f"Not enough disk space in {path}: {what} needs {bytes_h(needed)} plus a"
+            f" {bytes_h(margin)} margin and {bytes_h(free)} are free.{hint}",
+            code="disk_full",
+        )
 
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})

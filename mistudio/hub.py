@@ -8,7 +8,6 @@ to do, worded for the kind of repo (model or dataset).
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
-from mistudio.errors import is_disk_full
+from mistudio.errors import Invalid, is_disk_full, room_check
 
 # owner/name, each part ASCII letters, digits, '.', '_' or '-', not starting with '.' or '-'.
 REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -38,14 +37,9 @@ REPO_ID_MAX = 96
 constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
 
 
-class HubError(Exception):
-    """A Hub problem with a user-facing message and the HTTP status our API answers with."""
-
-    def __init__(self, message: str, *, code: str, status: int = 422):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.status = status
+class HubError(Invalid):
+    """A Hub problem with a user-facing message and the HTTP status our API answers with
+    (422 unless a status is given)."""
 
 
 class DownloadCancelled(Exception):  # noqa: N818 - an outcome, not an error
@@ -172,21 +166,9 @@ def repo_listing(repo_id: str, *, repo_type: str, revision: str, token: str | No
     return Listing(repo_id, info.sha or revision, files, gated)
 
 
-def disk_free(path: Path) -> int:
-    path.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(path).free
-
-
 def disk_check(path: Path, needed: int, margin: int) -> None:
-    """HubError(422) when `needed` bytes plus `margin` do not fit in `path`'s file system."""
-    free = disk_free(path)
-    if needed + margin > free:
-        raise HubError(
-            f"Not enough disk space in {path}: the download needs {needed / 1e9:.2f} GB plus a"
-            f" {margin / 1e9:.2f} GB margin and {free / 1e9:.2f} GB are free.",
-            code="disk_full",
-            status=422,
-        )
+    """HubError(422, disk_full) when a download of `needed` bytes would not leave `margin`."""
+    room_check(path, needed, margin, what="the download", error=HubError)
 
 
 class _ByteCounter:

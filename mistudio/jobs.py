@@ -16,11 +16,14 @@ from contextlib import contextmanager
 from typing import ClassVar
 
 from django.conf import settings
-from django.db import close_old_connections, models
-from django.db.models import F
+from django.db import IntegrityError, close_old_connections, models, transaction
+from django.db.models import F, Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
+from mistudio.errors import Conflict
 from mistudio.realtime import group_notify
+from mistudio.secretbox import SealedToken
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,37 @@ class Job(models.Model):
 
     class Meta:
         abstract = True
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(progress__gte=0) & Q(progress__lte=100),
+                name="%(app_label)s_%(class)s_progress_0_100",
+            )
+        ]
+
+    @classmethod
+    def create_queued(
+        cls,
+        *,
+        task: Callable[[str], None] | None,
+        conflict: str,
+        token: str | None = None,
+        tokens: type[SealedToken] | None = None,
+        **fields,
+    ) -> Job:
+        """Insert a row with `fields`, seal its access token in `tokens`, and queue `task(pk)`
+        once the transaction commits. Conflict (409, `conflict`) when a unique constraint
+        refuses the row (a live duplicate); nothing is kept then."""
+        try:
+            with transaction.atomic():
+                row = cls.objects.create(**fields)
+                if token and tokens:
+                    tokens.store(row, token)
+                if task:
+                    transaction.on_commit(lambda: task(row.pk))
+        except IntegrityError:
+            raise Conflict(conflict, code="duplicate") from None
+        cls.announce(row.pk)
+        return row
 
     @classmethod
     def card_ids(cls, pk: str) -> list[str]:
@@ -118,6 +152,13 @@ class Job(models.Model):
         finally:
             stop.set()
             thread.join(timeout=5)
+
+
+def enqueue(func: str, job_id: str, *, cluster: str) -> None:
+    """Queue the task `func` (a dotted path) with the job's id as its only argument on the
+    django-q2 `cluster`; tasks never receive anything else (no tokens, no file contents)."""
+    name = func.rsplit(".", 1)[-1]
+    async_task(func, job_id, cluster=cluster, task_name=f"{name} {job_id}")
 
 
 class ByteCounts(models.Model):

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from datasets_app.models import Dataset
 from datasets_app.services import dataset_texts
-from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full
+from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_check
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
 from .jobs import enqueue_gpu
@@ -81,15 +81,13 @@ def output_bytes_estimate(model: Model, n_sites: int, max_samples: int, context_
 
 
 def _disk_check(needed: int) -> None:
-    root = Path(settings.ACTIVATIONS_DIR)
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    if needed + settings.DISK_MARGIN_BYTES > free:
-        raise Invalid(
-            f"Not enough disk space: this extraction writes up to {needed / 1e9:.2f} GB and"
-            f" {free / 1e9:.2f} GB are free in {root}. Lower max samples or choose fewer sites.",
-            code="disk_full",
-        )
+    room_check(
+        settings.ACTIVATIONS_DIR,
+        needed,
+        settings.DISK_MARGIN_BYTES,
+        what="this extraction",
+        hint=" Lower max samples or choose fewer sites.",
+    )
 
 
 def default_context_size(model: Model) -> int:

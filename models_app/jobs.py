@@ -12,10 +12,9 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django_q.tasks import async_task
 
 from mistudio.hub import DownloadCancelled, HubError, disk_check
-from mistudio.jobs import ByteRate
+from mistudio.jobs import ByteRate, enqueue
 
 from . import repo
 from .models import FAILED_STATUSES, HubCredential, Model, ModelStatus
@@ -26,22 +25,12 @@ WAITING_GPU = "waiting for the GPU worker"
 
 
 def enqueue_download(model_id: str) -> None:
-    async_task(
-        "models_app.tasks.model_download_task",
-        model_id,
-        cluster=settings.DOWNLOAD_CLUSTER,
-        task_name=f"download {model_id}",
-    )
+    enqueue("models_app.tasks.model_download_task", model_id, cluster=settings.DOWNLOAD_CLUSTER)
 
 
 def enqueue_gpu(func: str, job_id: str) -> None:
     """Queue `models_app.tasks.<func>(job_id)` on the one-worker GPU cluster."""
-    async_task(
-        f"models_app.tasks.{func}",
-        job_id,
-        cluster=settings.GPU_CLUSTER,
-        task_name=f"{func} {job_id}",
-    )
+    enqueue(f"models_app.tasks.{func}", job_id, cluster=settings.GPU_CLUSTER)
 
 
 def preflight(repo_id: str, revision: str, token: str | None) -> repo.Preflight:

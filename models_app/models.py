@@ -81,18 +81,16 @@ class Model(Job, ByteCounts):
     is_loaded = models.BooleanField(default=False)
     loaded_device = models.CharField(max_length=32, blank=True)
 
-    class Meta:
+    class Meta(Job.Meta):
         db_table = "models"
         ordering = ["-created_at"]
         constraints = [
+            *Job.Meta.constraints,
             # One live download per repo and quantization; failed or cancelled rows may be retried.
             models.UniqueConstraint(
                 fields=["hf_repo_id", "quantization"],
                 condition=~Q(status__in=["error", "cancelled"]),
                 name="unique_live_repo_quantization",
-            ),
-            models.CheckConstraint(
-                condition=Q(progress__gte=0) & Q(progress__lte=100), name="progress_0_100"
             ),
             models.CheckConstraint(
                 condition=Q(quantization__in=["FP16", "Q8", "Q4", "Q2"]),
@@ -188,13 +186,11 @@ class ExtractionJob(Job):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
-    class Meta:
+    class Meta(Job.Meta):
         db_table = "extraction_jobs"
         ordering = ["-created_at"]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(progress__gte=0) & Q(progress__lte=100), name="extraction_progress"
-            ),
+            *Job.Meta.constraints,
             models.CheckConstraint(
                 condition=Q(batch_size__gte=1) & Q(max_samples__gte=1) & Q(context_size__gte=2),
                 name="extraction_sizes_positive",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from ninja import Schema
 from pydantic import AfterValidator, Field
 
 from mistudio import limits
+from mistudio.apischema import ByteCountsOut, JobOut
 from mistudio.validation import AccessToken, RepoId, Revision
 
 QuantizationName = Literal["FP16", "Q8", "Q4", "Q2"]
@@ -24,7 +24,7 @@ class DownloadIn(EstimateIn):
     quantization: QuantizationName = "Q4"
 
 
-class ModelOut(Schema):
+class ModelOut(JobOut, ByteCountsOut):
     id: str
     name: str
     hf_repo_id: str
@@ -41,21 +41,11 @@ class ModelOut(Schema):
     architecture: str
     dtype: str
     quant_backend: str
-    status: str
-    phase: str
-    progress: float
-    bytes_done: int
-    bytes_total: int
-    speed_bps: float
-    eta_seconds: float | None
-    error_message: str
     size_bytes: int
     mem_req_bytes: int | None
     memReq: str  # noqa: N815 - the seed's field name
     is_loaded: bool
     load_notice: str
-    created_at: datetime
-    updated_at: datetime
 
 
 class ArchitectureOut(Schema):
@@ -110,14 +100,11 @@ class ExtractionIn(ExtractionSettings):
     dataset_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable_id)]
 
 
-class ExtractionOut(Schema):
+class ExtractionOut(JobOut):
     id: str
     model_id: str
     dataset_id: str | None
     dataset_name: str
-    status: str
-    phase: str
-    progress: float
     layers: list[int]
     hook_types: list[str]
     batch_size: int
@@ -127,14 +114,10 @@ class ExtractionOut(Schema):
     tokens_done: int
     tokens_total: int
     tokens_per_second: float
-    eta_seconds: float | None
     output_path: str
     bytes_written: int
     manifest: dict | None
     statistics: dict | None
-    error_message: str
-    created_at: datetime
-    updated_at: datetime
 
 
 class ExtractionStarted(Schema):

@@ -7,7 +7,6 @@ and `resident.py` (GPU worker). Reads are in `selectors.py`.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from mistudio.errors import Conflict
@@ -65,28 +64,22 @@ def model_download(
     _duplicate_check(hf_repo_id, quantization)
     pre = preflight(hf_repo_id, revision, access_token)
     params, mem = _estimates(_config_for(hf_repo_id, pre.commit_sha, access_token), quantization)
-    try:
-        with transaction.atomic():
-            row = Model.objects.create(
-                name=hf_repo_id.split("/")[-1],
-                hf_repo_id=hf_repo_id,
-                revision=revision,
-                commit_sha=pre.commit_sha,
-                quantization=quantization,
-                bytes_total=pre.total_bytes,
-                phase="waiting for a download worker",
-                files=[{"name": f.name, "size": f.size} for f in pre.files],
-                params=params,
-                mem_estimate_bytes=mem,
-            )
-            HubCredential.store(row, access_token)
-            transaction.on_commit(lambda: enqueue_download(row.pk))
-    except IntegrityError:
-        raise Conflict(
-            f"{hf_repo_id} at {quantization} is already in your models.", code="duplicate"
-        ) from None
-    Model.announce(row.pk)
-    return row
+    return Model.create_queued(
+        task=enqueue_download,
+        conflict=f"{hf_repo_id} at {quantization} is already in your models.",
+        token=access_token,
+        tokens=HubCredential,
+        name=hf_repo_id.split("/")[-1],
+        hf_repo_id=hf_repo_id,
+        revision=revision,
+        commit_sha=pre.commit_sha,
+        quantization=quantization,
+        bytes_total=pre.total_bytes,
+        phase="waiting for a download worker",
+        files=[{"name": f.name, "size": f.size} for f in pre.files],
+        params=params,
+        mem_estimate_bytes=mem,
+    )
 
 
 def model_cancel(model_id: str) -> Model:

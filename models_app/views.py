@@ -8,7 +8,6 @@ from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError
 
 from mistudio.errors import ServiceError
-from mistudio.hub import HubError
 from mistudio.validation import validation_message
 
 from . import selectors, services
@@ -55,7 +54,7 @@ def model_download(request: HttpRequest) -> HttpResponse:
         services.model_download(**data.model_dump())
     except ValidationError as exc:
         return _error(request, validation_message(exc), 422, "#download-error")
-    except (ServiceError, HubError) as exc:
+    except ServiceError as exc:
         return _error(request, exc.message, exc.status, "#download-error")
     if request.htmx:
         return _partial(request, "model_section", _page_context(), status=201)
@@ -69,7 +68,7 @@ def model_estimate(request: HttpRequest) -> HttpResponse:
         estimate = services.model_estimate(**data.model_dump())
     except ValidationError as exc:
         return _error(request, validation_message(exc), 422, "#estimate")
-    except (ServiceError, HubError) as exc:
+    except ServiceError as exc:
         return _error(request, exc.message, exc.status, "#estimate")
     return _partial(request, "estimate", {"estimate": estimate})
 

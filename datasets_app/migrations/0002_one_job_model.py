@@ -1,4 +1,5 @@
-"""One job model (mistudio.jobs.Job): the cancel flag's Python name changes, its column does not."""
+"""One job model (mistudio.jobs.Job): the cancel flag's Python name changes, its column does not;
+the progress check comes from the job model."""
 
 from django.db import migrations, models
 
@@ -17,5 +18,13 @@ class Migration(migrations.Migration):
                 ),
             ],
             database_operations=[],
-        )
+        ),
+        migrations.RemoveConstraint(model_name="dataset", name="dataset_progress_0_100"),
+        migrations.AddConstraint(
+            model_name="dataset",
+            constraint=models.CheckConstraint(
+                condition=models.Q(progress__gte=0) & models.Q(progress__lte=100),
+                name="datasets_app_dataset_progress_0_100",
+            ),
+        ),
     ]

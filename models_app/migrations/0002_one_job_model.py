@@ -1,5 +1,6 @@
-"""One job model (mistudio.jobs.Job): the cancel flag's Python name changes, its column does not;
-an extraction points at its dataset through a foreign key (null once the dataset is deleted)."""
+"""One job model (mistudio.jobs.Job): the cancel flag's Python name changes, its column does not,
+and the progress check comes from the job model; an extraction points at its dataset through a
+foreign key (null once the dataset is deleted)."""
 
 import django.db.models.deletion
 from django.db import migrations, models
@@ -17,6 +18,23 @@ def _cancel_flag(model_name: str) -> migrations.SeparateDatabaseAndState:
         ],
         database_operations=[],
     )
+
+
+APP = "models_app"
+
+
+def _progress_constraint(model_name: str, old: str) -> list:
+    """The 0–100 progress check now comes from the one job model, named per table."""
+    return [
+        migrations.RemoveConstraint(model_name=model_name, name=old),
+        migrations.AddConstraint(
+            model_name=model_name,
+            constraint=models.CheckConstraint(
+                condition=models.Q(progress__gte=0) & models.Q(progress__lte=100),
+                name=f"{APP}_{model_name}_progress_0_100",
+            ),
+        ),
+    ]
 
 
 def _link_datasets(apps, schema_editor):
@@ -52,4 +70,6 @@ class Migration(migrations.Migration):
         ),
         migrations.RunPython(_link_datasets, migrations.RunPython.noop),
         migrations.RemoveField(model_name="extractionjob", name="dataset_key"),
+        *_progress_constraint("model", "progress_0_100"),
+        *_progress_constraint("extractionjob", "extraction_progress"),
     ]
