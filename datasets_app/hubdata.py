@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mistudio.hub import DownloadCancelled, HubError, RepoFile, files_fetch, repo_listing
+from mistudio.hub import DownloadCancelled, HubError, Listing, RepoFile, files_fetch, repo_listing
 
 from .formats import HUB_FORMATS, ImportCancelled, format_of
 
@@ -26,17 +26,12 @@ FORMAT_PREFERENCE = ("parquet", "jsonl", "csv", "txt")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-@dataclass
-class DatasetPreflight:
-    repo_id: str
-    commit_sha: str
-    split: str
-    fmt: str
-    files: list[RepoFile]
+@dataclass(frozen=True)
+class DatasetPreflight(Listing):
+    """The files of one split (in one format) of a dataset repo."""
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+    split: str = "train"
+    fmt: str = ""
 
 
 def _split_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
@@ -104,7 +99,7 @@ def dataset_preflight(
         repo_id, repo_type="dataset", revision=revision, token=token, endpoint=endpoint
     )
     fmt, chosen = split_files(listing.files, split, repo_id)
-    return DatasetPreflight(repo_id, listing.commit_sha, split, fmt, chosen)
+    return DatasetPreflight(**{**vars(listing), "files": chosen}, split=split, fmt=fmt)
 
 
 def files_download(
@@ -121,10 +116,7 @@ def files_download(
     `should_cancel()` is polled on every chunk and between files (raises ImportCancelled)."""
     try:
         return files_fetch(
-            pre.repo_id,
-            pre.files,
-            repo_type="dataset",
-            revision=pre.commit_sha,
+            pre,
             token=token,
             endpoint=endpoint,
             local_dir=local_dir,

@@ -133,7 +133,7 @@ def _hub_files(row: Dataset, token: str | None) -> Normalized:
         bytes_total=pre.total_bytes,
         phase="downloading",
         file_format=pre.fmt,
-        files=[{"name": f.name, "size": f.size} for f in pre.files],
+        files=pre.files_json(),
     )
     tracker = ByteRate(lambda **kw: _download_progress(row.pk, **kw), pre.total_bytes)
     raw = dataset_dir(row.pk) / "raw"

@@ -40,6 +40,7 @@ class Dataset(Job, ByteCounts):
     """A text dataset registered from an uploaded file or a Hub dataset repo split."""
 
     live_group = "datasets"
+    active_statuses = ACTIVE_STATUSES
 
     id = models.CharField(primary_key=True, max_length=40, default=new_dataset_id, editable=False)
     name = models.CharField(max_length=200)
@@ -82,20 +83,11 @@ class Dataset(Job, ByteCounts):
     def __str__(self) -> str:
         return self.name
 
-    @property
-    def is_active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
-
-    @property
-    def is_ready(self) -> bool:
-        return self.status == DatasetStatus.READY
-
 
 class DatasetCredential(SealedToken):
     """The access token of one Hub import (see SealedToken)."""
 
     dataset = models.OneToOneField(Dataset, on_delete=models.CASCADE, related_name="credential")
-    owner_field = "dataset"
 
     class Meta:
         db_table = "dataset_credentials"

@@ -236,7 +236,7 @@ def dataset_import(
         file_format=pre.fmt,
         bytes_total=pre.total_bytes,
         phase=WAITING,
-        files=[{"name": f.name, "size": f.size} for f in pre.files],
+        files=pre.files_json(),
     )
 
 

@@ -54,12 +54,21 @@ class RepoFile:
 
 @dataclass(frozen=True)
 class Listing:
-    """What the Hub says a repo holds at one commit."""
+    """Files of a repo at one commit, as the Hub lists them (or a chosen part of them)."""
 
     repo_id: str
     commit_sha: str
     files: list[RepoFile]
     gated: bool = False
+    repo_type: str = "model"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def files_json(self) -> list[dict]:
+        """[{name, size}] for a job row's `files` column."""
+        return [{"name": f.name, "size": f.size} for f in self.files]
 
 
 def repo_id_clean(raw: object, *, kind: str = "model") -> str:
@@ -163,7 +172,7 @@ def repo_listing(repo_id: str, *, repo_type: str, revision: str, token: str | No
         ) from None
     files = [RepoFile(s.rfilename, int(s.size or 0)) for s in (info.siblings or [])]
     gated = bool(getattr(info, "gated", False))
-    return Listing(repo_id, info.sha or revision, files, gated)
+    return Listing(repo_id, info.sha or revision, files, gated, repo_type)
 
 
 def disk_check(path: Path, needed: int, margin: int) -> None:
@@ -206,26 +215,25 @@ class _ByteCounter:
 
 
 def files_fetch(
-    repo_id: str,
-    files: list[RepoFile],
+    listing: Listing,
     *,
-    revision: str,
     token: str | None,
     endpoint: str,
     on_bytes: Callable[[int], None],
     should_cancel: Callable[[], bool],
-    repo_type: str = "model",
     cache_dir: Path | None = None,
     local_dir: Path | None = None,
 ) -> list[Path]:
-    """Fetch `files` one by one (into the HF cache, or `local_dir`); return their local paths.
+    """Fetch the listing's files in order (into the HF cache, or `local_dir`), pinned to its
+    commit; return their local paths.
 
     `on_bytes(total_done)` gets the running byte count over all files (monotonic);
     `should_cancel()` is polled on every chunk and between files (raises DownloadCancelled).
     Hub failures become HubError (see hub_error); a full disk says so.
     """
+    repo_id, repo_type = listing.repo_id, listing.repo_type
     done_before, paths = 0, []
-    for f in files:
+    for f in listing.files:
         if should_cancel():
             raise DownloadCancelled()
         counter = _ByteCounter(
@@ -236,7 +244,7 @@ def files_fetch(
                 repo_id,
                 f.name,
                 repo_type=repo_type,
-                revision=revision,
+                revision=listing.commit_sha,
                 token=token or False,
                 endpoint=endpoint,
                 cache_dir=cache_dir,

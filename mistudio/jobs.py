@@ -48,6 +48,7 @@ class Job(models.Model):
     updated_at = models.DateTimeField(auto_now=True, db_index=True)  # the relay watches this
 
     live_group: ClassVar[str] = ""
+    active_statuses: ClassVar[tuple[str, ...]] = ()  # statuses of a job not yet ended
 
     class Meta:
         abstract = True
@@ -57,6 +58,15 @@ class Job(models.Model):
                 name="%(app_label)s_%(class)s_progress_0_100",
             )
         ]
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.active_statuses
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether the job's product (a model, a dataset) can be used."""
+        return self.status == "ready"
 
     @classmethod
     def create_queued(

@@ -13,7 +13,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from mistudio.hub import DownloadCancelled, HubError, disk_check
+from mistudio.hub import DownloadCancelled, HubError, Listing, disk_check
 from mistudio.jobs import ByteRate, enqueue
 
 from . import repo
@@ -33,7 +33,7 @@ def enqueue_gpu(func: str, job_id: str) -> None:
     enqueue(f"models_app.tasks.{func}", job_id, cluster=settings.GPU_CLUSTER)
 
 
-def preflight(repo_id: str, revision: str, token: str | None) -> repo.Preflight:
+def preflight(repo_id: str, revision: str, token: str | None) -> Listing:
     """The repo's files (access checked) and room for them in the HF cache, before any byte."""
     pre = repo.repo_preflight(
         repo_id,
@@ -116,14 +116,14 @@ def model_download_run(model_id: str) -> None:
     transaction.on_commit(lambda: enqueue_gpu("model_load_check_task", model_id))
 
 
-def _files_fetch(row: Model, token: str | None) -> tuple[repo.Preflight, Path]:
+def _files_fetch(row: Model, token: str | None) -> tuple[Listing, Path]:
     """Preflight again (pinned commit), then fetch the files with byte progress on the row."""
     pre = preflight(row.hf_repo_id, row.commit_sha or row.revision, token)
     Model.touch(
         row.pk,
         bytes_total=pre.total_bytes,
         phase="downloading",
-        files=[{"name": f.name, "size": f.size} for f in pre.files],
+        files=pre.files_json(),
     )
     tracker = ByteRate(lambda **kw: Model.touch(row.pk, **kw), pre.total_bytes)
     snapshot = repo.files_download(

@@ -46,6 +46,7 @@ class Model(Job, ByteCounts):
     """A Hugging Face model downloaded at one quantization."""
 
     live_group = "models"
+    active_statuses = ACTIVE_STATUSES
 
     id = models.CharField(primary_key=True, max_length=40, default=new_model_id, editable=False)
     name = models.CharField(max_length=200)
@@ -102,25 +103,16 @@ class Model(Job, ByteCounts):
         return f"{self.hf_repo_id} [{self.quantization}]"
 
     @property
-    def is_active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
-
-    @property
     def url_base(self) -> str:
         """`/models/<id>/`: card actions append their name. One reverse() per process instead of
         eight per card keeps a 500-model page fast."""
         return f"{_models_root()}{self.pk}/"
-
-    @property
-    def is_ready(self) -> bool:
-        return self.status == ModelStatus.READY
 
 
 class HubCredential(SealedToken):
     """The access token of one model download (see SealedToken)."""
 
     model = models.OneToOneField(Model, on_delete=models.CASCADE, related_name="credential")
-    owner_field = "model"
 
     class Meta:
         db_table = "hub_credentials"
@@ -147,6 +139,7 @@ class ExtractionJob(Job):
     Its progress shows on its model's card, so changes are announced as the model's."""
 
     live_group = "models"
+    active_statuses = EXTRACTION_ACTIVE
 
     id = models.CharField(
         primary_key=True, max_length=40, default=new_extraction_id, editable=False
@@ -199,10 +192,6 @@ class ExtractionJob(Job):
 
     def __str__(self) -> str:
         return f"{self.id} on {self.model_id}"
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in EXTRACTION_ACTIVE
 
     @classmethod
     def card_ids(cls, pk: str) -> list[str]:

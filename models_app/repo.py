@@ -9,11 +9,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
-from mistudio.hub import HubError, RepoFile, file_fetch, files_fetch, repo_listing
+from mistudio.hub import HubError, Listing, RepoFile, file_fetch, files_fetch, repo_listing
 
 # What a model needs to load: weights as safetensors, config, tokenizer. Top-level files only.
 WANTED_PATTERNS = (
@@ -35,19 +34,6 @@ WANTED_PATTERNS = (
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-@dataclass
-class Preflight:
-    repo_id: str
-    commit_sha: str
-    files: list[RepoFile]
-    gated: bool = False
-    ignored: list[str] = field(default_factory=list)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-
 def _is_wanted(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, p) for p in WANTED_PATTERNS)
 
@@ -56,10 +42,9 @@ def _is_pickle(name: str) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in PICKLE_PATTERNS)
 
 
-def files_select(files: list[RepoFile], *, allow_pickle: bool) -> tuple[list[RepoFile], list[str]]:
-    """Return (files to download, names ignored); HubError for pickle-only or weightless repos."""
+def files_select(files: list[RepoFile], *, allow_pickle: bool) -> list[RepoFile]:
+    """The files a model needs; HubError for pickle-only or weightless repos."""
     wanted = [f for f in files if _is_wanted(f.name)]
-    ignored = [f.name for f in files if f not in wanted]
     has_safetensors = any(f.name.endswith(".safetensors") for f in wanted)
     pickles = [f for f in files if "/" not in f.name and _is_pickle(f.name)]
     if not has_safetensors and pickles:
@@ -76,18 +61,17 @@ def files_select(files: list[RepoFile], *, allow_pickle: bool) -> tuple[list[Rep
         raise HubError(
             "This repo has no config.json; it is not a transformers model.", code="no_config"
         )
-    return wanted, ignored
+    return wanted
 
 
 def repo_preflight(
     repo_id: str, *, revision: str, token: str | None, endpoint: str, allow_pickle: bool = False
-) -> Preflight:
+) -> Listing:
     """Check access and list the files to fetch with their sizes, before any byte is downloaded."""
     listing = repo_listing(
         repo_id, repo_type="model", revision=revision, token=token, endpoint=endpoint
     )
-    wanted, ignored = files_select(listing.files, allow_pickle=allow_pickle)
-    return Preflight(repo_id, listing.commit_sha, wanted, listing.gated, ignored)
+    return replace(listing, files=files_select(listing.files, allow_pickle=allow_pickle))
 
 
 def config_fetch(
@@ -104,28 +88,11 @@ def config_fetch(
         raise HubError("config.json is not valid JSON.", code="bad_config") from None
 
 
-def files_download(
-    preflight: Preflight,
-    *,
-    token: str | None,
-    endpoint: str,
-    cache_dir: Path,
-    on_bytes: Callable[[int], None],
-    should_cancel: Callable[[], bool],
-) -> Path:
-    """Fetch a model's preflight files into the HF cache, smallest first; return the snapshot
-    folder (see mistudio.hub.files_fetch for progress and cancel)."""
-    paths = files_fetch(
-        preflight.repo_id,
-        sorted(preflight.files, key=lambda f: f.size),
-        revision=preflight.commit_sha,
-        token=token,
-        endpoint=endpoint,
-        cache_dir=cache_dir,
-        on_bytes=on_bytes,
-        should_cancel=should_cancel,
-    )
-    return paths[-1].parent
+def files_download(preflight: Listing, **fetch) -> Path:
+    """Fetch a model's preflight files into the HF cache (`cache_dir`), smallest first; return
+    the snapshot folder. `fetch`: mistudio.hub.files_fetch's keywords (progress, cancel)."""
+    smallest_first = replace(preflight, files=sorted(preflight.files, key=lambda f: f.size))
+    return files_fetch(smallest_first, **fetch)[-1].parent
 
 
 def repo_cache_dir(cache_dir: Path, repo_id: str) -> Path:

@@ -76,7 +76,7 @@ def model_download(
         quantization=quantization,
         bytes_total=pre.total_bytes,
         phase="waiting for a download worker",
-        files=[{"name": f.name, "size": f.size} for f in pre.files],
+        files=pre.files_json(),
         params=params,
         mem_estimate_bytes=mem,
     )

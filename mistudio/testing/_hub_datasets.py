@@ -10,12 +10,11 @@ private repos, bad tokens, revisions, LFS redirects, throttling) behaves as for 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from urllib.parse import unquote
 
 from mistudio.testing._hub_http import INVALID_CREDENTIALS, HubHandler, _parse_resolve
-from mistudio.testing._hub_repos import TIMESTAMP, HubRepo, read_files
+from mistudio.testing._hub_repos import HubRepo, read_files, repo_info_common
 
 
 class DatasetRepos:
@@ -45,23 +44,7 @@ class DatasetRepos:
 
 def dataset_info(repo: HubRepo, sha: str, *, blobs: bool) -> dict:
     """The JSON body of `/api/datasets/<repo>[/revision/<rev>]` for commit `sha`."""
-    files = repo.commits[sha]
-    return {
-        "_id": hashlib.sha1(b"dataset:" + repo.repo_id.encode()).hexdigest()[:24],
-        "id": repo.repo_id,
-        "author": repo.repo_id.split("/")[0] if "/" in repo.repo_id else None,
-        "sha": sha,
-        "lastModified": TIMESTAMP,
-        "createdAt": TIMESTAMP,
-        "private": repo.private,
-        "gated": "manual" if repo.gated else False,
-        "disabled": False,
-        "downloads": 0,
-        "likes": 0,
-        "tags": [],
-        "siblings": [f.sibling(blobs=blobs) for f in files.values()],
-        "usedStorage": sum(f.size for f in files.values()),
-    }
+    return {**repo_info_common(repo, sha, blobs=blobs, kind="dataset"), "tags": []}
 
 
 class HubWithDatasetsHandler(HubHandler):
@@ -84,28 +67,6 @@ class HubWithDatasetsHandler(HubHandler):
 
     def _repos(self) -> dict[str, HubRepo]:
         return self.hub.dataset_repos if self.dataset_route else self.hub.repos
-
-    def _split_repo(self, parts: list[str]) -> tuple[str, list[str]]:
-        repos = self._repos()
-        if len(parts) >= 2 and "/".join(parts[:2]) in repos:
-            return "/".join(parts[:2]), parts[2:]
-        if parts[0] in repos or len(parts) == 1:
-            return parts[0], parts[1:]
-        return "/".join(parts[:2]), parts[2:]
-
-    def _repo_or_error(self, repo_id: str, *, files: bool) -> HubRepo | None:
-        if not self.dataset_route:
-            return super()._repo_or_error(repo_id, files=files)
-        repo = self.hub.dataset_repos.get(repo_id)
-        approved = self.token is not None and self.token in self.hub.approved_tokens
-        if repo is None or (repo.private and not approved):
-            status = 401 if self.token is None else 404
-            self.send_hub_error(status, "Repository not found", "RepoNotFound")
-            return None
-        if files and repo.gated and not approved:
-            self._gated_error(repo_id)
-            return None
-        return repo
 
     def _info(self, repo: HubRepo, revision: str) -> None:
         if not self.dataset_route:

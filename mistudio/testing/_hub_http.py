@@ -257,17 +257,22 @@ class HubHandler(_Handler):
         else:
             self.send_hub_error(404, "Sorry, we can't find the page you are looking for.")
 
+    def _repos(self) -> dict[str, HubRepo]:
+        """The namespace this request's repo ids live in (models here)."""
+        return self.hub.repos
+
     def _split_repo(self, parts: list[str]) -> tuple[str, list[str]]:
         """Split "owner/name/..." or "name/..." path parts into a repo id and the rest."""
-        if len(parts) >= 2 and "/".join(parts[:2]) in self.hub.repos:
+        repos = self._repos()
+        if len(parts) >= 2 and "/".join(parts[:2]) in repos:
             return "/".join(parts[:2]), parts[2:]
-        if parts[0] in self.hub.repos or len(parts) == 1:
+        if parts[0] in repos or len(parts) == 1:
             return parts[0], parts[1:]
         return "/".join(parts[:2]), parts[2:]
 
     def _repo_or_error(self, repo_id: str, *, files: bool) -> HubRepo | None:
         """Return the repo if this caller may see it (and its files, if `files`), else answer."""
-        repo = self.hub.repos.get(repo_id)
+        repo = self._repos().get(repo_id)
         approved = self.token is not None and self.token in self.hub.approved_tokens
         if repo is None or (repo.private and not approved):
             # Like the Hub: 401 to anonymous callers, 404 to signed-in ones; same error code.

@@ -130,14 +130,13 @@ def _folder_entry(path: str) -> dict:
     }
 
 
-def model_info(repo: HubRepo, sha: str, *, blobs: bool) -> dict:
-    """The JSON body of `/api/models/<repo>[/revision/<rev>]` for commit `sha`."""
+def repo_info_common(repo: HubRepo, sha: str, *, blobs: bool, kind: str) -> dict:
+    """The fields the Hub's model and dataset info bodies share, for commit `sha`."""
     files = repo.commits[sha]
-    config = _json_or_empty(files.get("config.json"))
-    info = {
-        "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24],
+    salt = b"" if kind == "model" else f"{kind}:".encode()
+    return {
+        "_id": hashlib.sha1(salt + repo.repo_id.encode()).hexdigest()[:24],
         "id": repo.repo_id,
-        "modelId": repo.repo_id,
         "author": repo.repo_id.split("/")[0] if "/" in repo.repo_id else None,
         "sha": sha,
         "lastModified": TIMESTAMP,
@@ -147,12 +146,22 @@ def model_info(repo: HubRepo, sha: str, *, blobs: bool) -> dict:
         "disabled": False,
         "downloads": 0,
         "likes": 0,
+        "siblings": [f.sibling(blobs=blobs) for f in files.values()],
+        "usedStorage": sum(f.size for f in files.values()),
+    }
+
+
+def model_info(repo: HubRepo, sha: str, *, blobs: bool) -> dict:
+    """The JSON body of `/api/models/<repo>[/revision/<rev>]` for commit `sha`."""
+    files = repo.commits[sha]
+    config = _json_or_empty(files.get("config.json"))
+    info = {
+        **repo_info_common(repo, sha, blobs=blobs, kind="model"),
+        "modelId": repo.repo_id,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": _tags(files, config),
         "config": {k: config[k] for k in ("architectures", "model_type") if k in config},
-        "siblings": [f.sibling(blobs=blobs) for f in files.values()],
-        "usedStorage": sum(f.size for f in files.values()),
     }
     parameters = _safetensors_parameters(files)
     if parameters:
