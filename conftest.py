@@ -7,10 +7,31 @@ import os
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub is imported
 
 import pytest  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 
+from mistudio.testing.backends import backend_problems  # noqa: E402
 from mistudio.testing.fakehub import FakeHub  # noqa: E402
 
 GOOD_TOKEN = "hf_validtoken1234567890"
+
+# CI draws the same inputs every run (a failure there is reproducible, never luck); local runs
+# draw new ones. HYPOTHESIS_PROFILE=ci gives a local run CI's inputs.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "default")
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def backends_claimed(django_db_blocker):
+    """A phase of scripts/test names its backends (MISTUDIO_TEST_BACKEND); stop the run before
+    its first test when the database, broker or channel layer is not that one."""
+    expected = os.environ.get("MISTUDIO_TEST_BACKEND")
+    if expected:
+        with django_db_blocker.unblock():
+            problems = backend_problems(expected)
+        if problems:
+            pytest.exit(f"not the {expected} backends: {'; '.join(problems)}", returncode=3)
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,12 @@ import pytest
 from django.db import connections
 from django.test import Client
 from django.utils import timezone
-from django_q.models import OrmQ
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datasets_app.models import Dataset, DatasetCredential
 from mistudio.api import api
+from mistudio.testing.queues import queued_task_payloads, queues_purge
 from models_app.models import ExtractionJob, HubCredential, Model
 from templates_app.models import ExtractionTemplate
 from templates_app.tests.helpers import VALID as TEMPLATE
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 EXAMPLES = 200
 UNSAFE = ("post", "put", "patch", "delete")
 FUZZED_ELSEWHERE = {("post", "/api/templates/import"), ("post", "/api/templates/extraction")}
-TABLES = (Model, HubCredential, ExtractionJob, Dataset, DatasetCredential, ExtractionTemplate, OrmQ)
+TABLES = (Model, HubCredential, ExtractionJob, Dataset, DatasetCredential, ExtractionTemplate)
 
 IDS = {
     "model": ["m_ready", "m_queued", "m_downloading", "m_error"],
@@ -82,7 +82,7 @@ def seed() -> None:
             ),
         )  # fmt: skip
     ExtractionJob.objects.exclude(pk__in=IDS["extraction"]).delete()
-    OrmQ.objects.all().delete()
+    queues_purge()
     ExtractionTemplate.objects.exclude(pk=IDS["template"][0]).delete()
     ExtractionTemplate.objects.update_or_create(pk=IDS["template"][0], defaults=TEMPLATE)
 
@@ -115,8 +115,10 @@ def _datasets(now) -> None:
 
 
 def snapshot() -> list:
-    """Every row of the tables a write route can touch; equal snapshots mean nothing changed."""
-    return [list(t.objects.order_by("pk").values_list()) for t in TABLES]
+    """Every row of the tables a write route can touch and every task waiting in the broker (ORM
+    or Redis); equal snapshots mean nothing changed."""
+    rows = [list(t.objects.order_by("pk").values_list()) for t in TABLES]
+    return [*rows, [(p["func"], p["args"]) for p in queued_task_payloads()]]
 
 
 def path_ids() -> st.SearchStrategy[str]:

@@ -16,6 +16,12 @@ def _redis_payloads(cluster: str) -> list[dict]:
     return [SignedPackage.loads(raw) for raw in broker.connection.lrange(broker.list_key, 0, -1)]
 
 
+def queues_purge() -> None:
+    """Empty every cluster's queue, whichever broker is configured."""
+    for cluster in CLUSTERS:
+        get_broker(cluster).purge_queue()
+
+
 def queued_task_payloads() -> list[dict]:
     """Every queued task as django-q2 will run it (func, args, kwargs…), decoded."""
     if settings.Q_CLUSTER.get("redis"):
