@@ -224,6 +224,9 @@ DOWNLOAD_CLUSTER = "mistudio"
 # A job whose heartbeat is older than this is considered dead by the reconciler. Running jobs
 # beat at a quarter of it (mistudio.jobs.Job.heartbeat).
 STALE_HEARTBEAT_SECONDS = env_int("MISTUDIO_STALE_HEARTBEAT_S", 60)
+# The reconciler also runs every this many minutes from django-q2's scheduler (0: only when a
+# worker starts, and once more when the heartbeats from before that start are stale).
+RECONCILE_MINUTES = env_int("MISTUDIO_RECONCILE_MINUTES", 1)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

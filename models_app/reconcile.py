@@ -88,11 +88,15 @@ SCHEDULE_NAME = "mistudio-reconcile"
 def schedule_ensure() -> None:
     """Register the periodic reconciler with django-q2's scheduler (idempotent). Schedule names
     are not unique: workers starting together may both insert one; the extra ones are removed
-    here rather than made an error (get() would raise for every later worker)."""
+    here rather than made an error (get() would raise for every later worker). With
+    RECONCILE_MINUTES = 0 the schedule is removed."""
+    if settings.RECONCILE_MINUTES <= 0:
+        Schedule.objects.filter(name=SCHEDULE_NAME).delete()
+        return
     fields = {
         "func": "models_app.tasks.reconcile_task",
         "schedule_type": Schedule.MINUTES,
-        "minutes": 1,
+        "minutes": settings.RECONCILE_MINUTES,
         "repeats": -1,
         "cluster": settings.DOWNLOAD_CLUSTER,
     }

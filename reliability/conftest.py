@@ -10,14 +10,26 @@ from collections import Counter
 import pytest
 
 from mistudio.testing.live import LiveStack
+from mistudio.testing.queues import queues_purge
 
 STALE_S = 5  # MISTUDIO_STALE_HEARTBEAT_S of the live stack: a dead worker's job is ended after it
-TASK_TIMEOUT_S = 45
+TASK_TIMEOUT_S = 45  # every job of a test on `live` is small; only killed ones run long
 TASK_RETRY_S = 50  # the ORM broker hands a dead worker's task out again after this
+# 1 MiB shards: an extraction finishes its first shard after a few batches, whatever the speed.
 CRASH_ENV = {
     "MISTUDIO_STALE_HEARTBEAT_S": str(STALE_S),
     "MISTUDIO_TASK_TIMEOUT": str(TASK_TIMEOUT_S),
     "MISTUDIO_TASK_RETRY_S": str(TASK_RETRY_S),
+    "MISTUDIO_SHARD_MB": "1",
+}
+# Recovery tests: no periodic reconciler and no redelivery by the ORM broker while a test runs,
+# so whatever ends or runs again a dead worker's job is the restarted worker's start-up. Their
+# deadlines can then be as generous as a busy machine needs without losing what they prove.
+RECOVERY_ENV = {
+    **CRASH_ENV,
+    "MISTUDIO_RECONCILE_MINUTES": "0",
+    "MISTUDIO_TASK_TIMEOUT": "1800",
+    "MISTUDIO_TASK_RETRY_S": "3600",
 }
 
 # Figures for the README's Reliability section, printed at the end of the run.
@@ -39,17 +51,25 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{name}: {round(value, 1):g}")
 
 
-@pytest.fixture
-def live(hub, transactional_db):
-    """daphne + both clusters on the test DB, with a 5 s stale-heartbeat threshold."""
-    from django_q.brokers import get_broker
-
-    for cluster in ("mistudio", "gpu"):  # no leftovers from other tests in the queues
-        get_broker(cluster).purge_queue()
-    with LiveStack(hub.endpoint, extra_env=CRASH_ENV) as stack:
+def _live_stack(hub, env: dict):
+    queues_purge()  # no leftovers from other tests in the queues
+    with LiveStack(hub.endpoint, extra_env=env) as stack:
         yield stack
         for name in list(stack.procs):  # no graceful stop needed: it takes seconds per cluster
             stack.kill(name)
+
+
+@pytest.fixture
+def live(hub, transactional_db):
+    """daphne + both clusters on the test DB, with a 5 s stale-heartbeat threshold."""
+    yield from _live_stack(hub, CRASH_ENV)
+
+
+@pytest.fixture
+def live_recovery(hub, transactional_db):
+    """The live stack of the recovery tests (RECOVERY_ENV): only a restarted worker's start-up
+    ends or requeues a dead worker's jobs."""
+    yield from _live_stack(hub, RECOVERY_ENV)
 
 
 TEXTS_REPO = "tiny/texts"

@@ -21,9 +21,9 @@ from .conftest import FIGURES, figure_max
 
 MODEL_TERMINAL = ("ready", "error", "cancelled")
 EXTRACTION_TERMINAL = ("completed", "failed", "cancelled")
-# A restarted cluster needs a few seconds to start; then its worker reconciles at once and again
-# when STALE_S has passed. The reconciler's own period is a minute: never wait longer than that.
-RECONCILE_BOUND_S = 60
+# How long a test waits for a state that needs processes to start and jobs to run: generous, so a
+# busy machine passes; what the tests prove comes from the set-up (RECOVERY_ENV), not the clock.
+DEADLINE_S = 300
 
 
 class LiveClient:
@@ -54,12 +54,12 @@ def model_row(pk: str) -> Model:
     return Model.objects.get(pk=pk)
 
 
-def wait_model(pk: str, status: str | tuple, timeout: float = 120) -> Model:
+def wait_model(pk: str, status: str | tuple, timeout: float = DEADLINE_S) -> Model:
     statuses = (status,) if isinstance(status, str) else status
     return wait_for(lambda: _row_in(Model, pk, statuses), timeout=timeout, every=0.02)
 
 
-def wait_extraction(pk: str, status: str | tuple, timeout: float = 120) -> ExtractionJob:
+def wait_extraction(pk: str, status: str | tuple, timeout: float = DEADLINE_S) -> ExtractionJob:
     statuses = (status,) if isinstance(status, str) else status
     return wait_for(lambda: _row_in(ExtractionJob, pk, statuses), timeout=timeout, every=0.02)
 
@@ -103,12 +103,13 @@ def partial_model_files(repo: str) -> list[str]:
 
 
 def restart_and_wait(live, cluster: str, wait) -> object:
-    """Start `cluster` again and wait, no longer than the reconciler's period, until `wait(t)`
-    returns the row in a terminal state; count the crash (and the row, if it stayed stuck)."""
+    """Start `cluster` again and wait until `wait(deadline)` returns the row in a terminal state
+    (on `live_recovery` only the restarted worker's start-up can end it); count the crash (and
+    the row, if it stayed stuck) and record how long it took."""
     started = time.monotonic()
     live.start_cluster(cluster)
     try:
-        row = wait(RECONCILE_BOUND_S)
+        row = wait(DEADLINE_S)
     except AssertionError as exc:
         crash_recorded(stuck=1)
         raise AssertionError(f"a row stayed stuck after the restart\n{live.logs()}") from exc

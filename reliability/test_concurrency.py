@@ -76,7 +76,7 @@ def test_ten_extraction_requests_at_once_never_run_two_on_one_device(live, hub):
     path = f"/api/models/{model.pk}/extract-activations"
     assert _post_all_at_once(web, path, {"dataset_id": dataset.pk, **PARAMS}) == [202] * REQUESTS
     done = ExtractionJob.objects.filter(status__in=EXTRACTION_TERMINAL)
-    wait_for(lambda: done.count() == REQUESTS, timeout=240, every=0.1)
+    wait_for(lambda: done.count() == REQUESTS, timeout=600, every=0.1)
     sampler.stop.set()
     sampler.join()
     jobs = list(ExtractionJob.objects.all())

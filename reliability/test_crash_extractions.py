@@ -1,6 +1,9 @@
 """kill -9 of the GPU cluster during an extraction (while the model loads before the first batch,
-mid-run, while a shard is written) and of the GPU worker alone under a job: every row ends within
-the reconciler's period, no partial file stays, queued jobs go on, and the job runs again."""
+mid-run, once shards are being written) and of the GPU worker alone under a job: every row ends
+with a message, no partial file stays, queued jobs go on, and the job runs again.
+
+Moments are found by observed progress (the row's phase, tokens done, a finished shard), never by a
+guess of the machine's speed; jobs that are killed are long, jobs that must finish are small."""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from models_app.tests.helpers import wait_for
 
 from .conftest import TASK_RETRY_S, figure_max
 from .helpers import (
+    DEADLINE_S,
     EXTRACTION_TERMINAL,
-    RECONCILE_BOUND_S,
     LiveClient,
     big_dataset,
     crash_recorded,
@@ -33,14 +36,11 @@ from .helpers import (
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 LAYER0 = {"layers": [0], "hook_types": ["residual"]}
-SMALL = {**LAYER0, "batch_size": 4, "max_samples": 8}
-# tiny/llama's layer 0, 16 tokens per sequence in batches of 2: 1250 batches over seconds (with
-# batches of 64 a fast machine finished between two reads of the row), progress shown every half
-# second, one 20 MB shard, finished at the end (a temp file until then)
-MID = {**LAYER0, "batch_size": 2, "max_samples": 2500, "context_size": 16}
-# 9000 sequences: the first shard (4096 sequences, 32 MiB at MISTUDIO_SHARD_MB's default) is
-# written while the run goes on for about as long again
-SHARD = {**LAYER0, "batch_size": 512, "max_samples": 9000, "context_size": 16}
+SMALL = {**LAYER0, "batch_size": 4, "max_samples": 8}  # seconds at most: the jobs that must finish
+# tiny/llama's layer 0 in batches of 2: 1250 batches, killed long before the end whatever the
+# machine's speed; with the live stack's 1 MiB shards (127 sequences) a shard lands every 64
+# batches, so "a finished shard and still running" holds for most of the run.
+LONG = {**LAYER0, "batch_size": 2, "max_samples": 2500, "context_size": 16}
 
 
 def _extract(web: LiveClient, model, dataset, params: dict) -> str:
@@ -63,8 +63,8 @@ def _wait_running(job_id: str, point: str) -> None:
     """Return once the running job reached `point`."""
     reached = {
         "before the first batch": lambda j: j.phase == "loading the model",
-        "mid-run": lambda j: j.tokens_done > 0 and not _shard_files(j.pk),
-        "at shard write": lambda j: bool(_shard_files(j.pk)),
+        "mid-run": lambda j: 0 < j.tokens_done < j.tokens_total,
+        "with shards written": lambda j: j.tokens_done < j.tokens_total and _shard_files(j.pk),
     }[point]
 
     def at_point():
@@ -72,7 +72,7 @@ def _wait_running(job_id: str, point: str) -> None:
         assert job.status in ("queued", "running"), (point, job.status, job.error_message)
         return job.status == "running" and reached(job)
 
-    wait_for(at_point, timeout=120, every=0.005)
+    wait_for(at_point, timeout=DEADLINE_S, every=0.005)
 
 
 def _killed_job_ends_clean(live, job_id: str, point: str) -> None:
@@ -81,12 +81,12 @@ def _killed_job_ends_clean(live, job_id: str, point: str) -> None:
     assert not Path(job.output_path).exists(), point
 
 
-def _crash_at(live, web, model, dataset, params: dict, point: str) -> None:
-    job_id = _extract(web, model, dataset, params)
+def _crash_at(live, web, model, dataset, point: str) -> None:
+    job_id = _extract(web, model, dataset, LONG)
     _wait_running(job_id, point)
     live.kill("gpu")
     _killed_job_ends_clean(live, job_id, point)
-    again = wait_extraction(_extract(web, model, dataset, params), EXTRACTION_TERMINAL)
+    again = wait_extraction(_extract(web, model, dataset, SMALL), EXTRACTION_TERMINAL)
     assert again.status == "completed", (point, again.error_message)
 
 
@@ -97,21 +97,23 @@ def _crash_while_loading(live, web, big, small, dataset) -> None:
     _wait_running(job_id, "before the first batch")
     live.kill("gpu")
     _killed_job_ends_clean(live, job_id, "before the first batch")
-    # the dead cluster had taken it from the queue: queued again at start-up, not after `retry`
-    # seconds (ORM broker) or never (Redis)
-    assert wait_extraction(behind, EXTRACTION_TERMINAL, timeout=25).status == "completed"
+    # the dead cluster may have taken it from the queue: on `live_recovery` the ORM broker does not
+    # hand it out again during the test and Redis never does, so it runs because the restarted
+    # worker queued it again (or because it was still waiting in the broker)
+    assert wait_extraction(behind, EXTRACTION_TERMINAL).status == "completed"
     again = wait_extraction(_extract(web, big, dataset, SMALL), EXTRACTION_TERMINAL)
     assert again.status == "completed", again.error_message
 
 
-def test_a_gpu_cluster_killed_at_any_point_of_an_extraction_leaves_no_stuck_row(live, hub):
+def test_a_gpu_cluster_killed_at_any_point_of_an_extraction_leaves_no_stuck_row(live_recovery, hub):
+    live = live_recovery
     web = LiveClient(live.url)
     big = download_ready(web, "tiny/llama-big", "Q2")
     small = download_ready(web, "tiny/llama", "FP16")  # now resident: the big one loads again
     dataset = big_dataset()
     _crash_while_loading(live, web, big, small, dataset)
-    _crash_at(live, web, small, dataset, MID, "mid-run")
-    _crash_at(live, web, small, dataset, SHARD, "at shard write")
+    _crash_at(live, web, small, dataset, "mid-run")
+    _crash_at(live, web, small, dataset, "with shards written")
     assert not ExtractionJob.objects.exclude(status__in=EXTRACTION_TERMINAL).exists()
     kept = {p.name for p in Path(settings.ACTIVATIONS_DIR).iterdir()}
     completed = ExtractionJob.objects.filter(status="completed").values_list("pk", flat=True)
@@ -133,7 +135,7 @@ def _kill_worker_whenever_running(live, job_id: str) -> int:
 
     started = time.monotonic()
     try:
-        wait_for(over, timeout=RECONCILE_BOUND_S, every=0.005)
+        wait_for(over, timeout=DEADLINE_S, every=0.005)
     finally:
         stuck = ExtractionJob.objects.get(pk=job_id).status not in EXTRACTION_TERMINAL
         for _ in range(kills):
@@ -153,7 +155,7 @@ def _redelivered_and_acknowledged(live, job_id: str) -> int:
     task_name = f"extraction_run_task {job_id}"
     if not settings.REDIS_URL:
         wait_for(lambda: not _in_broker(task_name), timeout=TASK_RETRY_S + 60, every=0.2)
-        wait_for(lambda: deliveries(live, task_name) == 2, timeout=30)
+        wait_for(lambda: deliveries(live, task_name) == 2, timeout=DEADLINE_S)
     return deliveries(live, task_name)
 
 
@@ -161,12 +163,12 @@ def test_a_job_that_kills_its_worker_runs_at_most_twice_then_fails_and_others_fl
     web = LiveClient(live.url)
     model = download_ready(web, "tiny/llama", "FP16")
     dataset = big_dataset()
-    poison = _extract(web, model, dataset, MID)
+    poison = _extract(web, model, dataset, LONG)
     behind = [_extract(web, model, dataset, SMALL) for _ in range(2)]
     assert _kill_worker_whenever_running(live, poison) == 1
     job = ExtractionJob.objects.get(pk=poison)
     assert (job.status, job.error_message, job.attempt) == ("failed", EXTRACTION_STALE, 1)
-    after = _extract(web, model, dataset, MID)  # the same job again, as a fresh request
+    after = _extract(web, model, dataset, SMALL)  # the same model and data, a fresh request
     for job_id in [*behind, after]:
         assert wait_extraction(job_id, EXTRACTION_TERMINAL).status == "completed"
     delivered = _redelivered_and_acknowledged(live, poison)

@@ -114,7 +114,7 @@ def _manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
 
 

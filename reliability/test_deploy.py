@@ -38,7 +38,7 @@ def check(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
         env={**base, "MISTUDIO_DATA_DIR": str(tmp_path), **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
 
 

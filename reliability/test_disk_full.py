@@ -78,10 +78,10 @@ def test_a_disk_that_fills_mid_download_ends_the_job_cleanly(hub, settings, smal
     r = post(client, "/api/models/download", {"hf_repo_id": "tiny/llama", "quantization": "FP16"})
     pk = r.json()["id"]
     worker = in_thread(tasks.model_download_task, pk)
-    assert hub.wait_until_held(1, timeout=30)
+    assert hub.wait_until_held(1, timeout=300)
     filler = fill(small_disk)
     hub.resume()
-    worker.join(timeout=60)
+    worker.join(timeout=300)
     row = Model.objects.get(pk=pk)
     assert (row.status, row.error_message) == ("error", "The disk filled up during the download.")
     assert partial_model_files("tiny/llama") == [] and serves_pages(client)

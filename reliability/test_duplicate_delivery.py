@@ -66,7 +66,7 @@ def twice_at_once(task, pk: str) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=300)
     FIGURES["duplicate deliveries raced"] += 1
 
 

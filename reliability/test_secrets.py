@@ -71,7 +71,7 @@ def _fails_in_the_worker(web: LiveClient, hub, token: str) -> str:
     config_precache(hub, REPO, token)
     hub.pause(after_bytes=0)
     r = _download(web, "Q8", token)
-    assert hub.wait_until_held(1, timeout=30)
+    assert hub.wait_until_held(1, timeout=300)
     hub.tokens.discard(token)
     hub.resume()
     row = wait_model(r.json()["id"], MODEL_TERMINAL)
@@ -83,7 +83,7 @@ def _fails_in_the_worker(web: LiveClient, hub, token: str) -> str:
 def _cancelled(web: LiveClient, hub, token: str) -> None:
     hub.pause(after_bytes=256 * 1024)
     r = _download(web, "Q2", token)
-    assert hub.wait_until_held(1, timeout=30)
+    assert hub.wait_until_held(1, timeout=300)
     assert web.send("POST", f"/api/models/{r.json()['id']}/cancel").status_code == 200
     hub.resume()
     assert wait_model(r.json()["id"], MODEL_TERMINAL).status == "cancelled"

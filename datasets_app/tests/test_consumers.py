@@ -32,7 +32,7 @@ async def test_a_progress_write_pushes_the_card_partial():
     comm, connected = await connect()
     assert connected
     await database_sync_to_async(Dataset.touch)(row.pk, progress=12.5, phase="downloading")
-    html = await comm.receive_from(timeout=5)
+    html = await comm.receive_from(timeout=60)
     assert f'id="dataset-{row.pk}"' in html and 'hx-swap-oob="true"' in html and "12.5%" in html
     await comm.disconnect()
 
@@ -41,7 +41,7 @@ async def test_a_progress_write_pushes_the_card_partial():
 async def test_a_deleted_dataset_removes_its_card():
     comm, _ = await connect()
     await database_sync_to_async(Dataset.announce)("d_gone", "card.deleted")
-    assert 'id="dataset-d_gone" hx-swap-oob="delete"' in await comm.receive_from(timeout=5)
+    assert 'id="dataset-d_gone" hx-swap-oob="delete"' in await comm.receive_from(timeout=60)
     await comm.disconnect()
 
 
@@ -63,6 +63,6 @@ async def test_the_relay_announces_rows_other_processes_changed():
 
     await database_sync_to_async(worker_writes)()
     assert await relay.poll_once() == [row.pk]
-    assert "55.0%" in await comm.receive_from(timeout=5)
+    assert "55.0%" in await comm.receive_from(timeout=60)
     assert await relay.poll_once() == []
     await comm.disconnect()

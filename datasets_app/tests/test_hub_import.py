@@ -105,7 +105,7 @@ def test_cancel_mid_download_leaves_no_partial_files(dhub, settings):
     assert any(name.endswith(".incomplete") for name in partial), partial
     services.dataset_cancel(row.id)
     dhub.resume()
-    worker.join(timeout=30)
+    worker.join(timeout=300)
     row.refresh_from_db()
     assert (row.status, row.error_message) == ("cancelled", "Cancelled by the user.")
     assert 0 < row.bytes_done < row.bytes_total

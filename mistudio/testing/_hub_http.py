@@ -47,7 +47,8 @@ class Valve:
     """Shared throttle and pause switch for every file body the hub and CDN send.
 
     Throttling is one global link of `rate` bytes/s that all streams share. While paused, a body
-    holds once it has sent `pause_after` bytes, so a test can stop a download mid-file.
+    holds once it has sent `pause_after` bytes, so a test can stop a download mid-file;
+    `release()` lets the bodies held now go on to their end while later ones still hold.
     """
 
     def __init__(self) -> None:
@@ -56,6 +57,8 @@ class Valve:
         self.paused = False
         self.pause_after = 0
         self.held = 0
+        self.holds = 0  # bodies that have held so far (each counted once)
+        self.releases = 0  # release() calls so far
         self.bytes_sent = 0
         self._stopped = False
         self._link_free_at = 0.0  # time.monotonic() when the throttled link is idle again
@@ -67,19 +70,35 @@ class Valve:
             size = min(size, self.pause_after - sent)
         return size
 
-    def before_chunk(self, sent: int) -> None:
-        """Block while paused past this body's pause mark; raise StreamStopped on stop."""
+    def before_chunk(self, sent: int, released: bool = False) -> bool:
+        """Block while paused past this body's pause mark, unless `released`; return whether the
+        body was released (its later chunks pass); raise StreamStopped on stop."""
         with self._cond:
-            if self.paused and sent >= self.pause_after:
-                self.held += 1
-                self._cond.notify_all()
-                try:
-                    self._cond.wait_for(lambda: not self.paused or self._stopped)
-                finally:
-                    self.held -= 1
-                    self._cond.notify_all()
+            if self.paused and sent >= self.pause_after and not released:
+                released = self._hold()
             if self._stopped:
                 raise StreamStopped
+        return released
+
+    def _hold(self) -> bool:
+        self.held += 1
+        self.holds += 1
+        self._cond.notify_all()
+        generation = self.releases
+        try:
+            self._cond.wait_for(
+                lambda: not self.paused or self._stopped or self.releases > generation
+            )
+        finally:
+            self.held -= 1
+            self._cond.notify_all()
+        return self.paused
+
+    def release(self) -> None:
+        """Let the bodies held now run to their end; later bodies still hold while paused."""
+        with self._cond:
+            self.releases += 1
+            self._cond.notify_all()
 
     def after_chunk(self, n: int) -> None:
         """Count `n` sent bytes and, when throttled, wait for the link's time slot for them."""
@@ -102,9 +121,12 @@ class Valve:
                 setattr(self, name, value)
             self._cond.notify_all()
 
-    def wait_until_held(self, count: int, timeout: float) -> bool:
+    def wait_until_held(self, count: int, timeout: float, *, holds: int = 0) -> bool:
+        """Wait until `count` bodies hold now and at least `holds` have held in all."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.held >= count, timeout=timeout)
+            return self._cond.wait_for(
+                lambda: self.held >= count and self.holds >= holds, timeout=timeout
+            )
 
     def stop(self) -> None:
         self.set(_stopped=True)
@@ -195,10 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(f.data, start, end)
 
     def _stream(self, data: bytes, start: int, end: int) -> None:
-        valve, sent = self.hub.valve, 0
+        valve, sent, released = self.hub.valve, 0, False
         try:
             while start + sent < end:
-                valve.before_chunk(sent)
+                released = valve.before_chunk(sent, released)
                 n = min(valve.chunk_size(sent), end - start - sent)
                 self.wfile.write(data[start + sent : start + sent + n])
                 self.wfile.flush()

@@ -159,14 +159,19 @@ class FakeHub(DatasetRepos):
         """Let held and future file bodies flow again."""
         self.valve.set(paused=False)
 
+    def release_held(self) -> None:
+        """Let the bodies held now run to their end; bodies that start later still hold."""
+        self.valve.release()
+
     @property
     def held(self) -> int:
         """How many file bodies are held by `pause()` right now."""
         return self.valve.held
 
-    def wait_until_held(self, count: int = 1, timeout: float = 10.0) -> bool:
-        """Block until `count` bodies are held (True) or `timeout` seconds pass (False)."""
-        return self.valve.wait_until_held(count, timeout)
+    def wait_until_held(self, count: int = 1, timeout: float = 10.0, *, holds: int = 0) -> bool:
+        """Block until `count` bodies are held and `holds` have held in all (True), or `timeout`
+        seconds pass (False)."""
+        return self.valve.wait_until_held(count, timeout, holds=holds)
 
     @property
     def bytes_sent(self) -> int:

@@ -98,11 +98,16 @@ class LiveStack:
         self._wait_http()
         return self
 
-    def _wait_http(self, timeout: float = 60) -> None:
+    def _wait_http(self, timeout: float = 300) -> None:
+        """Wait for daphne to answer (generous: starting Python, Django and torch takes long on a
+        busy machine); fail at once if a process died."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            dead = [name for name, proc in self.procs.items() if proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited at start: {self.logs()}")
             try:
-                urllib.request.urlopen(self.url + "/models/", timeout=2).close()
+                urllib.request.urlopen(self.url + "/models/", timeout=5).close()
                 return
             except OSError:
                 time.sleep(0.2)

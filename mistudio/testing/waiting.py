@@ -7,8 +7,11 @@ import time
 from collections.abc import Callable
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.01):
-    """Poll `predicate` until it returns something truthy (returned); fail after `timeout` s."""
+def wait_for(predicate: Callable[[], object], timeout: float = 180.0, every: float = 0.01):
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout` s.
+
+    The default deadline is generous on purpose: a busy 2-core machine may take minutes where an
+    idle one takes a second, and a test must not depend on the machine's speed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -306,6 +306,28 @@ def test_pause_holds_a_body_mid_file_until_resume(hub, catalogue, tmp_path):
     assert Path(result["path"]).read_bytes() == expected
 
 
+def test_release_lets_the_held_body_finish_and_holds_the_next_one(hub, catalogue, tmp_path):
+    hub.pause(after_bytes=0)
+    names = ["config.json", "tokenizer.json"]
+    done: list[str] = []
+
+    def fetch() -> None:
+        for name in names:
+            hf_hub_download("tiny/llama", name, cache_dir=tmp_path)
+            done.append(name)
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    assert hub.wait_until_held(1, timeout=30)
+    holds = hub.valve.holds
+    hub.release_held()
+    assert hub.wait_until_held(1, timeout=30, holds=holds + 1)
+    assert done == ["config.json"] and worker.is_alive()
+    hub.resume()
+    worker.join(timeout=30)
+    assert done == names
+
+
 def test_stop_releases_its_ports():
     hub = FakeHub()
     endpoint = hub.endpoint

@@ -85,7 +85,7 @@ def test_cancel_mid_download_leaves_no_partial_files(hub, settings):
     worker = in_thread(tasks.model_download_task, row.pk)
     wait_for(lambda: Model.objects.get(pk=row.pk).progress > 5)
     services.model_cancel(row.pk)
-    worker.join(timeout=30)
+    worker.join(timeout=300)
     row.refresh_from_db()
     assert row.status == ModelStatus.CANCELLED
     assert not [f for f in cache_files(settings) if "blobs" in f or "snapshots" in f]

@@ -108,7 +108,7 @@ def test_cancel_mid_run_leaves_no_partial_shard(hub):
     worker = in_thread(tasks.extraction_run_task, job.pk)
     wait_for(lambda: ExtractionJob.objects.get(pk=job.pk).tokens_done > 0)
     extraction.extraction_cancel(job.pk)
-    worker.join(timeout=60)
+    worker.join(timeout=300)
     job.refresh_from_db()
     assert job.status == ExtractionStatus.CANCELLED
     assert not Path(job.output_path).exists()

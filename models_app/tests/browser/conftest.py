@@ -44,6 +44,6 @@ def page(live):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(base_url=live.url)
         pg = context.new_page()
-        pg.set_default_timeout(60_000)
+        pg.set_default_timeout(120_000)  # a busy machine; waits end as soon as the page is there
         yield pg
         browser.close()

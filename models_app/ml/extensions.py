@@ -1,0 +1,54 @@
+"""Build optimum-quanto's native extensions ahead of time.
+
+optimum-quanto compiles a C++ extension (and, on a CUDA machine, a CUDA one) the first time a
+2-bit model is used: minutes on a small machine, during which a load shows no progress. Set-up
+runs this module so no user and no test waits on a compiler:
+
+    python -m models_app.ml.extensions        # needs g++ (and nvcc where CUDA is used)
+
+It is idempotent: a built extension loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+
+def extension_names() -> list[str]:
+    """The extensions optimum-quanto uses on this machine: the CPU one, and CUDA's when usable."""
+    names = ["quanto_cpp"]
+    if torch.cuda.is_available() and is_extension_available("quanto_cuda"):
+        names.append("quanto_cuda")
+    return names
+
+
+def build_extensions() -> dict[str, float]:
+    """Build (or load, when already built) each extension; returns seconds per extension.
+    Raises what torch's builder raises (no compiler, a failed build)."""
+    took = {}
+    for name in extension_names():
+        start = time.monotonic()
+        get_extension(name).lib  # noqa: B018 - the property compiles and loads the extension
+        took[name] = time.monotonic() - start
+    return took
+
+
+def main() -> int:
+    try:
+        took = build_extensions()
+    except Exception as exc:  # noqa: BLE001 - say what is missing, then fail set-up
+        print(f"optimum-quanto's extension did not build: {exc}", file=sys.stderr)
+        print("Q2 (2-bit) needs a C++ compiler (g++) to build it; install one and re-run.",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    for name, seconds in took.items():
+        print(f"{name}: ready ({seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
