@@ -40,6 +40,7 @@ def preflight(repo_id: str, revision: str, token: str | None) -> Listing:
         revision=revision,
         token=token,
         endpoint=settings.HF_ENDPOINT,
+        cache_dir=settings.MODELS_CACHE_DIR,
         allow_pickle=settings.ALLOW_PICKLE_WEIGHTS,
     )
     disk_check(settings.MODELS_CACHE_DIR, pre.total_bytes, settings.DISK_MARGIN_BYTES)

@@ -6,7 +6,6 @@ No Django here: callers pass endpoint, token and cache dir explicitly (see mistu
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import shutil
 from dataclasses import replace
@@ -14,10 +13,8 @@ from pathlib import Path
 
 from mistudio.hub import HubError, Listing, RepoFile, file_fetch, files_fetch, repo_listing
 
-# What a model needs to load: weights as safetensors, config, tokenizer. Top-level files only.
-WANTED_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
+# Besides its weights, what a model needs to load: config, generation defaults, tokenizer.
+SUPPORT_FILES = frozenset({
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -30,48 +27,124 @@ WANTED_PATTERNS = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
-)
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+})  # fmt: skip
+# The weight layouts transformers loads, in the order it looks for them: one file or an index
+# naming the shards. Pickles (can run code when loaded) only when an admin allows them.
+SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+INDEX_MAX_BYTES = 16 * 1024 * 1024  # a 10k-shard index is ~1 MB; more is not an index
 
 
-def _is_wanted(name: str) -> bool:
-    return "/" not in name and any(fnmatch.fnmatch(name, p) for p in WANTED_PATTERNS)
+def _index_shards(index: object, index_name: str) -> set[str]:
+    """The shard file names an index's weight_map names (HubError when it is not an index)."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not shards or not all(isinstance(s, str) and _is_plain_name(s) for s in shards):
+        raise HubError(f"{index_name} is not a valid weight index.", code="bad_index")
+    return shards
 
 
-def _is_pickle(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in PICKLE_PATTERNS)
+def _is_plain_name(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in parts
 
 
-def files_select(files: list[RepoFile], *, allow_pickle: bool) -> list[RepoFile]:
-    """The files a model needs; HubError for pickle-only or weightless repos."""
-    wanted = [f for f in files if _is_wanted(f.name)]
-    has_safetensors = any(f.name.endswith(".safetensors") for f in wanted)
-    pickles = [f for f in files if "/" not in f.name and _is_pickle(f.name)]
-    if not has_safetensors and pickles:
-        if not allow_pickle:
+def _weights(files: dict[str, RepoFile], layout: tuple[str, str], index: object) -> list[RepoFile]:
+    """The files of one layout: the single file, or the index and exactly the shards it names."""
+    single, index_name = layout
+    if index_name in files:
+        shards = _index_shards(index, index_name)
+        missing = sorted(shards - files.keys())
+        if missing:
             raise HubError(
-                "This repo only has pickle weights (.bin/.pt), which can run code when loaded;"
-                " miStudio loads safetensors only. Use a safetensors version of the model.",
-                code="pickle_only",
+                f"{index_name} names {len(missing)} file(s) the repo does not have"
+                f" ({', '.join(missing[:3])}).",
+                code="bad_index",
             )
-        wanted += pickles
-    elif not has_safetensors:
-        raise HubError("This repo has no model weights (no .safetensors files).", code="no_weights")
-    if not any(f.name == "config.json" for f in wanted):
+        return [files[index_name], *(files[n] for n in sorted(shards))]
+    return [files[single]] if single in files else []
+
+
+def files_select(
+    files: list[RepoFile], *, allow_pickle: bool, index: object = None
+) -> list[RepoFile]:
+    """The files transformers needs to load the model: config, tokenizer, and ONE copy of the
+    weights — `model.safetensors`, or the index and exactly the shards it names (`index`, the
+    parsed index when the repo has one); other weight files (consolidated.safetensors, ONNX,
+    adapters, original/…) are left. HubError when there is no config, no loadable weights, or
+    only pickles and they are not allowed."""
+    by_name = {f.name: f for f in files}
+    if "config.json" not in by_name:
         raise HubError(
             "This repo has no config.json; it is not a transformers model.", code="no_config"
         )
-    return wanted
+    weights = _weights(by_name, SAFETENSORS, index)
+    if not weights and _weights(by_name, PICKLES, index if allow_pickle else None):
+        if not allow_pickle:
+            raise HubError(
+                "This repo only has pickle weights (.bin), which can run code when loaded;"
+                " miStudio loads safetensors only. Use a safetensors version of the model.",
+                code="pickle_only",
+            )
+        weights = _weights(by_name, PICKLES, index)
+    if not weights:
+        raise HubError(_no_weights_message(files), code="no_weights")
+    return [by_name[n] for n in sorted(SUPPORT_FILES & by_name.keys())] + weights
+
+
+def _no_weights_message(files: list[RepoFile]) -> str:
+    others = sorted(f.name for f in files if f.name.endswith((".safetensors", ".bin", ".pt")))
+    if not others:
+        return "This repo has no model weights (no .safetensors files)."
+    return (
+        "This repo has no model.safetensors or model.safetensors.index.json, the weights"
+        f" transformers loads (it has {', '.join(others[:3])}: another tool's layout)."
+    )
+
+
+def _index_name(files: list[RepoFile], allow_pickle: bool) -> str | None:
+    names = {f.name for f in files}
+    for candidate in (SAFETENSORS[1], PICKLES[1] if allow_pickle else None):
+        if candidate in names:
+            return candidate
+    return None
 
 
 def repo_preflight(
-    repo_id: str, *, revision: str, token: str | None, endpoint: str, allow_pickle: bool = False
+    repo_id: str,
+    *,
+    revision: str,
+    token: str | None,
+    endpoint: str,
+    cache_dir: Path,
+    allow_pickle: bool = False,
 ) -> Listing:
-    """Check access and list the files to fetch with their sizes, before any byte is downloaded."""
+    """Check access and list exactly the files to fetch with their sizes, before any weight byte
+    is downloaded (a sharded repo's index, a few KB, is fetched to read the shard names)."""
     listing = repo_listing(
         repo_id, repo_type="model", revision=revision, token=token, endpoint=endpoint
     )
-    return replace(listing, files=files_select(listing.files, allow_pickle=allow_pickle))
+    index = None
+    if name := _index_name(listing.files, allow_pickle):
+        index = _json_file(listing, name, token, endpoint, cache_dir, INDEX_MAX_BYTES)
+    selected = files_select(listing.files, allow_pickle=allow_pickle, index=index)
+    return replace(listing, files=selected)
+
+
+def _json_file(
+    listing: Listing, name: str, token: str | None, endpoint: str, cache_dir: Path, limit: int
+) -> object:
+    size = next(f.size for f in listing.files if f.name == name)
+    if size > limit:
+        raise HubError(f"{name} is {size} bytes; that is not a JSON file we read.", code="bad_file")
+    path = file_fetch(
+        listing.repo_id, name, revision=listing.commit_sha, token=token, endpoint=endpoint,
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    try:
+        return json.loads(path.read_bytes()[: limit + 1])
+    except (OSError, ValueError):
+        raise HubError(f"{name} is not valid JSON.", code="bad_file") from None
 
 
 def config_fetch(

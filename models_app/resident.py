@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from django.utils import timezone
 
 from mistudio.errors import Conflict, ServiceError
@@ -15,6 +16,7 @@ from mistudio.errors import Conflict, ServiceError
 from .jobs import WAITING_GPU, job_cancelled, job_fail, job_finish
 from .ml.architecture import describe
 from .ml.cache import MODEL_CACHE
+from .ml.configs import ConfigError
 from .ml.loading import LoadReport, QuantizationError, load_model
 from .models import Model, ModelStatus
 from .selectors import device, model_get
@@ -47,7 +49,30 @@ def model_resident(model_id: str):
     return model, report
 
 
-def _record(report: LoadReport, arch: dict) -> dict:
+def load_failure_message(quantization: str, exc: BaseException) -> str:
+    """What the user reads when a load fails: the real cause, never a guess. Errors we raise
+    (QuantizationError, ConfigError, a missing file) carry a readable message; anything else is
+    named by its type, and a real out-of-memory says so."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return (
+            f"Loading at {quantization} ran out of memory on the device; try a smaller"
+            " quantization or free the device."
+        )
+    if isinstance(exc, QuantizationError | ConfigError | OSError):
+        return f"Loading at {quantization} failed: {exc}"
+    if "mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
+        return (
+            f"Loading at {quantization} failed: the weights in the repo do not have the shapes"
+            " its config.json describes."
+        )
+    log.error("load check failed", exc_info=exc)
+    detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"Loading at {quantization} failed: {type(exc).__name__}" + (
+        f": {detail}" if detail else ""
+    )
+
+
+def _record(row: Model, report: LoadReport, arch: dict) -> dict:
     return dict(
         params=arch["parameters"],
         num_layers=arch["total_layers"],
@@ -61,10 +86,12 @@ def _record(report: LoadReport, arch: dict) -> dict:
         mem_req_bytes=report.footprint_bytes,
         load_notice=report.notice,
         metadata={
+            **(row.metadata or {}),  # the estimate made before download stays beside the facts
             "architecture": arch,
             "load": {
                 "quantized_layers": report.quantized_layers,
                 "linear_layers": report.linear_layers,
+                "quantized_experts": report.quantized_experts,
                 "load_seconds": round(report.load_seconds, 3),
                 "device": report.device,
             },
@@ -89,9 +116,9 @@ def model_load_check_run(model_id: str) -> None:
         with Model.heartbeat(model_id):
             model, report = _load(row)
             arch = describe(model)
-    except (QuantizationError, ValueError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure ends the row now, with its real cause
         MODEL_CACHE.evict(model_id)
-        job_fail(model_id, f"Loading at {row.quantization} failed: {exc}")
+        job_fail(model_id, load_failure_message(row.quantization, exc))
         return
     if Model.cancel_requested(model_id):
         MODEL_CACHE.evict(model_id)
@@ -104,7 +131,7 @@ def model_load_check_run(model_id: str) -> None:
         phase="",
         is_loaded=True,
         loaded_device=report.device,
-        **_record(report, arch),
+        **_record(row, report, arch),
     )
 
 

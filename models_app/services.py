@@ -9,12 +9,13 @@ from __future__ import annotations
 from django.conf import settings
 from django.utils import timezone
 
-from mistudio.errors import Conflict
+from mistudio.errors import Conflict, Invalid
 
 from . import repo
 from .extraction import extractions_remove_for_model
 from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, model_files_remove, preflight
-from .ml.estimate import estimate_memory, estimate_parameters, fit_label
+from .ml.configs import ConfigError
+from .ml.estimate import ParameterCounts, count_parameters, fit_label, memory_for
 from .models import ACTIVE_STATUSES, FAILED_STATUSES, HubCredential, Model, ModelStatus
 from .selectors import device_summary, model_get
 
@@ -31,21 +32,21 @@ def _duplicate_check(repo_id: str, quantization: str) -> None:
         )
 
 
-def _estimates(config: dict, quantization: str) -> tuple[int | None, int | None]:
-    try:
-        return estimate_parameters(config), estimate_memory(config)[quantization]
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None, None  # an unusual config: the load check will give the real numbers
-
-
-def _config_for(repo_id: str, revision: str, token: str | None) -> dict:
-    return repo.config_fetch(
+def _counts_for(repo_id: str, revision: str, token: str | None) -> ParameterCounts:
+    """The repo's config.json, read and counted the way transformers builds the model (a few KB
+    fetched, no weights). Invalid (422) when miStudio cannot load such a model: custom code,
+    a type transformers does not know, unreadable or impossible values."""
+    config = repo.config_fetch(
         repo_id,
         revision=revision,
         token=token,
         endpoint=settings.HF_ENDPOINT,
         cache_dir=settings.MODELS_CACHE_DIR,
     )
+    try:
+        return count_parameters(config)
+    except ConfigError as exc:
+        raise Invalid(f"{repo_id}: {exc}", code="unsupported_model") from None
 
 
 def model_download(
@@ -63,7 +64,7 @@ def model_download(
     revision = revision or "main"
     _duplicate_check(hf_repo_id, quantization)
     pre = preflight(hf_repo_id, revision, access_token)
-    params, mem = _estimates(_config_for(hf_repo_id, pre.commit_sha, access_token), quantization)
+    counts = _counts_for(hf_repo_id, pre.commit_sha, access_token)
     return Model.create_queued(
         task=enqueue_download,
         conflict=f"{hf_repo_id} at {quantization} is already in your models.",
@@ -77,8 +78,9 @@ def model_download(
         bytes_total=pre.total_bytes,
         phase="waiting for a download worker",
         files=pre.files_json(),
-        params=params,
-        mem_estimate_bytes=mem,
+        params=counts.total,
+        mem_estimate_bytes=memory_for(counts, device_summary()["kind"])[quantization],
+        metadata={"estimate": counts.to_dict()},
     )
 
 
@@ -124,18 +126,19 @@ def model_estimate(
     """Parameter count and memory per quantization from config.json alone, with a fit label
     against the device's free memory: {params, rows: [{quantization, bytes, fit, label}], device}.
     """
-    config = _config_for(hf_repo_id, revision or "main", access_token)
+    counts = _counts_for(hf_repo_id, revision or "main", access_token)
     dev = device_summary()
     rows = []
-    for quantization, needed in estimate_memory(config, dev["kind"]).items():
+    for quantization, needed in memory_for(counts, dev["kind"]).items():
         code, label = fit_label(needed, dev)
         rows.append({"quantization": quantization, "bytes": needed, "fit": code, "label": label})
     return {
         "repo_id": hf_repo_id,
-        "params": estimate_parameters(config),
+        "params": counts.total,
+        "counts": counts.to_dict(),
         "rows": rows,
         "device": dev,
-        "architecture": (config.get("architectures") or [""])[0],
+        "architecture": counts.shape.architecture,
     }
 
 

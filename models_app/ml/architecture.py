@@ -6,7 +6,8 @@ import math
 
 from torch import nn
 
-from .estimate import DecoderShape, decoder_shape, estimate_parameters
+from .configs import ModelShape, model_shape
+from .estimate import meta_model
 from .layers import find_blocks
 from .loading import is_linear_like
 
@@ -20,7 +21,7 @@ def describe(model: nn.Module) -> dict:
     Block MLP sizes come from the block's real Linear-like modules (logical in/out features, so a
     packed 4-bit weight reports its true shape); `parameters` counts quantized weights logically.
     """
-    shape = decoder_shape(model.config.to_dict())
+    shape = model_shape(model.config)
     path, blocks = find_blocks(model)
     entries = [
         _embedding_entry(model),
@@ -32,19 +33,9 @@ def describe(model: nn.Module) -> dict:
 
 
 def describe_config(config: dict) -> dict:
-    """The same description from a config.json dict alone (before download): parameters are the
-    dense-decoder estimate and the layer entries come from the config's numbers."""
-    shape = decoder_shape(config)
-    norm = "RMSNorm" if shape.rms_norm else "LayerNorm"
-    mlp = (shape.hidden, shape.intermediate, shape.hidden)
-    entries = [
-        {"type": "Embedding", "detail": f"Shape: {shape.vocab_size} × {shape.hidden}"},
-        *({"type": f"TransformerBlock_{i}", "detail": _block_detail(shape, mlp)}
-          for i in range(shape.layers)),
-        {"type": norm, "detail": f"Dim: {shape.hidden}"},
-        {"type": "Output", "detail": _output_detail(shape.hidden, shape.vocab_size, shape.tied)},
-    ]  # fmt: skip
-    return _summary(shape, estimate_parameters(config), shape.layers, entries)
+    """The same description before download, from a config.json dict: the model is built on
+    the meta device (shapes, no memory) and described like a loaded one."""
+    return describe(meta_model(config))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -59,7 +50,7 @@ def logical_numel(parameter: nn.Parameter) -> int:
     return parameter.numel()  # quanto tensors and Int8Params already have the logical shape
 
 
-def _summary(shape: DecoderShape, parameters: int, n_blocks: int, entries: list) -> dict:
+def _summary(shape: ModelShape, parameters: int, n_blocks: int, entries: list) -> dict:
     layers = [{"index": i, **entry} for i, entry in enumerate(e for e in entries if e)]
     return {
         "total_layers": n_blocks,
@@ -74,6 +65,9 @@ def _summary(shape: DecoderShape, parameters: int, n_blocks: int, entries: list)
             "mlp_ratio": round(shape.intermediate / shape.hidden, 4),
             "architecture": shape.architecture,
             "model_type": shape.model_type,
+            "num_experts": shape.num_experts,
+            "experts_per_token": shape.experts_per_token,
+            "multimodal": shape.multimodal,
         },
     }
 
@@ -86,11 +80,15 @@ def _embedding_entry(model: nn.Module) -> dict | None:
     return {"type": "Embedding", "detail": f"Shape: {vocab} × {dim}"}
 
 
-def _block_entry(index: int, block: nn.Module, shape: DecoderShape) -> dict:
-    return {"type": f"TransformerBlock_{index}", "detail": _block_detail(shape, _mlp_dims(block))}
+def _block_entry(index: int, block: nn.Module, shape: ModelShape) -> dict:
+    detail = _block_detail(shape, _mlp_dims(block))
+    if shape.num_experts and any("Experts" in type(m).__name__ for m in block.modules()):
+        top = f", {shape.experts_per_token} per token" if shape.experts_per_token else ""
+        detail += f" | MoE: {shape.num_experts} experts{top}"
+    return {"type": f"TransformerBlock_{index}", "detail": detail}
 
 
-def _block_detail(shape: DecoderShape, mlp: tuple[int, int, int] | None) -> str:
+def _block_detail(shape: ModelShape, mlp: tuple[int, int, int] | None) -> str:
     attention = f"Attention: {shape.heads} heads × {shape.head_dim} dims"
     if shape.kv_heads != shape.heads:
         attention += f" ({shape.kv_heads} KV heads)"
@@ -102,7 +100,16 @@ def _block_detail(shape: DecoderShape, mlp: tuple[int, int, int] | None) -> str:
 def _mlp_dims(block: nn.Module) -> tuple[int, int, int] | None:
     """(in, hidden, out) of the block's MLP from its first and last Linear-like layers."""
     mlp = _mlp_module(block)
-    linears = [m for m in mlp.modules() if is_linear_like(m)] if mlp is not None else []
+    inside_experts = {
+        id(inner)
+        for m in (mlp.modules() if mlp is not None else ())
+        if "Experts" in type(m).__name__
+        for inner in m.modules()
+    }  # per-expert layers of a quantized MoE stack are not the block's MLP
+    linears = [
+        m for m in (mlp.modules() if mlp is not None else ())
+        if is_linear_like(m) and id(m) not in inside_experts
+    ]  # fmt: skip
     if len(linears) < 2:
         return None
     (first_in, first_out), (_, last_out) = in_out_features(linears[0]), in_out_features(linears[-1])

@@ -1,162 +1,158 @@
 """Parameter count and memory per quantization from config.json alone, before any download.
 
-Dense decoder: P = L·(attention + MLP + biases + norms) + V·h·(1 if tied else 2) + final norm
-(+ learned positions). Linear weights are stored at the quantization's bytes per weight; embeddings,
-lm_head, norms and biases stay at 16 bits (32 on CPU), as bitsandbytes and optimum-quanto keep them.
+The model is built on the meta device (no memory, no weights) from the config by transformers
+itself, so every architecture transformers ships is counted exactly: mixture-of-experts models
+with all their experts (and shared experts), multimodal models with their vision tower, hybrids.
+Parameters are then split by what each quantization shrinks:
+
+    linear   weights of Linear layers (bitsandbytes / optimum-quanto quantize these)
+    experts  fused expert weights, (E, out, in) per layer (quantized expert by expert, see
+             experts.py; bitsandbytes alone would leave them 16-bit)
+    other    embeddings, lm_head, norms, biases, convolutions (kept 16-bit, 32-bit on CPU)
+
+Memory = Σ parameters × bytes per weight of their kind at the option, + RUNTIME_OVERHEAD.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 
+import torch
+from torch import nn
+
+from .configs import ConfigError, ModelShape, auto_model_class, config_from_dict, model_shape
 from .loading import QUANTIZATIONS
 
-# Bytes per Linear weight. Q8 int8 (+ a row scale), NF4 with double quant ≈0.52, quanto int2 with
-# a 16-bit scale and shift per group of 128 ≈0.28 (float32 scales on CPU ≈0.32). On CPU the FP16
-# option really runs in float32.
+# Bytes per quantized weight. Q8 int8 (+ a row scale), NF4 with double quant ≈0.52, quanto int2
+# with a 16-bit scale and shift per group of 128 ≈0.28 (float32 scales on CPU ≈0.32). On CPU the
+# FP16 option really runs in float32. Experts use optimum-quanto at every option (int8/int4/int2).
 LINEAR_BYTES = {
     "cuda": {"FP16": 2.0, "Q8": 1.0, "Q4": 0.52, "Q2": 0.28},
     "cpu": {"FP16": 4.0, "Q8": 1.0, "Q4": 0.52, "Q2": 0.32},
+}
+EXPERT_BYTES = {
+    "cuda": {"FP16": 2.0, "Q8": 1.03, "Q4": 0.53, "Q2": 0.28},
+    "cpu": {"FP16": 4.0, "Q8": 1.06, "Q4": 0.56, "Q2": 0.32},
 }
 OTHER_BYTES = {"cuda": 2, "cpu": 4}  # embeddings, lm_head, norms, biases
 RUNTIME_OVERHEAD = 0.20  # activations, KV cache, allocator slack on top of the weights
 FIT_MARGIN = 0.10  # "tight" when the need is within 10% of the free memory
 
-GATED_ACTIVATIONS = ("silu", "swish", "swiglu")
-
-# Facts config.json does not state, taken from transformers' module code. Explicit config keys
-# (attention_bias, mlp_bias, tie_word_embeddings, qk_layernorm) win over these.
-_TRAITS: dict[str, dict[str, object]] = {
-    "gpt2": {"tied": True, "qkv_bias": True, "o_bias": True, "mlp_bias": True, "positions": True},
-    "gpt_neox": {"qkv_bias": True, "o_bias": True, "mlp_bias": True},
-    "phi": {"qkv_bias": True, "o_bias": True, "mlp_bias": True, "norms": 1, "head_bias": True},
-    "qwen2": {"qkv_bias": True},
-    "qwen3": {"qk_norm": True},
-    "gemma": {"tied": True, "gated": True},
-    "gemma2": {"tied": True, "gated": True, "norms": 4},
-    "gemma3_text": {"tied": True, "gated": True, "norms": 4, "qk_norm": True},
-}
-
 
 @dataclass(frozen=True)
-class DecoderShape:
-    """The numbers of a dense decoder-only transformer, whatever its config calls them."""
+class ParameterCounts:
+    """Parameters of the model a config describes (tied weights counted once)."""
 
-    model_type: str
-    architecture: str  # e.g. "LlamaForCausalLM"
-    vocab_size: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    max_position: int
-    tied: bool  # lm_head shares the input embedding
-    gated: bool  # MLP has gate + up + down (3 matrices) instead of 2
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    rms_norm: bool  # RMSNorm (weight only) instead of LayerNorm (weight + bias)
-    norms_per_layer: int
-    qk_norm: bool  # a norm of size head_dim on queries and on keys
-    positions: bool  # learned position embeddings (GPT-2)
-    head_bias: bool  # lm_head has a bias (Phi)
+    total: int
+    linear: int  # Linear weights (quantizable)
+    experts: int  # fused (E, out, in) expert weights (quantizable, expert by expert)
+    other: int  # everything else, kept at 16/32 bit
+    active: int  # used per token: total minus the routed experts a token skips
+    language_model: int  # the text decoder (all but vision/audio towers and projectors)
+    shape: ModelShape
+
+    def to_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "active": self.active,
+            "language_model": self.language_model,
+            "experts": self.experts,
+            "num_experts": self.shape.num_experts,
+            "experts_per_token": self.shape.experts_per_token,
+        }
 
 
-def decoder_shape(config: dict) -> DecoderShape:
-    """Read a config.json dict (GPT-2, Llama, Qwen2, GPT-NeoX, Phi, … attribute names)."""
-    config = {**config.get("text_config", {}), **config}
-    model_type = str(config.get("model_type", ""))
-    traits = _TRAITS.get(model_type, {})
-    hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
-    heads = int(_first(config, "num_attention_heads", "n_head", "num_heads"))
-    bias = config.get("attention_bias")
-    return DecoderShape(
-        model_type=model_type,
-        architecture=(config.get("architectures") or [model_type])[0],
-        vocab_size=int(config["vocab_size"]),
-        hidden=hidden,
-        layers=int(_first(config, "num_hidden_layers", "n_layer", "num_layers")),
-        heads=heads,
-        kv_heads=int(_first(config, "num_key_value_heads", "num_kv_heads", default=heads)),
-        head_dim=int(_first(config, "head_dim", default=hidden // heads)),
-        intermediate=int(_first(config, "intermediate_size", "n_inner", default=4 * hidden)),
-        max_position=int(_first(config, "max_position_embeddings", "n_positions", default=0)),
-        tied=bool(_first(config, "tie_word_embeddings", default=traits.get("tied", False))),
-        gated=bool(traits.get("gated", _activation(config) in GATED_ACTIVATIONS)),
-        qkv_bias=bool(bias if bias is not None else traits.get("qkv_bias", False)),
-        o_bias=bool(bias if bias is not None else traits.get("o_bias", False)),
-        mlp_bias=bool(_first(config, "mlp_bias", default=traits.get("mlp_bias", False))),
-        rms_norm="rms_norm_eps" in config,
-        norms_per_layer=int(traits.get("norms", 2)),
-        qk_norm=bool(_first(config, "qk_layernorm", default=traits.get("qk_norm", False))),
-        positions=bool(traits.get("positions", False)),
-        head_bias=bool(traits.get("head_bias", False)),
-    )
+def is_expert_weight(module: nn.Module, parameter: nn.Parameter) -> bool:
+    """A fused expert weight: a 3-D parameter (E, out, in) of an *Experts module."""
+    return parameter.ndim == 3 and "Experts" in type(module).__name__
 
 
-def _first(config: dict, *keys: str, default: object = None) -> object:
-    """The first of `keys` set (not None) in `config`, else `default`; KeyError when neither."""
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    if default is None:
-        raise KeyError(f"config.json has none of {', '.join(keys)}")
-    return default
+def meta_model(config: dict) -> nn.Module:
+    """The model a config.json dict describes, built by transformers on the meta device: every
+    module and parameter shape, no memory. ConfigError when transformers cannot build it."""
+    built = config_from_dict(config)
+    cls = auto_model_class(built)
+    with torch.device("meta"):
+        try:
+            return cls._from_config(built)
+        except Exception as exc:  # noqa: BLE001 - a config transformers reads but cannot build
+            raise ConfigError(f"transformers cannot build this model: {exc}"[:400]) from None
 
 
-def _activation(config: dict) -> str:
-    return str(_first(config, "hidden_act", "activation_function", default="")).lower()
+@lru_cache(maxsize=64)
+def _meta_counts(config_json: str) -> tuple[int, int, int, int, int]:
+    return _split(meta_model(json.loads(config_json)))
 
 
-def linear_parameters(shape: DecoderShape) -> int:
-    """Weights of the Linear layers inside the blocks: what quantization shrinks."""
-    q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    attention = shape.hidden * (2 * q_out + 2 * kv_out)  # q, o + k, v
-    mlp = (3 if shape.gated else 2) * shape.hidden * shape.intermediate
-    return shape.layers * (attention + mlp)
+def _split(model: nn.Module) -> tuple[int, int, int, int, int]:
+    """(total, linear, experts, other, language model) parameter counts of a built model. The
+    output head counts as `other`: bitsandbytes and optimum-quanto keep it unquantized."""
+    head = model.get_output_embeddings()
+    seen: set[int] = set()
+    linear = experts = other = 0
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            if isinstance(module, nn.Linear) and parameter is module.weight and module is not head:
+                linear += parameter.numel()
+            elif is_expert_weight(module, parameter):
+                experts += parameter.numel()
+            else:
+                other += parameter.numel()
+    decoder = _decoder(model)
+    language = sum(p.numel() for p in decoder.parameters()) if decoder is not None else 0
+    return linear + experts + other, linear, experts, other, language
 
 
-def other_parameters(shape: DecoderShape) -> int:
-    """Everything but the block Linear weights: embeddings, lm_head, biases, norms."""
-    norm = shape.hidden if shape.rms_norm else 2 * shape.hidden
-    per_layer = shape.norms_per_layer * norm + _bias_parameters(shape)
-    if shape.qk_norm:
-        per_layer += 2 * (shape.head_dim if shape.rms_norm else 2 * shape.head_dim)
-    embeddings = shape.vocab_size * shape.hidden * (1 if shape.tied else 2)
-    positions = shape.max_position * shape.hidden if shape.positions else 0
-    head_bias = shape.vocab_size if shape.head_bias else 0
-    return shape.layers * per_layer + embeddings + positions + norm + head_bias
+def _decoder(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_decoder", None)
+    try:
+        return get() if get is not None else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
 
 
-def _bias_parameters(shape: DecoderShape) -> int:
-    q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    mlp_out = (2 if shape.gated else 1) * shape.intermediate + shape.hidden
-    return (
-        shape.qkv_bias * (q_out + 2 * kv_out)
-        + shape.o_bias * shape.hidden
-        + shape.mlp_bias * mlp_out
-    )
+def count_parameters(config: dict) -> ParameterCounts:
+    """Exact parameter counts of the model `config` (a parsed config.json) describes.
+
+    Raises ConfigError (a ValueError) when transformers cannot build it (see configs.py)."""
+    config_json = json.dumps(config, sort_keys=True, default=str)
+    total, linear, experts, other, language = _meta_counts(config_json)
+    shape = model_shape(config_from_dict(config))
+    active = total
+    if experts and shape.num_experts and shape.experts_per_token:
+        used = min(shape.experts_per_token, shape.num_experts) / shape.num_experts
+        active = total - int(experts * (1 - used))
+    return ParameterCounts(total, linear, experts, other, active, language or total, shape)
 
 
 def estimate_parameters(config: dict) -> int:
-    """Parameter count of the dense decoder described by a config.json dict (tied weights once)."""
-    shape = decoder_shape(config)
-    return linear_parameters(shape) + other_parameters(shape)
+    """Parameter count of the model a config.json dict describes (tied weights once)."""
+    return count_parameters(config).total
 
 
-def estimate_memory(config: dict, device_kind: str = "cuda") -> dict[str, int]:
+def memory_for(counts: ParameterCounts, device_kind: str = "cuda") -> dict[str, int]:
     """Bytes needed to run the model per quantization ({"FP16": …, "Q8": …, "Q4": …, "Q2": …}):
     weights at the option's size plus RUNTIME_OVERHEAD. `device_kind` "cpu" prices the float32
     that CPU loads really use."""
-    shape = decoder_shape(config)
-    linear, other = linear_parameters(shape), other_parameters(shape)
-    per_weight, other_bytes = LINEAR_BYTES[device_kind], OTHER_BYTES[device_kind]
+    linear, experts = LINEAR_BYTES[device_kind], EXPERT_BYTES[device_kind]
+    other = counts.other * OTHER_BYTES[device_kind]
     return {
-        q: int((linear * per_weight[q] + other * other_bytes) * (1 + RUNTIME_OVERHEAD))
+        q: int(
+            (counts.linear * linear[q] + counts.experts * experts[q] + other)
+            * (1 + RUNTIME_OVERHEAD)
+        )
         for q in QUANTIZATIONS
     }
+
+
+def estimate_memory(config: dict, device_kind: str = "cuda") -> dict[str, int]:
+    """memory_for() of a config.json dict."""
+    return memory_for(count_parameters(config), device_kind)
 
 
 def fit_label(required: int, device_info: dict) -> tuple[str, str]:

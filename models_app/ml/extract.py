@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .configs import num_layers, text_config
 from .hooks import (
     BRANCH_HOOK_TYPES,
     HOOK_TYPES,
@@ -126,7 +127,9 @@ class ExtractionSpec:
 
 
 def max_positions(config) -> int | None:
-    """The longest sequence the model accepts, from its config (None when it does not say)."""
+    """The longest sequence the model accepts, from its (text) config (None when it does not
+    say)."""
+    config = text_config(config)
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -135,7 +138,8 @@ def max_positions(config) -> int | None:
 
 
 def hidden_size(config) -> int:
-    """Width d of the residual stream."""
+    """Width d of the residual stream (of the text decoder in a multimodal model)."""
+    config = text_config(config)
     for name in ("hidden_size", "n_embd", "d_model"):
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -537,7 +541,7 @@ def _model_info(model: nn.Module, meta: dict) -> dict:
         "quantization": meta.get("quantization"),
         "dtype": dtype_name(_compute_dtype(model)),
         "architecture": getattr(config, "model_type", None),
-        "num_layers": config.num_hidden_layers,
+        "num_layers": num_layers(config),
         "hidden_size": hidden_size(config),
     }
 

@@ -4,29 +4,36 @@ from __future__ import annotations
 
 from torch import nn
 
+from .configs import num_layers
+
 # Architectures whose block list cannot be found by length alone (path under the top-level model).
 BLOCK_PATH_OVERRIDES: dict[str, str] = {}
 
 
-def _num_layers(config) -> int:
-    n = getattr(config, "num_hidden_layers", None)
-    if n is None:
-        raise ValueError(f"config of type {type(config).__name__} has no num_hidden_layers")
-    return int(n)
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The module that holds the text decoder's blocks: the language model of a multimodal model
+    (so a vision tower's encoder layers are never taken for the blocks), else the base model."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if get is not None else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    return decoder if isinstance(decoder, nn.Module) else getattr(model, "base_model", model)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return (dotted path from `model`, the ModuleList of transformer blocks).
 
-    The blocks are the `nn.ModuleList` under `model.base_model` whose length equals
-    `config.num_hidden_layers`; the shallowest such list wins. Raises ValueError when none matches.
+    The blocks are the `nn.ModuleList` under the text decoder (see text_decoder) whose length is
+    the text config's layer count (`num_hidden_layers`, or its block pattern's length); the
+    shallowest such list wins. Raises ValueError when none matches.
     """
     config = model.config
     override = BLOCK_PATH_OVERRIDES.get(getattr(config, "model_type", ""))
     if override:
         return override, model.get_submodule(override)
-    n = _num_layers(config)
-    base = getattr(model, "base_model", model)
+    n = num_layers(config)
+    base = text_decoder(model)
     prefix = next((name for name, mod in model.named_modules() if mod is base), "")
     candidates = [
         (name, mod)

@@ -9,6 +9,7 @@ stored bytes measured; a quantized option that quantized nothing raises Quantiza
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .configs import auto_model_class, config_from_dict
+from .experts import EXPERT_QTYPES, count_quantized_experts, expert_parameters, quantize_experts
 
 QUANTIZATIONS = ("FP16", "Q8", "Q4", "Q2")
 SMOKE_SIZE = 64  # features of the smoke-test layer
@@ -44,6 +48,8 @@ class LoadReport:
     linear_layers: int  # Linear-like layers in total (nn.Linear and its subclasses, GPT-2 Conv1D)
     notice: str = ""  # fallback or conversion message for the user; "" when there is none
     load_seconds: float = 0.0
+    quantized_experts: int = 0  # fused MoE expert weights quantized expert by expert
+    expert_weights: int = 0  # fused MoE expert weights in total
 
 
 # A backend's load returns the model and a note for the user ("" when there is nothing to say).
@@ -109,15 +115,29 @@ def load_model(
     dtype = dtype or compute_dtype(device)
     model, note = backend.load(folder, device, dtype)
     model.eval().requires_grad_(False)
+    experts_note = _quantize_experts(model, quantization, dtype)
     if quantization != "FP16":
         _verify_quantized(model, quantization, backend.name)
     quantized, linear = count_linear_layers(model)
-    notice = " ".join(n for n in (fallback, note, _dtype_note(quantization, dtype)) if n)
+    stacks, expert_weights = count_quantized_experts(model)
+    notes = (fallback, note, experts_note, _dtype_note(quantization, dtype))
     seconds = round(time.perf_counter() - start, 3)
     return model, LoadReport(
-        quantization, backend.name, dtype_name(dtype), str(device),
-        weights_nbytes(model), quantized, linear, notice, seconds,
+        quantization, backend.name, dtype_name(dtype), str(device), weights_nbytes(model),
+        quantized, linear, " ".join(n for n in notes if n), seconds, stacks, expert_weights,
     )  # fmt: skip
+
+
+def _quantize_experts(model: nn.Module, quantization: str, dtype: torch.dtype) -> str:
+    """Quantize fused MoE expert weights (the backends skip them); a note when it happened."""
+    stacks = quantize_experts(model, quantization, dtype)
+    if not stacks:
+        return ""
+    qtype = EXPERT_QTYPES[quantization]
+    return (
+        f"Mixture-of-experts weights ({stacks} fused tensors) quantized expert by expert with"
+        f" optimum-quanto {qtype[1:]}; the experts run one at a time."
+    )
 
 
 def check_quantization(quantization: str) -> str:
@@ -225,10 +245,11 @@ def _from_pretrained(
     folder: Path, dtype: torch.dtype, device: torch.device | None, quantization_config=None
 ) -> nn.Module:
     """The model in `folder` on `device`; None loads to CPU without a device map, for a model
-    that is moved later (a stale `hf_device_map` would name the wrong device)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
+    that is moved later (a stale `hf_device_map` would name the wrong device). The class is the
+    one configs.auto_model_class picks: a causal LM, or an image-text-to-text model whose
+    language model is extracted."""
+    config = config_from_dict(json.loads((folder / "config.json").read_text()))
+    return auto_model_class(config).from_pretrained(
         folder,
         dtype=dtype,
         device_map=None if device is None else {"": device},
@@ -313,7 +334,14 @@ def _check_same_output(reference: nn.Module, candidate: nn.Module) -> None:
 
 
 def _verify_quantized(model: nn.Module, quantization: str, backend: str) -> None:
-    """Raise QuantizationError unless most Linear-like layers (lm_head aside) are quantized."""
+    """Raise QuantizationError unless most Linear-like layers (lm_head aside) and every fused
+    expert weight are quantized."""
+    left = [f"{type(m).__name__}.{name}" for m, name, _ in expert_parameters(model)]
+    if left:
+        raise QuantizationError(
+            f"{quantization} left {len(left)} mixture-of-experts weights unquantized"
+            f" ({', '.join(left[:2])}…); refusing to report {quantization} for them"
+        )
     head = model.get_output_embeddings()
     layers = [(n, m) for n, m in model.named_modules() if is_linear_like(m) and m is not head]
     plain = [name for name, module in layers if not is_quantized(module)]
