@@ -31,6 +31,7 @@ from mistudio.errors import Invalid, is_disk_full, room_check
 REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 REPO_ID_MAX = 96
+BLOB_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 # huggingface_hub streams in 10 MiB chunks and reports progress once per chunk; 1 MiB gives
 # byte-accurate progress and a cancel that takes effect within a megabyte. Read at call time.
@@ -50,6 +51,7 @@ class DownloadCancelled(Exception):  # noqa: N818 - an outcome, not an error
 class RepoFile:
     name: str  # path inside the repo, '/'-separated
     size: int  # bytes, as the Hub lists it
+    blob: str = ""  # the id the HF cache names its blob by (LFS sha256, else git oid); hex
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,17 @@ def repo_listing(repo_id: str, *, repo_type: str, revision: str, token: str | No
         raise hub_error(
             exc, repo_id, endpoint, has_token=bool(token), repo_type=repo_type
         ) from None
-    files = [RepoFile(s.rfilename, int(s.size or 0)) for s in (info.siblings or [])]
+    files = [RepoFile(s.rfilename, int(s.size or 0), _blob_id(s)) for s in (info.siblings or [])]
     gated = bool(getattr(info, "gated", False))
     return Listing(repo_id, info.sha or revision, files, gated, repo_type)
+
+
+def _blob_id(sibling) -> str:
+    """The cache's blob name of a listed file: its LFS sha256, else its git oid ("" when the
+    listing gives neither as plain hex)."""
+    lfs = getattr(sibling, "lfs", None)
+    blob = (getattr(lfs, "sha256", None) if lfs else None) or getattr(sibling, "blob_id", None)
+    return blob if isinstance(blob, str) and BLOB_RE.fullmatch(blob) else ""
 
 
 def disk_check(path: Path, needed: int, margin: int) -> None:

@@ -7,17 +7,16 @@ unload) are in `resident.py`. The rules users call (download, cancel, delete) ar
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
-from mistudio.hub import DownloadCancelled, HubError, Listing, disk_check
+from mistudio.hub import DownloadCancelled, HubError, disk_check
 from mistudio.jobs import ByteRate, enqueue
 
 from . import repo
-from .models import FAILED_STATUSES, HubCredential, Model, ModelStatus
+from .models import HubCredential, Model, ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ def enqueue_gpu(func: str, job_id: str) -> None:
     enqueue(f"models_app.tasks.{func}", job_id, cluster=settings.GPU_CLUSTER)
 
 
-def preflight(repo_id: str, revision: str, token: str | None) -> Listing:
+def preflight(repo_id: str, revision: str, token: str | None) -> repo.Preflight:
     """The repo's files (access checked) and room for them in the HF cache, before any byte."""
     pre = repo.repo_preflight(
         repo_id,
@@ -58,21 +57,52 @@ def job_fail(model_id: str, message: str) -> None:
 
 
 def job_cancelled(row: Model) -> None:
-    repo.partial_files_remove(settings.MODELS_CACHE_DIR, row.hf_repo_id)
+    row = Model.objects.get(pk=row.pk)  # the files it fetched are on the row, not on `row`
+    partial_files_remove(row)
     model_files_remove(row)
     HubCredential.drop(row.pk)
     job_finish(row.pk, ModelStatus.CANCELLED, phase="", error_message="Cancelled by the user.")
 
 
+def _owned(row: Model) -> list[dict]:
+    return [f for f in row.files or [] if f.get("owned")]
+
+
+def partial_files_remove(row: Model) -> None:
+    """Delete what an interrupted download of OUR files left in the HF cache (unfinished blobs,
+    locks); another tool's download in progress keeps its own."""
+    blobs = [f.get("blob", "") for f in _owned(row)]
+    repo.partial_files_remove(settings.MODELS_CACHE_DIR, row.hf_repo_id, blobs)
+
+
 def model_files_remove(row: Model) -> None:
-    """Delete the repo from the HF cache unless another model row still uses it."""
-    others = Model.objects.filter(hf_repo_id=row.hf_repo_id).exclude(pk=row.pk)
-    if others.exclude(status__in=FAILED_STATUSES).exists():
-        return
-    folder = repo.repo_cache_dir(Path(settings.MODELS_CACHE_DIR), row.hf_repo_id)
-    shutil.rmtree(folder, ignore_errors=True)
-    locks = Path(settings.MODELS_CACHE_DIR) / ".locks" / folder.name
-    shutil.rmtree(locks, ignore_errors=True)
+    """Delete from the shared HF cache the files this row fetched, except those another model
+    row of ours at the same commit lists (that row then owns them). Files another tool put there
+    (present before we fetched, or never fetched by us: README, original/…) are never touched."""
+    others = list(
+        Model.objects.filter(hf_repo_id=row.hf_repo_id, commit_sha=row.commit_sha).exclude(
+            pk=row.pk
+        )
+    )
+    owned = [f["name"] for f in _owned(row)]
+    handed_over = {name for name in owned if _hand_over(name, others)}
+    remove = [name for name in owned if name not in handed_over]
+    if remove and row.commit_sha:
+        repo.snapshot_files_remove(
+            settings.MODELS_CACHE_DIR, row.hf_repo_id, row.commit_sha, remove
+        )
+
+
+def _hand_over(name: str, others: list[Model]) -> bool:
+    """Make the first other row that lists file `name` its owner; False when none lists it."""
+    for other in others:
+        files = other.files or []
+        for f in files:
+            if f.get("name") == name:
+                f["owned"] = True
+                Model.objects.filter(pk=other.pk).update(files=files)
+                return True
+    return False
 
 
 def model_download_run(model_id: str) -> None:
@@ -97,7 +127,7 @@ def model_download_run(model_id: str) -> None:
         job_cancelled(row)
         return
     except HubError as exc:
-        repo.partial_files_remove(settings.MODELS_CACHE_DIR, row.hf_repo_id)
+        partial_files_remove(Model.objects.get(pk=model_id))
         job_fail(model_id, exc.message)
         return
     finally:
@@ -117,15 +147,16 @@ def model_download_run(model_id: str) -> None:
     transaction.on_commit(lambda: enqueue_gpu("model_load_check_task", model_id))
 
 
-def _files_fetch(row: Model, token: str | None) -> tuple[Listing, Path]:
-    """Preflight again (pinned commit), then fetch the files with byte progress on the row."""
+def _files_fetch(row: Model, token: str | None) -> tuple[repo.Preflight, Path]:
+    """Preflight again (pinned commit), record which files are ours to fetch (not in the cache
+    yet, or fetched by our request), then fetch them with byte progress on the row."""
     pre = preflight(row.hf_repo_id, row.commit_sha or row.revision, token)
-    Model.touch(
-        row.pk,
-        bytes_total=pre.total_bytes,
-        phase="downloading",
-        files=pre.files_json(),
+    ours_already = {f["name"] for f in _owned(row)}
+    fetched = frozenset(
+        f.name for f in pre.files if f.name in ours_already or f.name not in pre.cached_before
     )
+    files = [{**f, "owned": f["owned"] or False} for f in pre.files_json(fetched)]
+    Model.touch(row.pk, bytes_total=pre.total_bytes, phase="downloading", files=files)
     tracker = ByteRate(lambda **kw: Model.touch(row.pk, **kw), pre.total_bytes)
     snapshot = repo.files_download(
         pre,

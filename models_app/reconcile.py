@@ -23,9 +23,8 @@ from django_q.signing import SignedPackage
 
 from datasets_app.reconcile import datasets_reconcile, datasets_requeue
 
-from . import repo
 from .extraction import extraction_end, extraction_files_remove
-from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail
+from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail, partial_files_remove
 from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ def jobs_reconcile(now=None) -> int:
     cutoff = now - timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS)
     moved = _extractions_reconcile(cutoff)
     for row in _stale_rows(cutoff):
-        repo.partial_files_remove(settings.MODELS_CACHE_DIR, row.hf_repo_id)
+        partial_files_remove(row)
         job_fail(row.pk, STALE_MESSAGES[row.status])
         moved += 1
     if moved:

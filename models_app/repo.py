@@ -6,12 +6,22 @@ No Django here: callers pass endpoint, token and cache dir explicitly (see mistu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mistudio.hub import HubError, Listing, RepoFile, file_fetch, files_fetch, repo_listing
+from mistudio.hub import (
+    BLOB_RE,
+    HubError,
+    Listing,
+    RepoFile,
+    file_fetch,
+    files_fetch,
+    repo_listing,
+)
 
 # Besides its weights, what a model needs to load: config, generation defaults, tokenizer.
 SUPPORT_FILES = frozenset({
@@ -110,6 +120,23 @@ def _index_name(files: list[RepoFile], allow_pickle: bool) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Preflight(Listing):
+    """The files to fetch, and those of them the HF cache held before we fetched anything (they
+    are someone else's: never ours to delete)."""
+
+    cached_before: frozenset[str] = frozenset()
+
+    def files_json(self, fetched: frozenset[str] = frozenset()) -> list[dict]:
+        """[{name, size, blob, owned}]: `owned` True for the files in `fetched` (we fetched them
+        now), None for those not fetched yet (decided when the download fetches them)."""
+        return [
+            {"name": f.name, "size": f.size, "blob": f.blob,
+             "owned": True if f.name in fetched else None}
+            for f in self.files
+        ]  # fmt: skip
+
+
 def repo_preflight(
     repo_id: str,
     *,
@@ -124,11 +151,12 @@ def repo_preflight(
     listing = repo_listing(
         repo_id, repo_type="model", revision=revision, token=token, endpoint=endpoint
     )
+    before = cached_names(cache_dir, repo_id, listing.commit_sha, [f.name for f in listing.files])
     index = None
     if name := _index_name(listing.files, allow_pickle):
         index = _json_file(listing, name, token, endpoint, cache_dir, INDEX_MAX_BYTES)
     selected = files_select(listing.files, allow_pickle=allow_pickle, index=index)
-    return replace(listing, files=selected)
+    return Preflight(**{**vars(listing), "files": selected}, cached_before=before)
 
 
 def _json_file(
@@ -161,7 +189,7 @@ def config_fetch(
         raise HubError("config.json is not valid JSON.", code="bad_config") from None
 
 
-def files_download(preflight: Listing, **fetch) -> Path:
+def files_download(preflight: Preflight, **fetch) -> Path:
     """Fetch a model's preflight files into the HF cache (`cache_dir`), smallest first; return
     the snapshot folder. `fetch`: mistudio.hub.files_fetch's keywords (progress, cancel)."""
     smallest_first = replace(preflight, files=sorted(preflight.files, key=lambda f: f.size))
@@ -170,18 +198,73 @@ def files_download(preflight: Listing, **fetch) -> Path:
 
 def repo_cache_dir(cache_dir: Path, repo_id: str) -> Path:
     """The HF cache folder of a model repo (models--owner--name)."""
-    return cache_dir / ("models--" + repo_id.replace("/", "--"))
+    return Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
 
 
-def partial_files_remove(cache_dir: Path, repo_id: str) -> int:
-    """Delete `*.incomplete` blobs and lock files left by an interrupted download; return count."""
+def cached_names(cache_dir: Path, repo_id: str, commit: str, names: list[str]) -> frozenset[str]:
+    """Which of `names` the HF cache already holds at `commit` (whoever fetched them)."""
+    snapshot = repo_cache_dir(cache_dir, repo_id) / "snapshots" / commit
+    return frozenset(n for n in names if (snapshot / n).exists())
+
+
+def snapshot_files_remove(cache_dir: Path, repo_id: str, commit: str, names: list[str]) -> int:
+    """Delete our files from the HF cache: the snapshot entries `names` at `commit`, each blob
+    no other snapshot entry still links, their lock files, then folders left empty (the repo
+    folder only when nothing else is in it). Another tool's files are never touched: callers
+    pass only the files we fetched. Returns how many entries were removed."""
+    root = repo_cache_dir(cache_dir, repo_id)
+    snapshot = root / "snapshots" / commit
+    blobs = {_blob_of(snapshot / n) for n in names} - {None}
+    removed = 0
+    for name in names:
+        entry = snapshot / name
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+            removed += 1
+    still_linked = {_blob_of(p) for p in root.glob("snapshots/*/**/*") if p.is_symlink()}
+    for blob in blobs - still_linked:
+        (root / "blobs" / blob).unlink(missing_ok=True)
+        (Path(cache_dir) / ".locks" / root.name / f"{blob}.lock").unlink(missing_ok=True)
+    _prune_empty(root, Path(cache_dir) / ".locks" / root.name)
+    return removed
+
+
+def _blob_of(entry: Path) -> str | None:
+    """The blob name a snapshot symlink points to (None for a plain file or a missing one)."""
+    if not entry.is_symlink():
+        return None
+    target = Path(os.readlink(entry))
+    return target.name if target.parent.name == "blobs" else None
+
+
+def _prune_empty(root: Path, locks: Path) -> None:
+    """Remove empty folders under the repo folder; the refs and the repo folder itself only
+    when no snapshot and no blob is left in it."""
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
+    if not any(root.glob("snapshots/*")) and not any(root.glob("blobs/*")):
+        shutil.rmtree(root / "refs", ignore_errors=True)
+        for folder in (root, locks):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def partial_files_remove(cache_dir: Path, repo_id: str, blobs: list[str]) -> int:
+    """Delete the unfinished blobs (`<blob>.incomplete`) and lock files of OUR interrupted
+    download: `blobs` are the blob ids of the files we were fetching. Another tool's download in
+    progress keeps its own. Returns how many files were removed."""
     root = repo_cache_dir(cache_dir, repo_id)
     removed = 0
-    for pattern in ("blobs/*.incomplete", "**/*.lock"):
-        for p in root.glob(pattern):
-            p.unlink(missing_ok=True)
-            removed += 1
-    locks = cache_dir / ".locks" / root.name
-    if locks.exists():
-        shutil.rmtree(locks, ignore_errors=True)
+    for blob in (b for b in blobs if BLOB_RE.fullmatch(b)):
+        # huggingface_hub writes `<blob>.incomplete` or `<blob>.<random>.incomplete`
+        unfinished = [
+            *root.glob(f"blobs/{blob}.incomplete"),
+            *root.glob(f"blobs/{blob}.*.incomplete"),
+        ]
+        for path in [*unfinished, Path(cache_dir) / ".locks" / root.name / f"{blob}.lock"]:
+            if path.exists():
+                path.unlink(missing_ok=True)
+                removed += 1
+    _prune_empty(root, Path(cache_dir) / ".locks" / root.name)
     return removed

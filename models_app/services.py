@@ -65,6 +65,8 @@ def model_download(
     _duplicate_check(hf_repo_id, quantization)
     pre = preflight(hf_repo_id, revision, access_token)
     counts = _counts_for(hf_repo_id, pre.commit_sha, access_token)
+    # config.json and a weight index were fetched just now: ours, unless already cached
+    fetched_now = {"config.json", *repo.SAFETENSORS[1:], *repo.PICKLES[1:]} - pre.cached_before
     return Model.create_queued(
         task=enqueue_download,
         conflict=f"{hf_repo_id} at {quantization} is already in your models.",
@@ -77,7 +79,7 @@ def model_download(
         quantization=quantization,
         bytes_total=pre.total_bytes,
         phase="waiting for a download worker",
-        files=pre.files_json(),
+        files=pre.files_json(frozenset(fetched_now)),
         params=counts.total,
         mem_estimate_bytes=memory_for(counts, device_summary()["kind"])[quantization],
         metadata={"estimate": counts.to_dict()},

@@ -93,13 +93,15 @@ def config_precache(hub, repo: str, token: str | None = None) -> None:
 
 
 def partial_model_files(repo: str) -> list[str]:
-    """Unfinished blobs and lock files an interrupted download may leave in the HF cache."""
+    """Unfinished blobs, and lock files of blobs that are not complete, that an interrupted
+    download may leave in the HF cache (huggingface_hub keeps the lock of a finished blob)."""
     cache = Path(settings.MODELS_CACHE_DIR)
     root = repo_cache_dir(cache, repo)
     found = [*root.glob("blobs/*.incomplete"), *root.glob("**/*.lock")]
     locks = cache / ".locks" / root.name
     found += [p for p in locks.rglob("*") if p.is_file()] if locks.exists() else []
-    return [str(p) for p in found]
+    finished = {p.name for p in root.glob("blobs/*") if not p.name.endswith(".incomplete")}
+    return [str(p) for p in found if p.name.removesuffix(".lock") not in finished]
 
 
 def restart_and_wait(live, cluster: str, wait) -> object:
