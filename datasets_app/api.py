@@ -13,12 +13,10 @@ from functools import wraps
 from django.http import HttpRequest, JsonResponse
 from ninja import Router
 from ninja.decorators import decorate_view
-from ninja.errors import ValidationError as NinjaValidationError
-from pydantic import BaseModel, ValidationError
 
 from mistudio.apischema import ERRORS
 from mistudio.errors import Invalid, ServiceError
-from mistudio.validation import error_list
+from mistudio.validation import validated
 
 from . import selectors, services
 from .models import Dataset
@@ -71,14 +69,6 @@ def _upload_guard(run):
     return wrapper
 
 
-def _validated(schema: type[BaseModel], data: dict):
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        errors = [{"loc": ("body", e["field"]), "msg": e["message"]} for e in error_list(exc)]
-        raise NinjaValidationError(errors) from None
-
-
 def _json_object(request: HttpRequest) -> dict:
     try:
         body = json.loads(request.body or b"")
@@ -94,7 +84,7 @@ def _json_object(request: HttpRequest) -> dict:
 
 
 def _create_from_upload(request: HttpRequest) -> Dataset:
-    data = _validated(UploadIn, request.POST.dict())
+    data = validated(UploadIn, request.POST.dict())
     upload = request.FILES.get("file")
     if upload is None:
         raise Invalid("Attach the dataset file as the multipart field 'file'.", code="no_file")
@@ -112,7 +102,7 @@ def datasets_create(request: HttpRequest):
     if request.content_type == "multipart/form-data":
         row = _create_from_upload(request)
     else:
-        data = _validated(HubImportIn, _json_object(request))
+        data = validated(HubImportIn, _json_object(request))
         row = services.dataset_import(**data.model_dump())
     return (201 if row.is_ready else 202), dataset_json(row)
 

@@ -177,6 +177,40 @@ def repo_listing(repo_id: str, *, repo_type: str, revision: str, token: str | No
     return Listing(repo_id, info.sha or revision, files, gated, repo_type)
 
 
+SEARCH_LIMIT_MAX = 50
+
+
+def models_search(query: str, *, endpoint: str, token: str | None, limit: int = 20) -> list[dict]:
+    """Text-generation models on the Hub whose id contains `query`, most downloaded first:
+    [{id, downloads, likes, gated, params (None when the Hub does not count them)}]."""
+    try:
+        found = api(endpoint).list_models(
+            search=query, filter="text-generation", sort="downloads",
+            limit=min(limit, SEARCH_LIMIT_MAX), token=token or False,
+            expand=["downloads", "likes", "gated", "safetensors", "pipeline_tag"],
+        )  # fmt: skip
+        models = list(found)
+    except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
+        raise hub_error(exc, query, endpoint, has_token=bool(token)) from None
+    return [
+        {
+            "id": m.id,
+            "downloads": int(getattr(m, "downloads", 0) or 0),
+            "likes": int(getattr(m, "likes", 0) or 0),
+            "gated": bool(getattr(m, "gated", False)),
+            "params": _params_of(m),
+        }
+        for m in models
+        if isinstance(m.id, str) and REPO_ID_RE.fullmatch(m.id)
+    ]
+
+
+def _params_of(model) -> int | None:
+    safetensors = getattr(model, "safetensors", None)
+    total = getattr(safetensors, "total", None) if safetensors else None
+    return int(total) if isinstance(total, int) and total > 0 else None
+
+
 def _blob_id(sibling) -> str:
     """The cache's blob name of a listed file: its LFS sha256, else its git oid ("" when the
     listing gives neither as plain hex)."""

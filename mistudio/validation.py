@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, ValidationError
+from ninja.errors import ValidationError as NinjaValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from mistudio.hub import HubError, repo_id_clean, revision_clean
 
@@ -74,6 +75,16 @@ def error_list(exc: ValidationError) -> list[dict]:
         message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         out.append({"field": field, "message": message})
     return out
+
+
+def validated(schema: type[BaseModel], data: dict, *, where: str = "body"):
+    """`schema` validated from `data` for an API route; a refusal becomes django-ninja's
+    ValidationError (the API's 422 with each field's message), without echoing the input."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"loc": (where, e["field"]), "msg": e["message"]} for e in error_list(exc)]
+        raise NinjaValidationError(errors) from None
 
 
 def validation_message(exc: ValidationError) -> str:

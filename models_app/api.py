@@ -7,16 +7,21 @@ from ninja import Router
 
 from mistudio.apischema import ERRORS
 from mistudio.humanize import bytes_h, params_h
+from mistudio.validation import validated
 
 from . import extraction, selectors, services
 from .models import ExtractionJob, Model
 from .schemas import (
+    AddCachedIn,
     ArchitectureOut,
+    CachedRepoOut,
     DownloadIn,
     ExtractionIn,
     ExtractionOut,
     ExtractionStarted,
     ModelOut,
+    SearchIn,
+    SearchOut,
 )
 
 router = Router(tags=["models"])
@@ -39,6 +44,24 @@ def models_list(request: HttpRequest, status: str | None = None):
 @router.post("/download", response={201: ModelOut, **ERRORS})
 def models_download(request: HttpRequest, payload: DownloadIn):
     return 201, model_json(services.model_download(**payload.model_dump()))
+
+
+@router.get("/search", response={200: SearchOut, **ERRORS})
+def models_search(request: HttpRequest, q: str):
+    """Text-generation models on the Hub whose id contains `q`, with the fit per quantization."""
+    data = validated(SearchIn, {"q": q}, where="query")
+    return selectors.hub_search(data.q)
+
+
+@router.get("/cache", response=list[CachedRepoOut])
+def models_cache(request: HttpRequest):
+    """Complete model snapshots in the local HF cache (other tools' downloads) to add."""
+    return selectors.cached_repos()
+
+
+@router.post("/add-cached", response={201: ModelOut, **ERRORS})
+def models_add_cached(request: HttpRequest, payload: AddCachedIn):
+    return 201, model_json(services.model_add_cached(**payload.model_dump()))
 
 
 @router.get("/{model_id}", response={200: ModelOut, **ERRORS})

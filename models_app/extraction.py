@@ -195,8 +195,8 @@ def _tokenizer(local_path: str):
     return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
 
 
-def _run(job: ExtractionJob) -> dict:
-    model, report = model_resident(job.model_id)
+def _run(job: ExtractionJob, in_worker: bool) -> dict:
+    model, report = model_resident(job.model_id, in_worker=in_worker)
     spec = ExtractionSpec(
         layers=job.layers,
         hook_types=job.hook_types,
@@ -244,8 +244,10 @@ def _completed(job: ExtractionJob, manifest: dict) -> None:
     )
 
 
-def extraction_run(extraction_id: str) -> None:
-    """The GPU job. Ends `completed`, `failed` (readable reason, no files) or `cancelled`."""
+def extraction_run(extraction_id: str, *, in_worker: bool = True) -> None:
+    """The GPU job. Ends `completed`, `failed` (readable reason, no files) or `cancelled`.
+    `in_worker=False`: a command-line run, whose model is not the GPU worker's (see
+    resident.model_resident)."""
     if not ExtractionJob.claim(
         extraction_id,
         from_status=ExtractionStatus.QUEUED,
@@ -257,7 +259,7 @@ def extraction_run(extraction_id: str) -> None:
     job = extraction_get(extraction_id)
     try:
         with ExtractionJob.heartbeat(job.pk):
-            manifest = _run(job)
+            manifest = _run(job, in_worker)
     except ExtractionCancelled:
         extraction_files_remove(job)
         extraction_end(

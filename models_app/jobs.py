@@ -105,10 +105,10 @@ def _hand_over(name: str, others: list[Model]) -> bool:
     return False
 
 
-def model_download_run(model_id: str) -> None:
+def model_download_run(model_id: str, *, queue_load_check: bool = True) -> None:
     """The download job: preflight again, fetch the files with byte progress, hand over to the GPU
-    worker for the load check. Ends `quantizing` (queued for the load check), `error`, `cancelled`.
-    """
+    worker for the load check. Ends `quantizing` (waiting for the load check), `error`,
+    `cancelled`. `queue_load_check=False`: the caller runs the load check itself (the CLI)."""
     if not Model.claim(
         model_id,
         from_status=ModelStatus.QUEUED,
@@ -144,7 +144,8 @@ def model_download_run(model_id: str) -> None:
         eta_seconds=None,
         phase=WAITING_GPU,
     )
-    transaction.on_commit(lambda: enqueue_gpu("model_load_check_task", model_id))
+    if queue_load_check:
+        transaction.on_commit(lambda: enqueue_gpu("model_load_check_task", model_id))
 
 
 def _files_fetch(row: Model, token: str | None) -> tuple[repo.Preflight, Path]:

@@ -13,8 +13,12 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from huggingface_hub import scan_cache_dir
+from huggingface_hub.errors import CacheNotFound
+
 from mistudio.hub import (
     BLOB_RE,
+    REPO_ID_RE,
     HubError,
     Listing,
     RepoFile,
@@ -194,6 +198,56 @@ def files_download(preflight: Preflight, **fetch) -> Path:
     the snapshot folder. `fetch`: mistudio.hub.files_fetch's keywords (progress, cancel)."""
     smallest_first = replace(preflight, files=sorted(preflight.files, key=lambda f: f.size))
     return files_fetch(smallest_first, **fetch)[-1].parent
+
+
+@dataclass(frozen=True)
+class CachedSnapshot:
+    """A complete model snapshot found in the local HF cache (another tool's download, maybe)."""
+
+    repo_id: str
+    commit: str
+    path: Path  # the snapshot folder transformers loads from
+    files: list[RepoFile]  # the files a load needs, as files_select picks them
+    size_bytes: int
+
+
+def cached_snapshots(cache_dir: Path) -> list[CachedSnapshot]:
+    """Every model snapshot in the HF cache at `cache_dir` that holds what a load needs (config,
+    tokenizer, one complete copy of the weights); newest first. Reads the disk only."""
+    try:
+        info = scan_cache_dir(cache_dir)
+    except (CacheNotFound, OSError, ValueError):
+        return []
+    found = []
+    for repo in info.repos:
+        if repo.repo_type != "model" or not REPO_ID_RE.fullmatch(repo.repo_id):
+            continue
+        for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            snapshot = _complete_snapshot(repo.repo_id, revision)
+            if snapshot is not None:
+                found.append(snapshot)
+    return found
+
+
+def _complete_snapshot(repo_id: str, revision) -> CachedSnapshot | None:
+    path = Path(revision.snapshot_path)
+    files = [
+        RepoFile(p.relative_to(path).as_posix(), p.stat().st_size)
+        for p in path.rglob("*")
+        if p.is_file()
+    ]
+    index = None
+    if name := _index_name(files, allow_pickle=False):
+        try:
+            index = json.loads((path / name).read_bytes()[: INDEX_MAX_BYTES + 1])
+        except (OSError, ValueError):
+            return None
+    try:
+        selected = files_select(files, allow_pickle=False, index=index)
+    except HubError:
+        return None
+    size = sum(f.size for f in selected)
+    return CachedSnapshot(repo_id, revision.commit_hash, path, selected, size)
 
 
 def repo_cache_dir(cache_dir: Path, repo_id: str) -> Path:

@@ -17,34 +17,42 @@ from .jobs import WAITING_GPU, job_cancelled, job_fail, job_finish
 from .ml.architecture import describe
 from .ml.cache import MODEL_CACHE
 from .ml.configs import ConfigError
+from .ml.extensions import extensions_built
 from .ml.loading import LoadReport, QuantizationError, load_model
 from .models import Model, ModelStatus
 from .selectors import device, model_get
 
 log = logging.getLogger(__name__)
 
+COMPILING = (
+    "compiling optimum-quanto's extension for 2-bit (first Q2 load only; minutes on a small"
+    " machine — `python -m models_app.ml.extensions` builds it ahead)"
+)
 
-def _load(row: Model):
+
+def _load(row: Model, *, in_worker: bool = True):
     dev = device()
 
     def loader():
         return load_model(row.local_path, row.quantization, dev)
 
     (model, report), evicted = MODEL_CACHE.get(row.pk, str(dev), loader)
-    if evicted:
+    if evicted and in_worker:
         Model.objects.filter(pk__in=evicted).update(is_loaded=False, updated_at=timezone.now())
         for pk in evicted:
             Model.announce(pk)
     return model, report
 
 
-def model_resident(model_id: str):
-    """Return (torch model, LoadReport) for a ready model, loading it into the cache if needed."""
+def model_resident(model_id: str, *, in_worker: bool = True):
+    """Return (torch model, LoadReport) for a ready model, loading it into this process's cache
+    if needed. `is_loaded` mirrors the GPU worker's cache only: a command-line run
+    (`in_worker=False`) loads the model for itself and leaves the row as it is."""
     row = model_get(model_id)
     if row.status != ModelStatus.READY:
         raise Conflict(f"{row.hf_repo_id} is {row.status}, not ready.")
-    model, report = _load(row)
-    if not row.is_loaded:
+    model, report = _load(row, in_worker=in_worker)
+    if in_worker and not row.is_loaded:
         Model.touch(row.pk, is_loaded=True, loaded_device=report.device)
     return model, report
 
@@ -99,11 +107,11 @@ def _record(row: Model, report: LoadReport, arch: dict) -> dict:
     )
 
 
-def model_load_check_run(model_id: str) -> None:
+def model_load_check_run(model_id: str, *, in_worker: bool = True) -> None:
     """Load the downloaded model with its quantization, verify it, record the real numbers.
 
-    Ends `ready` (and resident: `is_loaded`), `error` with the reason, or `cancelled`.
-    """
+    Ends `ready` (and resident in the GPU worker: `is_loaded`), `error` with the reason, or
+    `cancelled`. A command-line run (`in_worker=False`) frees the model afterwards."""
     if not Model.claim(
         model_id,
         from_status=ModelStatus.QUANTIZING,
@@ -112,9 +120,11 @@ def model_load_check_run(model_id: str) -> None:
     ):
         return
     row = Model.objects.get(pk=model_id)
+    if row.quantization == "Q2" and not extensions_built():
+        Model.touch(model_id, phase=COMPILING)
     try:
         with Model.heartbeat(model_id):
-            model, report = _load(row)
+            model, report = _load(row, in_worker=in_worker)
             arch = describe(model)
     except Exception as exc:  # noqa: BLE001 - any failure ends the row now, with its real cause
         MODEL_CACHE.evict(model_id)
@@ -124,13 +134,15 @@ def model_load_check_run(model_id: str) -> None:
         MODEL_CACHE.evict(model_id)
         job_cancelled(row)
         return
+    if not in_worker:
+        MODEL_CACHE.evict(model_id)
     job_finish(
         model_id,
         ModelStatus.READY,
         progress=100.0,
         phase="",
-        is_loaded=True,
-        loaded_device=report.device,
+        is_loaded=in_worker,
+        loaded_device=report.device if in_worker else "",
         **_record(row, report, arch),
     )
 

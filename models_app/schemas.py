@@ -24,6 +24,51 @@ class DownloadIn(EstimateIn):
     quantization: QuantizationName = "Q4"
 
 
+def _search_text(value: str) -> str:
+    value = value.strip()
+    if not value or not value.isprintable():
+        raise ValueError("Type a few letters of a model name, e.g. llama or gpt2.")
+    return value
+
+
+SearchText = Annotated[str, Field(max_length=96), AfterValidator(_search_text)]
+CommitSha = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
+
+
+class SearchIn(Schema):
+    q: SearchText
+
+
+class AddCachedIn(Schema):
+    """A model already complete in the local HF cache, added without downloading it."""
+
+    hf_repo_id: RepoId
+    quantization: QuantizationName = "Q4"
+    commit: CommitSha | None = None
+
+
+class SearchResult(Schema):
+    id: str
+    downloads: int
+    likes: int
+    gated: bool
+    params: int | None
+    fits: list[dict]
+
+
+class SearchOut(Schema):
+    query: str
+    results: list[SearchResult]
+
+
+class CachedRepoOut(Schema):
+    repo_id: str
+    commit: str
+    size_bytes: int
+    path: str
+    added: list[str]
+
+
 class ModelOut(JobOut, ByteCountsOut):
     id: str
     name: str

@@ -9,9 +9,12 @@ from django.conf import settings
 from django.db.models import Count, Prefetch, QuerySet
 
 from mistudio.errors import Conflict, Invalid, NotFound
+from mistudio.hub import models_search
 
 from .ml.device import device_info, resolve_device
+from .ml.estimate import fit_label, rough_memory
 from .models import EXTRACTION_ACTIVE, ExtractionJob, Model, ModelStatus
+from .repo import cached_snapshots
 
 
 def model_get(model_id: str) -> Model:
@@ -91,6 +94,48 @@ def device_summary() -> dict:
         Model.objects.filter(is_loaded=True).values_list("name", "quantization", "mem_req_bytes")
     )
     return info
+
+
+def hub_search(query: str, *, token: str | None = None) -> dict:
+    """Text-generation models on the Hub matching `query`, each with a rough memory need and fit
+    per quantization on this device (from the Hub's parameter count; the estimate after a click
+    reads the config): {query, device, results: [{id, downloads, likes, gated, params,
+    fits: [{quantization, bytes, fit, label}]}]}."""
+    dev = device_summary()
+    results = models_search(query, endpoint=settings.HF_ENDPOINT, token=token)
+    for result in results:
+        needs = rough_memory(result["params"], dev["kind"]) if result["params"] else {}
+        result["fits"] = fit_rows(needs, dev)
+    return {"query": query, "device": dev, "results": results}
+
+
+def fit_rows(needs: dict[str, int], dev: dict) -> list[dict]:
+    """[{quantization, bytes, fit, label}] for bytes needed per quantization on device `dev`."""
+    rows = []
+    for quantization, needed in needs.items():
+        code, label = fit_label(needed, dev)
+        rows.append({"quantization": quantization, "bytes": needed, "fit": code, "label": label})
+    return rows
+
+
+def cached_repos() -> list[dict]:
+    """Complete model snapshots in the local HF cache that can be added without downloading:
+    [{repo_id, commit, size_bytes, path, added: [quantizations already in our models]}]."""
+    ours: dict[str, list[str]] = {}
+    for repo_id, quantization in Model.objects.exclude(
+        status__in=("error", "cancelled")
+    ).values_list("hf_repo_id", "quantization"):
+        ours.setdefault(repo_id, []).append(quantization)
+    return [
+        {
+            "repo_id": s.repo_id,
+            "commit": s.commit,
+            "size_bytes": s.size_bytes,
+            "path": str(s.path),
+            "added": sorted(ours.get(s.repo_id, [])),
+        }
+        for s in cached_snapshots(settings.MODELS_CACHE_DIR)
+    ]
 
 
 def extraction_get(extraction_id: str) -> ExtractionJob:

@@ -6,18 +6,20 @@ and `resident.py` (GPU worker). Reads are in `selectors.py`.
 
 from __future__ import annotations
 
+import json
+
 from django.conf import settings
 from django.utils import timezone
 
-from mistudio.errors import Conflict, Invalid
+from mistudio.errors import Conflict, Invalid, NotFound
 
 from . import repo
 from .extraction import extractions_remove_for_model
 from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, model_files_remove, preflight
 from .ml.configs import ConfigError
-from .ml.estimate import ParameterCounts, count_parameters, fit_label, memory_for
+from .ml.estimate import ParameterCounts, count_parameters, memory_for
 from .models import ACTIVE_STATUSES, FAILED_STATUSES, HubCredential, Model, ModelStatus
-from .selectors import device_summary, model_get
+from .selectors import device_summary, fit_rows, model_get
 
 
 def _duplicate_check(repo_id: str, quantization: str) -> None:
@@ -55,11 +57,13 @@ def model_download(
     quantization: str,
     access_token: str | None = None,
     revision: str | None = None,
+    enqueue: bool = True,
 ) -> Model:
     """Check the repo (access, files, disk), create the row and queue the download job.
 
     Inputs are already validated by `schemas.DownloadIn`. Raises Conflict (409) for a live duplicate
     and HubError (4xx with a message) when the Hub refuses or the disk is too small.
+    `enqueue=False` leaves the job queued for the caller to run in-process (the CLI).
     """
     revision = revision or "main"
     _duplicate_check(hf_repo_id, quantization)
@@ -68,7 +72,7 @@ def model_download(
     # config.json and a weight index were fetched just now: ours, unless already cached
     fetched_now = {"config.json", *repo.SAFETENSORS[1:], *repo.PICKLES[1:]} - pre.cached_before
     return Model.create_queued(
-        task=enqueue_download,
+        task=enqueue_download if enqueue else None,
         conflict=f"{hf_repo_id} at {quantization} is already in your models.",
         token=access_token,
         tokens=HubCredential,
@@ -130,10 +134,7 @@ def model_estimate(
     """
     counts = _counts_for(hf_repo_id, revision or "main", access_token)
     dev = device_summary()
-    rows = []
-    for quantization, needed in memory_for(counts, dev["kind"]).items():
-        code, label = fit_label(needed, dev)
-        rows.append({"quantization": quantization, "bytes": needed, "fit": code, "label": label})
+    rows = fit_rows(memory_for(counts, dev["kind"]), dev)
     return {
         "repo_id": hf_repo_id,
         "params": counts.total,
@@ -142,6 +143,47 @@ def model_estimate(
         "device": dev,
         "architecture": counts.shape.architecture,
     }
+
+
+def model_add_cached(*, hf_repo_id: str, quantization: str, commit: str | None = None) -> Model:
+    """Add a model that is already complete in the local HF cache (another tool downloaded it)
+    without downloading it again: the row points at that snapshot and goes straight to the load
+    check. Its files stay where they are and stay theirs (deleting the row never removes them).
+    NotFound when the cache holds no complete snapshot of the repo (at `commit`), Invalid when
+    miStudio cannot load it, Conflict for a live duplicate."""
+    _duplicate_check(hf_repo_id, quantization)
+    snapshot = next(
+        (s for s in repo.cached_snapshots(settings.MODELS_CACHE_DIR)
+         if s.repo_id == hf_repo_id and commit in (None, "", s.commit)),
+        None,
+    )  # fmt: skip
+    if snapshot is None:
+        raise NotFound(f"The Hugging Face cache holds no complete snapshot of {hf_repo_id}.")
+    try:
+        counts = count_parameters(json.loads((snapshot.path / "config.json").read_text()))
+    except (ConfigError, ValueError, OSError) as exc:
+        raise Invalid(f"{hf_repo_id}: {exc}", code="unsupported_model") from None
+    return Model.create_queued(
+        task=lambda pk: enqueue_gpu("model_load_check_task", pk),
+        conflict=f"{hf_repo_id} at {quantization} is already in your models.",
+        name=hf_repo_id.split("/")[-1],
+        hf_repo_id=hf_repo_id,
+        revision=snapshot.commit,
+        commit_sha=snapshot.commit,
+        quantization=quantization,
+        status=ModelStatus.QUANTIZING,
+        phase=WAITING_GPU,
+        local_path=str(snapshot.path),
+        size_bytes=snapshot.size_bytes,
+        bytes_total=snapshot.size_bytes,
+        bytes_done=snapshot.size_bytes,
+        files=[
+            {"name": f.name, "size": f.size, "blob": "", "owned": False} for f in snapshot.files
+        ],
+        params=counts.total,
+        mem_estimate_bytes=memory_for(counts, device_summary()["kind"])[quantization],
+        metadata={"estimate": counts.to_dict(), "source": "local cache"},
+    )
 
 
 def model_load(model_id: str) -> Model:

@@ -12,7 +12,7 @@ from mistudio.validation import validation_message
 
 from . import selectors, services
 from .models import Quantization
-from .schemas import DownloadIn, EstimateIn
+from .schemas import AddCachedIn, DownloadIn, EstimateIn, SearchIn
 
 PAGE = "models_app/models.html"
 
@@ -128,6 +128,47 @@ def model_architecture(request: HttpRequest, model_id: str) -> HttpResponse:
     if request.htmx:
         return _partial(request, "architecture_modal", context)
     return render(request, PAGE, _page_context(modal="architecture", **context))
+
+
+FIND = "models_app/find.html"
+
+
+@require_GET
+def hub_search(request: HttpRequest) -> HttpResponse:
+    """The search box's results: Hub models matching ?q=, each with its fit per quantization."""
+    query = request.GET.get("q", "")
+    if not query.strip():
+        return render(request, f"{FIND}#hub_results", {"search": None})
+    try:
+        data = SearchIn.model_validate({"q": query})
+        search = selectors.hub_search(data.q)
+    except ValidationError as exc:
+        return render(
+            request, f"{FIND}#hub_results", {"error": validation_message(exc)}, status=422
+        )
+    except ServiceError as exc:
+        return render(request, f"{FIND}#hub_results", {"error": exc.message}, status=exc.status)
+    return render(request, f"{FIND}#hub_results", {"search": search})
+
+
+@require_GET
+def cached_list(request: HttpRequest) -> HttpResponse:
+    context = {"cached": selectors.cached_repos(), "quantizations": Quantization.choices}
+    return render(request, f"{FIND}#cached_list", context)
+
+
+@require_POST
+def model_add_cached(request: HttpRequest) -> HttpResponse:
+    try:
+        data = AddCachedIn.model_validate(request.POST.dict())
+        services.model_add_cached(**data.model_dump())
+    except ValidationError as exc:
+        return _error(request, validation_message(exc), 422, "#cached-error")
+    except ServiceError as exc:
+        return _error(request, exc.message, exc.status, "#cached-error")
+    if request.htmx:
+        return _partial(request, "model_section", _page_context(), status=201)
+    return redirect("models:page")
 
 
 @require_GET

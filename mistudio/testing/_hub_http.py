@@ -239,6 +239,8 @@ class HubHandler(_Handler):
             self.send_hub_error(401, INVALID_CREDENTIALS)
         elif path == "/api/whoami-v2":
             self._whoami()
+        elif path == "/api/models":
+            self._list_models()
         elif path.startswith("/api/models/"):
             self._api_models([unquote(p) for p in path[len("/api/models/") :].split("/")])
         elif resolve is not None:
@@ -262,6 +264,23 @@ class HubHandler(_Handler):
                 },
             }
         )
+
+    def _list_models(self) -> None:
+        """`GET /api/models?search=…&filter=…&limit=…` as huggingface_hub's list_models reads it:
+        public repos (and private ones the token may see) whose id contains `search` and whose
+        tags include every `filter`, the latest commit of each, by id."""
+        search = self.query.get("search", [""])[0].lower()
+        wanted = set(self.query.get("filter", []))
+        limit = int(self.query.get("limit", ["1000"])[0])
+        approved = self.token is not None and self.token in self.hub.approved_tokens
+        found = []
+        for repo_id, repo in sorted(self.hub.repos.items()):
+            if (repo.private and not approved) or search not in repo_id.lower():
+                continue
+            info = model_info(repo, repo.main, blobs=False)
+            if wanted <= {*info["tags"], info.get("pipeline_tag")}:
+                found.append({k: v for k, v in info.items() if k != "siblings"})
+        self.send_json(found[:limit])
 
     def _api_models(self, parts: list[str]) -> None:
         repo_id, rest = self._split_repo(parts)

@@ -155,6 +155,13 @@ def estimate_memory(config: dict, device_kind: str = "cuda") -> dict[str, int]:
     return memory_for(count_parameters(config), device_kind)
 
 
+def rough_memory(params: int, device_kind: str = "cuda") -> dict[str, int]:
+    """Bytes per quantization from a parameter count alone (a search result, no config): every
+    weight at the option's Linear size, + RUNTIME_OVERHEAD. Coarser than memory_for."""
+    per_weight = LINEAR_BYTES[device_kind]
+    return {q: int(params * per_weight[q] * (1 + RUNTIME_OVERHEAD)) for q in QUANTIZATIONS}
+
+
 def fit_label(required: int, device_info: dict) -> tuple[str, str]:
     """(code, label) for `required` bytes against the device's free memory, LM-Studio style:
     "full" below 90% of free, "partial" (tight) within ±10% of free, else "too_large"."""

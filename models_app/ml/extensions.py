@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 from optimum.quanto.library.extensions import get_extension, is_extension_available
@@ -24,6 +25,19 @@ def extension_names() -> list[str]:
     if torch.cuda.is_available() and is_extension_available("quanto_cuda"):
         names.append("quanto_cuda")
     return names
+
+
+def extensions_built() -> bool:
+    """Whether every extension optimum-quanto needs here is already built for this torch (so a
+    Q2 load will not start by compiling)."""
+    for name in extension_names():
+        ext = get_extension(name)
+        version_file = Path(ext.build_directory) / "pytorch_version.txt"
+        if ext._lib is None and not (
+            version_file.is_file() and version_file.read_text().strip() == torch.__version__
+        ):
+            return False
+    return True
 
 
 def build_extensions() -> dict[str, float]:

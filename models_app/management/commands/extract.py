@@ -10,23 +10,20 @@ failed job.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 from pydantic import ValidationError
-from tqdm import tqdm
 
 from datasets_app.services import dataset_resolve
 from mistudio.errors import ServiceError
 from mistudio.validation import validation_message
 from models_app import extraction
+from models_app.management.progress import run_with_bar
 from models_app.models import ExtractionJob, ExtractionStatus
 from models_app.schemas import ExtractionSettings
 from models_app.selectors import model_resolve
 from templates_app.selectors import template_named
-
-POLL_SECONDS = 0.2
 
 
 def _csv(raw: str | None) -> list[str] | None:
@@ -85,18 +82,17 @@ class Command(BaseCommand):
         self._run_with_progress(job)
 
     def _run_with_progress(self, job: ExtractionJob) -> None:
-        worker = threading.Thread(target=extraction.extraction_run, args=(job.pk,), daemon=True)
-        worker.start()
-        with tqdm(
-            total=job.max_samples * job.context_size,
+        run_with_bar(
+            lambda: extraction.extraction_run(job.pk, in_worker=False),
+            lambda: (
+                ExtractionJob.objects.filter(pk=job.pk)
+                .values_list("tokens_done", "tokens_total", "phase")
+                .get()
+            ),
             unit="tok",
             unit_scale=True,
             desc=f"extract {job.pk}",
-        ) as bar:
-            while worker.is_alive():
-                worker.join(POLL_SECONDS)
-                self._advance(bar, job.pk)
-            self._advance(bar, job.pk)
+        )
         job.refresh_from_db()
         if job.status != ExtractionStatus.COMPLETED:
             raise CommandError(f"Extraction {job.status}: {job.error_message}")
@@ -107,12 +103,3 @@ class Command(BaseCommand):
                 f" ({job.tokens_per_second:,.0f} tok/s)"
             )
         )
-
-    @staticmethod
-    def _advance(bar: tqdm, job_id: str) -> None:
-        done, total = (
-            ExtractionJob.objects.filter(pk=job_id).values_list("tokens_done", "tokens_total").get()
-        )
-        if total and bar.total != total:
-            bar.total = total
-        bar.update(max(done - bar.n, 0))
