@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from types import TracebackType
 from mistudio.testing._hub_datasets import DatasetRepos, HubWithDatasetsHandler
 from mistudio.testing._hub_http import CdnHandler, Valve
 from mistudio.testing._hub_repos import HubFile, HubRepo, read_files
+from mistudio.testing.hub_shapes import SHAPES, build_shape
 from mistudio.testing.tiny_models import build_catalogue
 
 VALID_TOKEN = "hf_validtoken1234567890"  # valid and approved for gated and private repos
@@ -244,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with FakeHub(args.root, host=args.host, port=args.port) as hub:
         shas = hub.add_catalogue()
+        shapes_root = Path(tempfile.mkdtemp(prefix="mistudio-hub-shapes-"))
+        for repo_id in SHAPES:  # the real-Hub shapes: MoE, multimodal, sharded, custom code …
+            shas[repo_id] = hub.add_repo(repo_id, build_shape(repo_id, shapes_root))
         hub.set_rate(args.rate)
         print(_banner(hub, shas), flush=True)
         with contextlib.suppress(KeyboardInterrupt):
@@ -257,7 +262,7 @@ def _banner(hub: FakeHub, shas: dict[str, str]) -> str:
         f"  valid token: {VALID_TOKEN}   valid but not approved: {UNAPPROVED_TOKEN}",
     ]
     for repo_id, sha in shas.items():
-        lines.append(f"  {repo_id:<20} {sha}{'  (gated)' if repo_id in GATED_REPOS else ''}")
+        lines.append(f"  {repo_id:<30} {sha}{'  (gated)' if repo_id in GATED_REPOS else ''}")
     return "\n".join(lines)
 
 

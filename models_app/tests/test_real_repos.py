@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from mistudio.errors import Invalid
-from mistudio.testing.hub_shapes import SHAPES, build_shape
+from mistudio.testing.hub_shapes import build_shape
 from models_app import resident, services
 from models_app.ml.layers import find_blocks
 from models_app.models import Model, ModelStatus
@@ -25,16 +25,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 MOE = ["shapes/mixtral", "shapes/qwen2-moe", "shapes/olmoe"]
 NESTED = ["shapes/gemma3-vision", "shapes/mistral3-vision"]
 ODD_CONFIGS = ["shapes/nemotron-h", "shapes/gpt2-other-names", "shapes/llama-null-fields"]
-
-
-@pytest.fixture(scope="module")
-def shapes(fake_hub, tmp_path_factory) -> dict[str, Path]:
-    """Every shape built once and published on the session's fake hub; repo id → folder."""
-    root = tmp_path_factory.mktemp("hub-shapes")
-    folders = {repo_id: build_shape(repo_id, root) for repo_id in SHAPES}
-    for repo_id, folder in folders.items():
-        fake_hub.add_repo(repo_id, folder)
-    return folders
 
 
 def _resolved(hub) -> set[str]:
