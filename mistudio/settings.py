@@ -109,6 +109,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "django_q",
+    "ninja",  # serves Swagger UI's files itself: the API docs work offline
     "models_app",
     "templates_app",
     "datasets_app",
