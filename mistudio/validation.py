@@ -3,12 +3,14 @@ readable line from pydantic errors, without echoing the input back (it may hold 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated
 
 from ninja.errors import ValidationError as NinjaValidationError
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
+from mistudio.errors import Invalid
 from mistudio.hub import HubError, repo_id_clean, revision_clean
 
 TOKEN_MAX = 500
@@ -75,6 +77,20 @@ def error_list(exc: ValidationError) -> list[dict]:
         message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         out.append({"field": field, "message": message})
     return out
+
+
+def json_object(body: bytes, *, optional: bool = False) -> dict:
+    """A request body parsed as a JSON object ({} for an empty optional body); Invalid (422)
+    otherwise."""
+    if optional and not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise Invalid("Send a JSON object as the request body.", code="bad_json")
+    return data
 
 
 def validated(schema: type[BaseModel], data: dict, *, where: str = "body"):

@@ -7,7 +7,7 @@ from ninja import Router
 
 from mistudio.apischema import ERRORS
 from mistudio.humanize import bytes_h, params_h
-from mistudio.validation import validated
+from mistudio.validation import json_object, validated
 
 from . import extraction, selectors, services
 from .models import ExtractionJob, Model
@@ -20,6 +20,7 @@ from .schemas import (
     ExtractionOut,
     ExtractionStarted,
     ModelOut,
+    RetryIn,
     SearchIn,
     SearchOut,
 )
@@ -78,6 +79,20 @@ def models_delete(request: HttpRequest, model_id: str):
 @router.post("/{model_id}/cancel", response={200: ModelOut, **ERRORS})
 def models_cancel(request: HttpRequest, model_id: str):
     return model_json(services.model_cancel(model_id))
+
+
+RETRY_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": RetryIn.model_json_schema()}}}}  # fmt: skip
+
+
+@router.post("/{model_id}/retry", response={202: ModelOut, **ERRORS}, openapi_extra=RETRY_BODY)
+def models_retry(request: HttpRequest, model_id: str):
+    """Download a failed or cancelled model again; the JSON body {access_token} is optional (a
+    gated repo needs its token again: tokens are dropped when a job ends)."""
+    is_json = request.content_type == "application/json"
+    body = json_object(request.body, optional=True) if is_json else request.POST.dict()
+    data = validated(RetryIn, body)
+    return 202, model_json(services.model_retry(model_id, **data.model_dump()))
 
 
 @router.post("/{model_id}/load", response={202: ModelOut, **ERRORS})

@@ -35,6 +35,10 @@ SearchText = Annotated[str, Field(max_length=96), AfterValidator(_search_text)]
 CommitSha = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
 
 
+class RetryIn(Schema):
+    access_token: AccessToken = None
+
+
 class SearchIn(Schema):
     q: SearchText
 

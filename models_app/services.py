@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from mistudio.errors import Conflict, Invalid, NotFound
@@ -111,6 +112,40 @@ def model_cancel(model_id: str) -> Model:
         model_files_remove(row)
     Model.announce(model_id)
     return model_get(model_id)
+
+
+def model_retry(model_id: str, *, access_token: str | None = None) -> Model:
+    """Download a failed or cancelled model again, in place (same row and card): the preflight
+    runs again (a gated repo needs its token again: tokens are dropped when a job ends) and the
+    download is queued; files already in the cache are not fetched twice. Conflict when the row
+    is not failed or cancelled, or when another live row holds the same repo and quantization;
+    HubError when the Hub refuses (the row is left as it was)."""
+    row = model_get(model_id)
+    if row.status not in FAILED_STATUSES:
+        raise Conflict(
+            f"{row.hf_repo_id} is {row.status}; only a failed or cancelled download can be retried."
+        )
+    _duplicate_check(row.hf_repo_id, row.quantization)
+    pre = preflight(row.hf_repo_id, row.revision, access_token)
+    _counts_for(row.hf_repo_id, pre.commit_sha, access_token)  # a gated file needs the token
+    with transaction.atomic():
+        updated = Model.objects.filter(pk=model_id, status__in=FAILED_STATUSES).update(
+            status=ModelStatus.QUEUED, phase="waiting for a download worker", progress=0,
+            bytes_done=0, bytes_total=pre.total_bytes, speed_bps=0, eta_seconds=None,
+            error_message="", cancel_flag=False, commit_sha=pre.commit_sha,
+            files=[{**f, "owned": _was_owned(row, f["name"])} for f in pre.files_json()],
+            updated_at=timezone.now(),
+        )  # fmt: skip
+        if not updated:
+            raise Conflict(f"{row.hf_repo_id} changed meanwhile; reload and try again.")
+        HubCredential.store(row, access_token)
+        transaction.on_commit(lambda: enqueue_download(model_id))
+    Model.announce(model_id)
+    return model_get(model_id)
+
+
+def _was_owned(row: Model, name: str) -> bool:
+    return any(f.get("name") == name and f.get("owned") for f in row.files or [])
 
 
 def model_delete(model_id: str) -> None:

@@ -14,6 +14,7 @@ urlpatterns = [
     path("cached/add", views.model_add_cached, name="add_cached"),
     path("<str:model_id>/card", views.model_card, name="card"),
     path("<str:model_id>/cancel", views.model_cancel, name="cancel"),
+    path("<str:model_id>/retry", views.model_retry, name="retry"),
     path("<str:model_id>/delete", views.model_delete, name="delete"),
     path("<str:model_id>/load", views.model_load, name="load"),
     path("<str:model_id>/unload", views.model_unload, name="unload"),

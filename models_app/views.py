@@ -12,7 +12,7 @@ from mistudio.validation import validation_message
 
 from . import selectors, services
 from .models import Quantization
-from .schemas import AddCachedIn, DownloadIn, EstimateIn, SearchIn
+from .schemas import AddCachedIn, DownloadIn, EstimateIn, RetryIn, SearchIn
 
 PAGE = "models_app/models.html"
 
@@ -102,6 +102,20 @@ def _card_action(action):
 
 
 model_cancel = _card_action(services.model_cancel)
+
+
+@require_POST
+def model_retry(request: HttpRequest, model_id: str) -> HttpResponse:
+    try:
+        data = RetryIn.model_validate(request.POST.dict())
+        services.model_retry(model_id, **data.model_dump())
+        return _card_or_page(request, model_id)
+    except ValidationError as exc:
+        return _error(request, validation_message(exc), 422, f"#model-{model_id}-error")
+    except ServiceError as exc:
+        return _error(request, exc.message, exc.status, f"#model-{model_id}-error")
+
+
 model_load = _card_action(services.model_load)
 model_unload = _card_action(services.model_unload)
 

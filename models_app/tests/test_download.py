@@ -193,3 +193,36 @@ def test_load_and_unload_delivered_twice_or_after_a_delete_are_no_ops(hub):
     tasks.model_load_task(row.pk)  # the worker got it after the delete: skipped, no exception
     tasks.model_unload_task(row.pk)
     assert not Model.objects.filter(pk=row.pk).exists()
+
+
+def test_a_cancelled_download_is_retried_in_place_and_becomes_ready(client, hub):
+    row = services.model_download(hf_repo_id="tiny/gpt2", quantization="Q8")
+    services.model_cancel(row.pk)
+    r = client.post(f"/api/models/{row.pk}/retry")
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.content
+    tasks.model_download_task(row.pk)
+    tasks.model_load_check_task(row.pk)
+    row.refresh_from_db()
+    assert (row.status, row.error_message, row.progress) == ("ready", "", 100.0)
+    assert client.post(f"/api/models/{row.pk}/retry").status_code == 409  # nothing to retry
+
+
+def test_retry_of_a_gated_repo_needs_the_token_again_and_keeps_the_row_on_refusal(client, hub):
+    row = download("tiny/gated-llama", "Q4", token=GOOD_TOKEN)
+    Model.objects.filter(pk=row.pk).update(status="error", error_message="(a failure)")
+    r = client.post(f"/api/models/{row.pk}/retry")
+    assert r.status_code == 403 and "accept the licence" in r.json()["detail"]
+    assert Model.objects.get(pk=row.pk).status == "error"
+    r = client.post(
+        f"/api/models/{row.pk}/retry", {"access_token": GOOD_TOKEN}, content_type="application/json"
+    )
+    assert r.status_code == 202 and GOOD_TOKEN not in r.content.decode()
+
+
+def test_the_card_of_a_failed_download_offers_retry(client, hub):
+    row = services.model_download(hf_repo_id="tiny/gpt2", quantization="Q8")
+    services.model_cancel(row.pk)
+    card = client.get(f"/models/{row.pk}/card", headers={"HX-Request": "true"}).content.decode()
+    assert f'hx-post="/models/{row.pk}/retry"' in card
+    r = client.post(f"/models/{row.pk}/retry", headers={"HX-Request": "true"})
+    assert r.status_code == 200 and 'data-status="queued"' in r.content.decode()
