@@ -162,8 +162,8 @@ def repo_listing(repo_id: str, *, repo_type: str, revision: str, token: str | No
     """The repo's files with sizes at `revision` (one Hub call, no file content)."""
     hub = api(endpoint)
     try:
-        if repo_type == "dataset":  # dataset_info hides a gate that auth_check reports
-            hub.auth_check(repo_id, repo_type="dataset", token=token or False)
+        # the repo's info is public even when its files are gated: ask whether we may read them
+        hub.auth_check(repo_id, repo_type=repo_type, token=token or False)
         info = hub.repo_info(
             repo_id, repo_type=repo_type, revision=revision, files_metadata=True,
             token=token or False,
