@@ -20,16 +20,23 @@ def run_with_bar(
     worker = threading.Thread(target=step, daemon=True)
     worker.start()
     with tqdm(total=None, dynamic_ncols=True, **bar_options) as bar:
+        started = False
         while worker.is_alive():
             worker.join(POLL_SECONDS)
-            _advance(bar, *read())
-        _advance(bar, *read())
+            started = _advance(bar, *read(), started=started)
+        _advance(bar, *read(), started=started)
 
 
-def _advance(bar: tqdm, done: int, total: int, phase: str) -> None:
-    if total and bar.total != total:
+def _advance(bar: tqdm, done: int, total: int, phase: str, *, started: bool) -> bool:
+    """Move the bar; its clock starts at the first unit of work (the time a model takes to load
+    before that is shown as the phase, and not counted in the rate). Returns `started`."""
+    if done and not started:
+        bar.reset(total=total or bar.total)  # the rate is then work / time spent working
+        started = True
+    elif total and bar.total != total:
         bar.total = total
         bar.refresh()
     if phase:
         bar.set_postfix_str(phase, refresh=False)
     bar.update(max(done - bar.n, 0))
+    return started
