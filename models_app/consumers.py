@@ -1,14 +1,17 @@
-"""Websocket: pushes the model-card partial whenever a model (or its extraction) changes."""
+"""Websocket: pushes the model-card partial whenever a model (or its extraction) changes, and the
+header's device badge whenever the set of loaded models changes (so "loaded: …" in the header
+never lags the cards)."""
 
 from __future__ import annotations
 
+from channels.db import database_sync_to_async
 from django.template.loader import render_to_string
 
 from mistudio.errors import NotFound
 from mistudio.realtime import CardConsumer
 
 from .models import Model
-from .selectors import model_card_get
+from .selectors import device_summary, model_card_get
 
 
 def card_html(model_id: str) -> str | None:
@@ -20,7 +23,37 @@ def card_html(model_id: str) -> str | None:
     return render_to_string("models_app/models.html#model_card", {"model": model, "oob": True})
 
 
+def loaded_models() -> list[tuple[str, str]]:
+    """(id, quantization) of the models loaded now, as the header lists them."""
+    return list(Model.objects.filter(is_loaded=True).values_list("pk", "quantization"))
+
+
+def badge_html() -> str:
+    """The header's device badge, marked to replace the badge's content out of band."""
+    badge = render_to_string("shell.html#device_badge", {"device": device_summary()})
+    return f'<span id="device-badge" hx-swap-oob="innerHTML">{badge}</span>'
+
+
 class ModelsConsumer(CardConsumer):
     group = Model.live_group
     prefix = "model"
     card_html = staticmethod(card_html)
+    loaded: list | None = None
+
+    async def connect(self) -> None:
+        self.loaded = await database_sync_to_async(loaded_models)()
+        await super().connect()
+
+    async def card_changed(self, event: dict) -> None:
+        await super().card_changed(event)
+        await self._badge_if_loaded_changed()
+
+    async def card_deleted(self, event: dict) -> None:
+        await super().card_deleted(event)
+        await self._badge_if_loaded_changed()
+
+    async def _badge_if_loaded_changed(self) -> None:
+        loaded = await database_sync_to_async(loaded_models)()
+        if loaded != self.loaded:
+            await self.send(text_data=await database_sync_to_async(badge_html)())
+        self.loaded = loaded

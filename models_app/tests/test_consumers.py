@@ -38,6 +38,29 @@ async def test_a_change_pushes_the_card_partial():
 
 
 @pytest.mark.asyncio
+async def test_loading_or_unloading_a_model_pushes_the_header_badge_at_once():
+    row = await database_sync_to_async(make_row)(status=ModelStatus.READY)
+    comm, _ = await connect()
+
+    def loaded(value: bool) -> None:  # what the GPU worker writes, then announces
+        Model.touch(row.pk, is_loaded=value)
+
+    await database_sync_to_async(loaded)(True)
+    assert f'id="model-{row.pk}"' in await comm.receive_from(timeout=60)
+    badge = await comm.receive_from(timeout=60)
+    assert 'id="device-badge" hx-swap-oob="innerHTML"' in badge and "loaded: m [Q4]" in badge
+    await database_sync_to_async(loaded)(False)
+    await comm.receive_from(timeout=60)  # the card
+    assert "loaded:" not in await comm.receive_from(timeout=60)
+    await database_sync_to_async(Model.touch)(row.pk, progress=100.0)  # no change of loaded
+    later = []
+    while not await comm.receive_nothing(timeout=1):  # the card (and the relay's copy of it)
+        later.append(await comm.receive_from(timeout=60))
+    assert later and not [m for m in later if "device-badge" in m]
+    await comm.disconnect()
+
+
+@pytest.mark.asyncio
 async def test_a_deleted_model_removes_its_card():
     comm, _ = await connect()
     await database_sync_to_async(Model.announce)("m_gone", "card.deleted")
