@@ -66,6 +66,7 @@ def model_estimate(request: HttpRequest) -> HttpResponse:
     try:
         data = EstimateIn.model_validate(request.POST.dict())
         estimate = services.model_estimate(**data.model_dump())
+        estimate["selected"] = request.POST.get("quantization", "")
     except ValidationError as exc:
         return _error(request, validation_message(exc), 422, "#estimate")
     except ServiceError as exc:

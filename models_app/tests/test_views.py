@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -75,6 +77,13 @@ def test_estimate_shows_each_quantization_with_a_fit_badge(client, hub):
     for q in ("FP16", "Q8", "Q4", "Q2"):
         assert f'data-quantization="{q}"' in body
     assert "Fits" in body
+
+
+def test_the_estimate_tile_of_the_chosen_quantization_stands_out(client, hub):
+    data = {"hf_repo_id": "tiny/llama", "quantization": "Q2"}
+    body = client.post(reverse("models:estimate"), data, **HX).content.decode()
+    tiles = re.findall(r'<div class="estimate-row([^"]*)" data-quantization="(\w+)"', body)
+    assert [q for cls, q in tiles if "ring-2" in cls] == ["Q2"] and len(tiles) == 4
 
 
 def test_cards_show_progress_error_and_actions(client, hub):
