@@ -102,10 +102,10 @@ class Capture:
     # no_grad, not inference_mode: optimum-quanto's packed int2 weights fail inside
     # inference_mode ("Cannot set version_counter for inference tensor").
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> None:
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> None:
         """Run `model` on input_ids (B, T) up to the deepest hooked block; nothing is returned."""
         with suppress(_StopForward):
-            self.model(input_ids=input_ids, use_cache=False)
+            self.model(input_ids=input_ids, use_cache=False, **kwargs)
 
 
 def _register(model: nn.Module, sites: Sequence[Site], sink: Sink, stop: bool, handles: list):
@@ -172,8 +172,11 @@ def probe_shapes(model: nn.Module, sites: Sequence[Site]) -> dict[str, tuple[int
 
     device = model.get_input_embeddings().weight.device
     ids = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=device)
+    extra = {}
+    if device.type == "meta":  # a ready-made (B, 1, T, T) mask: building one reads values
+        extra["attention_mask"] = torch.zeros((1, 1, PROBE_TOKENS, PROBE_TOKENS), device=device)
     with capture(model, sites, sink) as cap:
-        cap.forward(ids)
+        cap.forward(ids, **extra)
     missing = [s.name for s in sites if s.name not in shapes]
     if missing:
         raise HookSiteError(f"{', '.join(missing)}: the module does not run in a forward pass")
