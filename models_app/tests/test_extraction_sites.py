@@ -54,7 +54,7 @@ def _check_job(job: ExtractionJob, repo: str) -> None:
 
 
 @pytest.mark.parametrize("repo", list(ARCH))
-def test_every_site_of_a_post_norm_or_parallel_repo_matches_transformers(hub, shapes, repo):
+def test_every_site_of_a_post_norm_or_parallel_repo_matches_transformers(client, hub, shapes, repo):
     row = download(repo, "FP16")
     module_sites = [{"path": _inner(repo), "io": io} for io in ("input", "output")]
     job = extract(row, text_dataset(), hook_types=ALL_TYPES, module_sites=module_sites,
@@ -68,6 +68,8 @@ def test_every_site_of_a_post_norm_or_parallel_repo_matches_transformers(hub, sh
     }  # fmt: skip
     assert job.module_sites == module_sites and job.manifest["self_check"]["passed"]
     _check_job(job, repo)
+    history = client.get(reverse("models:extractions", args=[row.pk])).content.decode()
+    assert f"{_inner(repo)} (input)" in history and "blocks.1.attn.hook_z" in history
 
 
 def test_a_module_path_that_does_not_exist_is_a_422_naming_the_closest(client, hub, shapes):
