@@ -526,6 +526,8 @@ def _tokenizer_info(tokenizer, meta: dict) -> dict:
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "special_token_ids": sorted(int(i) for i in tokenizer.all_special_ids),
     }
 
 
