@@ -23,7 +23,9 @@ from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
 from .jobs import enqueue_gpu
+from .ml.export import ExportError, export_saelens
 from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec, run_extraction
+from .ml.reader import ReaderError
 from .ml.storage import sequence_bytes, storage_dtype
 from .models import (
     EXTRACTION_ACTIVE,
@@ -322,3 +324,19 @@ def extractions_remove_for_model(model: Model) -> None:
         raise Conflict(f"An extraction of {model.hf_repo_id} is running; cancel it first.")
     for job in model.extractions.all():
         extraction_files_remove(job)
+
+
+def extraction_export(extraction_id: str, out: Path, *, sites=None, dtype=None, on_progress=None):
+    """Export a completed extraction as the `datasets` folder SAELens trains from (ml/export.py);
+    returns the folder. Invalid (400) for a bad site, dtype or existing folder, or a missing or
+    altered shard; Conflict (409) while the extraction is not completed."""
+    job = extraction_get(extraction_id)
+    if job.status != ExtractionStatus.COMPLETED:
+        raise Conflict(
+            f"Extraction {job.pk} is {job.status}: only a completed one can be exported."
+        )
+    try:
+        return export_saelens(job.output_path, Path(out), sites=sites, dtype=dtype,
+                              on_progress=on_progress)  # fmt: skip
+    except (ExportError, ReaderError) as exc:
+        raise Invalid(str(exc)) from exc
