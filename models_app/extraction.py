@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from datasets_app.models import Dataset
 from datasets_app.services import dataset_texts
+from datasets_app.storage import texts_path
 from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_check
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
@@ -26,7 +27,7 @@ from .jobs import enqueue_gpu
 from .ml.export import ExportError, export_saelens
 from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec, run_extraction
 from .ml.reader import ReaderError
-from .ml.storage import sequence_bytes, storage_dtype
+from .ml.storage import sequence_bytes, sha256_file, storage_dtype
 from .models import (
     EXTRACTION_ACTIVE,
     ExtractionJob,
@@ -211,10 +212,14 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
     meta = {
         "model_id": row.pk,
         "repo": row.hf_repo_id,
+        "revision": row.revision,
         "commit": row.commit_sha,
         "quantization": row.quantization,
         "backend": report.backend,
+        "tokenizer": row.hf_repo_id,  # the model's own tokenizer, at the model's commit
+        "tokenizer_revision": row.commit_sha,
         "dataset_id": job.dataset_id,
+        "dataset": _dataset_provenance(job),
         "extraction_id": job.pk,
     }
     ExtractionJob.touch(job.pk, phase="extracting")
@@ -228,6 +233,22 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         on_progress=_Progress(job.pk),
         should_cancel=lambda: ExtractionJob.cancel_requested(job.pk),
     )
+
+
+def _dataset_provenance(job: ExtractionJob) -> dict:
+    """Name, source and the sha256 of the normalized texts the job reads (to redo the run)."""
+    ds = job.dataset
+    if ds is None:
+        return {}
+    source = (
+        {"hf_dataset_id": ds.hf_dataset_id, "split": ds.split, "commit": ds.commit_sha,
+         "text_field": ds.text_field}
+        if ds.source == "hub"
+        else {"file": ds.original_filename, "text_field": ds.text_field}
+    )  # fmt: skip
+    path = texts_path(ds.pk)
+    return {"name": ds.name, "source": ds.source, **source, "rows": ds.row_count,
+            "texts_sha256": sha256_file(path) if path.is_file() else None}  # fmt: skip
 
 
 def _completed(job: ExtractionJob, manifest: dict) -> None:

@@ -16,6 +16,7 @@ tokens through `on_progress(done, total)`; cancellation is polled between batche
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -519,9 +520,26 @@ def _never() -> bool:
 # Manifest
 
 
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes",
+             "optimum-quanto")  # fmt: skip
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a result depends on (None: not installed)."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def _tokenizer_info(tokenizer, meta: dict) -> dict:
     return {
+        # a Hub repo id and the commit (a local path only when the caller gives no repo)
         "name": meta.get("tokenizer") or getattr(tokenizer, "name_or_path", None) or None,
+        "revision": meta.get("tokenizer_revision"),
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
@@ -531,7 +549,8 @@ def _tokenizer_info(tokenizer, meta: dict) -> dict:
     }
 
 
-_META_KEYS = frozenset({"model_id", "repo", "commit", "quantization", "dataset_id", "tokenizer"})
+_META_KEYS = frozenset({"model_id", "repo", "revision", "commit", "quantization", "dataset_id",
+                        "dataset", "tokenizer", "tokenizer_revision"})  # fmt: skip
 
 
 def _model_info(model: nn.Module, meta: dict) -> dict:
@@ -539,6 +558,7 @@ def _model_info(model: nn.Module, meta: dict) -> dict:
     return {
         "id": meta.get("model_id"),
         "repo": meta.get("repo"),
+        "revision": meta.get("revision"),
         "commit": meta.get("commit"),
         "quantization": meta.get("quantization"),
         "dtype": dtype_name(_compute_dtype(model)),
@@ -556,7 +576,7 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": _model_info(model, meta),
         "tokenizer": _tokenizer_info(tokenizer, meta),
-        "dataset": {"id": meta.get("dataset_id")},
+        "dataset": {"id": meta.get("dataset_id"), **(meta.get("dataset") or {})},
         "meta": {k: v for k, v in meta.items() if k not in _META_KEYS},
         "context_size": context,
         "bos_policy": bos_policy(tokenizer),
@@ -567,6 +587,7 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
         "shard_sequences": plan.shard_sequences,
         "spec": asdict(spec),
         "self_check": check,
+        "environment": {"python_libraries": library_versions(), "device": str(model_device(model))},
         "notes": plan.notes,
         "hooks": [
             _hook_entry(site, plan, records[site.name], stats[site.name]) for site in plan.sites

@@ -224,3 +224,28 @@ def test_export_activations_cli_writes_a_saelens_folder_equal_to_the_shards(hub,
     with pytest.raises(CommandError, match="not found|No extraction"):
         call_command("export_activations", "x_" + "0" * 32, str(tmp_path / "c"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hf-cache", "sae"]
+
+
+def test_the_manifest_holds_what_it_takes_to_redo_the_run(hub):
+    import hashlib
+    import importlib.metadata
+
+    from datasets_app.storage import texts_path
+
+    row = download("tiny/llama", "Q4")
+    dataset = text_dataset()
+    job = extract(row, dataset, hook_types=["residual"], batch_size=3)
+    m = job.manifest
+    assert m["model"]["repo"] == "tiny/llama" and m["model"]["commit"] == row.commit_sha
+    assert m["model"]["revision"] == "main" and m["model"]["quantization"] == "Q4"
+    assert m["tokenizer"]["name"] == "tiny/llama"  # a repo id, not a path in the cache
+    assert m["tokenizer"]["revision"] == row.commit_sha
+    sha = hashlib.sha256(texts_path(dataset.pk).read_bytes()).hexdigest()
+    assert m["dataset"]["texts_sha256"] == sha and m["dataset"]["name"] == dataset.name
+    assert m["dataset"]["source"] == "upload" and m["dataset"]["rows"] == dataset.row_count
+    assert m["batch_size"]["requested"] == 3 and m["context_size"] == job.context_size
+    libs = m["environment"]["python_libraries"]
+    assert libs["torch"] == importlib.metadata.version("torch")
+    assert libs["transformers"] == importlib.metadata.version("transformers")
+    assert libs["bitsandbytes"] == importlib.metadata.version("bitsandbytes")
+    assert m["environment"]["device"] == "cpu" and m["bos_policy"]
