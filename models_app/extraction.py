@@ -194,7 +194,8 @@ def extraction_files_remove(job: ExtractionJob) -> None:
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(local_path: str):
+def model_tokenizer(local_path: str):
+    """The model's own tokenizer from its local snapshot (never remote code), cached."""
     return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
 
 
@@ -225,7 +226,7 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
     ExtractionJob.touch(job.pk, phase="extracting")
     return run_extraction(
         model,
-        _tokenizer(row.local_path),
+        model_tokenizer(row.local_path),
         dataset_texts(job.dataset_id),
         spec,
         Path(job.output_path),

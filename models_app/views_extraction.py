@@ -13,11 +13,12 @@ from mistudio.errors import Conflict, ServiceError
 from mistudio.validation import validation_message
 from templates_app.selectors import section_context, template_get
 
-from . import extraction, selectors
+from . import extraction, inspection, selectors
 from .models import Model
 from .schemas import ExtractionIn
 
 MODAL = "models_app/extract.html"
+TOKENS = "models_app/tokens.html"
 HISTORY = "models_app/extractions.html"
 
 
@@ -167,3 +168,17 @@ def _job_action(action):
 
 extraction_cancel = _job_action(extraction.extraction_cancel)
 extraction_delete = _job_action(extraction.extraction_delete)
+
+
+@require_GET
+def extraction_tokens(request: HttpRequest, extraction_id: str) -> HttpResponse:
+    """The token view: the first sequences shaded by their activation norm at ?site=."""
+    try:
+        job = selectors.extraction_get(extraction_id)
+        view = inspection.extraction_token_view(extraction_id, request.GET.get("site") or None)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    context = {"job": job, "model": job.model, "view": view}
+    if request.htmx:
+        return render(request, f"{TOKENS}#tokens", context)
+    return render(request, TOKENS, context)
