@@ -352,8 +352,9 @@ def texts_stream(path: Path, piece_bytes: int = LINE_PIECE_BYTES) -> Iterator[st
             long_line.skip_rest()
 
 
-# Complete units of a JSON string's inside: plain bytes, \uXXXX, or a one-letter escape.
-_JSON_UNITS = re.compile(rb'(?:[^"\\]+|\\u[0-9a-fA-F]{4}|\\["\\/bfnrt])*')
+# Complete units of a JSON string's inside: bytes other than a quote, a backslash or a control
+# character; \uXXXX; or a one-letter escape.
+_JSON_UNITS = re.compile(rb'(?:[^"\\\x00-\x1f]+|\\u[0-9a-fA-F]{4}|\\["\\/bfnrt])*')
 _HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
