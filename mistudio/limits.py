@@ -4,6 +4,14 @@ import). One place, so there are never two different batch-size rules."""
 from __future__ import annotations
 
 HOOK_TYPES = ("residual", "mlp", "attention")
+# Special-token strings found in a dataset's text (`<s>`, `<|im_start|>` …): plain text, or parsed
+# as the special tokens (chat-formatted data). Same values as models_app.ml.tokens.SPECIAL_TOKENS.
+SPECIAL_TOKENS = ("text", "parse")
+SPECIAL_TOKENS_LABELS = {
+    "text": "Plain text: only our own BOS/EOS ids appear",
+    "parse": "Special tokens: for chat-formatted data",
+}
+DEFAULT_SPECIAL_TOKENS = "text"
 HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": "Attention Output"}
 
 LAYER_INDEX_MAX = 1023  # no released decoder has more blocks; the model bound is checked on use

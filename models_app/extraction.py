@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from datasets_app.models import Dataset
 from datasets_app.services import dataset_texts
 from datasets_app.storage import texts_path
+from mistudio import limits
 from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_check
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
@@ -116,6 +117,7 @@ def extraction_start(
     batch_size: int,
     max_samples: int,
     context_size: int | None = None,
+    special_tokens: str = limits.DEFAULT_SPECIAL_TOKENS,
     out: Path | None = None,
     enqueue: bool = True,
 ) -> ExtractionJob:
@@ -147,6 +149,7 @@ def extraction_start(
         batch_size=batch_size,
         max_samples=max_samples,
         context_size=context_size,
+        special_tokens=special_tokens,
         phase="waiting for the GPU worker",
         output_path=str(out or output_dir(job_id)),
     )
@@ -208,6 +211,7 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         batch_size=job.batch_size,
         max_samples=job.max_samples,
         shard_bytes=settings.EXTRACTION_SHARD_BYTES,
+        special_tokens=job.special_tokens,
     )
     row = job.model
     meta = {

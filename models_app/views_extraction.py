@@ -31,6 +31,7 @@ def _default_form(model: Model) -> dict:
         "batch_size": limits.DEFAULT_BATCH_SIZE,
         "max_samples": limits.DEFAULT_MAX_SAMPLES,
         "context_size": extraction.default_context_size(model),
+        "special_tokens": limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
@@ -56,6 +57,7 @@ def _posted_form(request: HttpRequest) -> dict:
         "batch_size": post.get("batch_size") or limits.DEFAULT_BATCH_SIZE,
         "max_samples": post.get("max_samples") or limits.DEFAULT_MAX_SAMPLES,
         "context_size": post.get("context_size") or None,
+        "special_tokens": post.get("special_tokens") or limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
@@ -66,6 +68,7 @@ def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **
         "form": form,
         "layer_range": range(model.num_layers or 0),
         "hook_choices": list(limits.HOOK_LABELS.items()),
+        "special_token_choices": list(limits.SPECIAL_TOKENS_LABELS.items()),
         "datasets": dataset_options(),
         "limits": limits,
         "template_section": section_context(open=templates_open),

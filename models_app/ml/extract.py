@@ -52,7 +52,16 @@ from .storage import (
     storage_dtype,
     write_manifest,
 )
-from .tokens import batched, bos_policy, pack_documents, prefetch, token_budget
+from .tokens import (
+    DEFAULT_SPECIAL_TOKENS,
+    SPECIAL_TOKENS,
+    Document,
+    batched,
+    bos_policy,
+    pack_documents,
+    prefetch,
+    token_budget,
+)
 
 SELF_CHECK_SEQUENCES = 2  # sequences of the first batch the sum check runs on
 POOL_SLOTS = 3  # staged batches in flight: one being filled, two queued for the writer
@@ -85,6 +94,8 @@ class ExtractionSpec:
     shard_bytes: int | None = None  # bytes per shard and hook; None: storage.DEFAULT_SHARD_BYTES
     dtype: str | None = None  # storage dtype float32|bfloat16; None: see storage.storage_dtype
     include_resid_pre: bool = False  # also store blocks.{i}.hook_resid_pre
+    # Special-token strings in the texts: "text" (plain characters) or "parse" (see tokens.py)
+    special_tokens: str = DEFAULT_SPECIAL_TOKENS
 
     def validate(self, model: nn.Module) -> None:
         """Raise ExtractionError with a readable message when the spec cannot run on `model`."""
@@ -100,6 +111,11 @@ class ExtractionSpec:
         limit = max_positions(model.config)
         if limit is not None and self.context_size > limit:
             raise ExtractionError(f"context_size {self.context_size} exceeds the model's {limit}")
+        if self.special_tokens not in SPECIAL_TOKENS:
+            raise ExtractionError(
+                f"special_tokens must be one of {', '.join(SPECIAL_TOKENS)}, "
+                f"not {self.special_tokens!r}"
+            )
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise ExtractionError(
                 f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype}"
@@ -436,7 +452,7 @@ def _prepare_dir(out_dir: Path) -> None:
 def run_extraction(
     model: nn.Module,
     tokenizer,
-    texts: Iterable[str],
+    texts: Iterable[Document],
     spec: ExtractionSpec,
     out_dir: Path,
     *,
@@ -498,7 +514,9 @@ def _extract(model, tokenizer, texts, spec, plan, out_dir, meta, report, should_
 
 def _batches(tokenizer, texts, spec: ExtractionSpec, plan: _Plan) -> Iterator[torch.Tensor]:
     """(B, T) int64 batches of packed tokens; on CUDA made ahead on a thread, in pinned memory."""
-    seqs = pack_documents(tokenizer, texts, spec.context_size, spec.max_samples)
+    seqs = pack_documents(
+        tokenizer, texts, spec.context_size, spec.max_samples, special_tokens=spec.special_tokens
+    )
     batches = batched(seqs, plan.batch_size)
     if plan.device.type == "cuda":
         batches = prefetch(b.pin_memory() for b in batches)
@@ -580,6 +598,7 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
         "meta": {k: v for k, v in meta.items() if k not in _META_KEYS},
         "context_size": context,
         "bos_policy": bos_policy(tokenizer),
+        "special_tokens": spec.special_tokens,
         "document_separator": "eos",
         "n_sequences": done // context,
         "n_tokens": done,

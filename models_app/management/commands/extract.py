@@ -2,7 +2,8 @@
 
     python manage.py extract --model <id or repo> --dataset <id, name or file> --layers 0,5,11 \
         --hooks residual,mlp --max-samples N --batch-size B --context-size T \
-        [--template NAME] [--out DIR] [--quantization Q4] [--text-field text]
+        [--special-tokens text|parse] [--template NAME] [--out DIR] [--quantization Q4]
+        [--text-field text]
 
 Runs in this process with a tqdm progress bar; exits non-zero with a message on bad input or a
 failed job.
@@ -43,6 +44,12 @@ class Command(BaseCommand):
         parser.add_argument("--max-samples", type=int)
         parser.add_argument("--batch-size", type=int)
         parser.add_argument("--context-size", type=int)
+        parser.add_argument(
+            "--special-tokens",
+            choices=["text", "parse"],
+            help="special-token strings in the data (<s>, <|im_start|> …): plain text (default)"
+            " or parsed as special tokens (chat-formatted data)",
+        )
         parser.add_argument("--template", help="start from a saved extraction template")
         parser.add_argument("--out", help="output folder (new or empty); default: the data dir")
 
@@ -56,6 +63,7 @@ class Command(BaseCommand):
             "batch_size": options["batch_size"],
             "max_samples": options["max_samples"],
             "context_size": options["context_size"],
+            "special_tokens": options["special_tokens"],
         }
         values.update({k: v for k, v in explicit.items() if v is not None})
         if "layers" not in values or "hook_types" not in values:
