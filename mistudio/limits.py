@@ -16,6 +16,14 @@ HOOK_LABELS = {
 MODULE_SITES_MAX = 16  # advanced: module paths read as they are, per job
 MODULE_PATH_MAX = 300
 MODULE_IO = ("output", "input")
+# Special-token strings found in a dataset's text (`<s>`, `<|im_start|>` …): plain text, or parsed
+# as the special tokens (chat-formatted data). Same values as models_app.ml.tokens.SPECIAL_TOKENS.
+SPECIAL_TOKENS = ("text", "parse")
+SPECIAL_TOKENS_LABELS = {
+    "text": "Plain text: only our own BOS/EOS ids appear",
+    "parse": "Special tokens: for chat-formatted data",
+}
+DEFAULT_SPECIAL_TOKENS = "text"
 
 LAYER_INDEX_MAX = 1023  # no released decoder has more blocks; the model bound is checked on use
 LAYERS_PER_JOB_MAX = 256

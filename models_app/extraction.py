@@ -19,12 +19,16 @@ from transformers import AutoTokenizer
 
 from datasets_app.models import Dataset
 from datasets_app.services import dataset_texts
+from datasets_app.storage import texts_path
+from mistudio import limits
 from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_check
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
 from .jobs import enqueue_gpu
+from .ml.export import ExportError, export_saelens
 from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec, run_extraction
-from .ml.storage import sequence_bytes, storage_dtype
+from .ml.reader import ReaderError
+from .ml.storage import sequence_bytes, sha256_file, storage_dtype
 from .models import (
     EXTRACTION_ACTIVE,
     ExtractionJob,
@@ -118,6 +122,7 @@ def extraction_start(
     max_samples: int,
     context_size: int | None = None,
     module_sites: list[dict] | None = None,
+    special_tokens: str = limits.DEFAULT_SPECIAL_TOKENS,
     out: Path | None = None,
     enqueue: bool = True,
 ) -> ExtractionJob:
@@ -152,6 +157,7 @@ def extraction_start(
         batch_size=batch_size,
         max_samples=max_samples,
         context_size=context_size,
+        special_tokens=special_tokens,
         phase="waiting for the GPU worker",
         output_path=str(out or output_dir(job_id)),
     )
@@ -199,7 +205,8 @@ def extraction_files_remove(job: ExtractionJob) -> None:
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(local_path: str):
+def model_tokenizer(local_path: str):
+    """The model's own tokenizer from its local snapshot (never remote code), cached."""
     return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
 
 
@@ -213,21 +220,26 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         batch_size=job.batch_size,
         max_samples=job.max_samples,
         shard_bytes=settings.EXTRACTION_SHARD_BYTES,
+        special_tokens=job.special_tokens,
     )
     row = job.model
     meta = {
         "model_id": row.pk,
         "repo": row.hf_repo_id,
+        "revision": row.revision,
         "commit": row.commit_sha,
         "quantization": row.quantization,
         "backend": report.backend,
+        "tokenizer": row.hf_repo_id,  # the model's own tokenizer, at the model's commit
+        "tokenizer_revision": row.commit_sha,
         "dataset_id": job.dataset_id,
+        "dataset": _dataset_provenance(job),
         "extraction_id": job.pk,
     }
     ExtractionJob.touch(job.pk, phase="extracting")
     return run_extraction(
         model,
-        _tokenizer(row.local_path),
+        model_tokenizer(row.local_path),
         dataset_texts(job.dataset_id),
         spec,
         Path(job.output_path),
@@ -235,6 +247,22 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         on_progress=_Progress(job.pk),
         should_cancel=lambda: ExtractionJob.cancel_requested(job.pk),
     )
+
+
+def _dataset_provenance(job: ExtractionJob) -> dict:
+    """Name, source and the sha256 of the normalized texts the job reads (to redo the run)."""
+    ds = job.dataset
+    if ds is None:
+        return {}
+    source = (
+        {"hf_dataset_id": ds.hf_dataset_id, "split": ds.split, "commit": ds.commit_sha,
+         "text_field": ds.text_field}
+        if ds.source == "hub"
+        else {"file": ds.original_filename, "text_field": ds.text_field}
+    )  # fmt: skip
+    path = texts_path(ds.pk)
+    return {"name": ds.name, "source": ds.source, **source, "rows": ds.row_count,
+            "texts_sha256": sha256_file(path) if path.is_file() else None}  # fmt: skip
 
 
 def _completed(job: ExtractionJob, manifest: dict) -> None:
@@ -331,3 +359,19 @@ def extractions_remove_for_model(model: Model) -> None:
         raise Conflict(f"An extraction of {model.hf_repo_id} is running; cancel it first.")
     for job in model.extractions.all():
         extraction_files_remove(job)
+
+
+def extraction_export(extraction_id: str, out: Path, *, sites=None, dtype=None, on_progress=None):
+    """Export a completed extraction as the `datasets` folder SAELens trains from (ml/export.py);
+    returns the folder. Invalid (400) for a bad site, dtype or existing folder, or a missing or
+    altered shard; Conflict (409) while the extraction is not completed."""
+    job = extraction_get(extraction_id)
+    if job.status != ExtractionStatus.COMPLETED:
+        raise Conflict(
+            f"Extraction {job.pk} is {job.status}: only a completed one can be exported."
+        )
+    try:
+        return export_saelens(job.output_path, Path(out), sites=sites, dtype=dtype,
+                              on_progress=on_progress)  # fmt: skip
+    except (ExportError, ReaderError) as exc:
+        raise Invalid(str(exc)) from exc

@@ -118,6 +118,7 @@ def _printable_id(value: str) -> str:
 
 LayerIndex = Annotated[int, Field(ge=0, le=limits.LAYER_INDEX_MAX)]
 HookType = Literal[limits.HOOK_TYPES]  # type: ignore[valid-type]
+SpecialTokens = Literal[limits.SPECIAL_TOKENS]  # type: ignore[valid-type]
 
 
 class ExtractionSettings(Schema):
@@ -144,6 +145,8 @@ class ExtractionSettings(Schema):
     context_size: int | None = Field(
         default=None, ge=limits.CONTEXT_SIZE_MIN, le=limits.CONTEXT_SIZE_MAX
     )
+    # "text": special-token strings in the data are plain text; "parse": they are special tokens
+    special_tokens: SpecialTokens = limits.DEFAULT_SPECIAL_TOKENS
 
 
 class ExtractionIn(ExtractionSettings):
@@ -164,6 +167,7 @@ class ExtractionOut(JobOut):
     batch_size_used: int | None
     max_samples: int
     context_size: int
+    special_tokens: str
     tokens_done: int
     tokens_total: int
     tokens_per_second: float

@@ -29,6 +29,11 @@ urlpatterns = [
         name="extraction_cancel",
     ),
     path(
+        "extractions/<str:extraction_id>/tokens",
+        views_extraction.extraction_tokens,
+        name="extraction_tokens",
+    ),
+    path(
         "extractions/<str:extraction_id>/delete",
         views_extraction.extraction_delete,
         name="extraction_delete",

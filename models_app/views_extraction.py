@@ -13,11 +13,12 @@ from mistudio.errors import Conflict, ServiceError
 from mistudio.validation import module_sites_from_text, module_sites_text, validation_message
 from templates_app.selectors import section_context, template_get
 
-from . import extraction, selectors, sites
+from . import extraction, inspection, selectors, sites
 from .models import Model
 from .schemas import ExtractionIn, SitesIn
 
 MODAL = "models_app/extract.html"
+TOKENS = "models_app/tokens.html"
 HISTORY = "models_app/extractions.html"
 
 
@@ -31,6 +32,7 @@ def _default_form(model: Model) -> dict:
         "batch_size": limits.DEFAULT_BATCH_SIZE,
         "max_samples": limits.DEFAULT_MAX_SAMPLES,
         "context_size": extraction.default_context_size(model),
+        "special_tokens": limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
@@ -57,6 +59,7 @@ def _posted_form(request: HttpRequest) -> dict:
         "batch_size": post.get("batch_size") or limits.DEFAULT_BATCH_SIZE,
         "max_samples": post.get("max_samples") or limits.DEFAULT_MAX_SAMPLES,
         "context_size": post.get("context_size") or None,
+        "special_tokens": post.get("special_tokens") or limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
@@ -70,6 +73,7 @@ def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **
         ),
         "layer_range": range(model.num_layers or 0),
         "hook_choices": list(limits.HOOK_LABELS.items()),
+        "special_token_choices": list(limits.SPECIAL_TOKENS_LABELS.items()),
         "datasets": dataset_options(),
         "limits": limits,
         "template_section": section_context(open=templates_open),
@@ -188,3 +192,17 @@ def sites_check(request: HttpRequest, model_id: str) -> HttpResponse:
     except ServiceError as exc:
         return render(request, f"{MODAL}#sites", {"error": exc.message}, status=exc.status)
     return render(request, f"{MODAL}#sites", {"sites": found})
+
+
+@require_GET
+def extraction_tokens(request: HttpRequest, extraction_id: str) -> HttpResponse:
+    """The token view: the first sequences shaded by their activation norm at ?site=."""
+    try:
+        job = selectors.extraction_get(extraction_id)
+        view = inspection.extraction_token_view(extraction_id, request.GET.get("site") or None)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    context = {"job": job, "model": job.model, "view": view}
+    if request.htmx:
+        return render(request, f"{TOKENS}#tokens", context)
+    return render(request, TOKENS, context)

@@ -38,6 +38,7 @@ class TemplateAdminForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         for name in LIST_FIELDS:  # an empty list gets the schema's message, not "required"
             self.fields[name].required = False
+        self.fields["special_tokens"].required = False  # left out: the schema's default
 
     def clean(self) -> dict:
         data = super().clean()
@@ -45,6 +46,8 @@ class TemplateAdminForm(forms.ModelForm):
             return data
         values = {f: data.get(f) for f in SETTINGS}
         values.update({f: values[f] if values[f] is not None else [] for f in LIST_FIELDS})
+        if not values["special_tokens"]:
+            del values["special_tokens"]
         try:
             valid = TemplateIn.model_validate(values)
         except PydanticValidationError as exc:

@@ -69,6 +69,12 @@ class ExtractionTemplate(models.Model):
     batch_size = models.IntegerField(default=limits.DEFAULT_BATCH_SIZE)
     context_size = models.IntegerField(default=limits.DEFAULT_CONTEXT_SIZE)
     top_k_examples = models.IntegerField(default=limits.DEFAULT_TOP_K)
+    # Special-token strings in the data: plain text or parsed (limits.SPECIAL_TOKENS)
+    special_tokens = models.CharField(
+        max_length=8,
+        choices=list(limits.SPECIAL_TOKENS_LABELS.items()),
+        default=limits.DEFAULT_SPECIAL_TOKENS,
+    )
     is_favorite = models.BooleanField(default=False, db_index=True)
     # Not auto_now_add: an import restores the exported creation time.
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -90,6 +96,10 @@ class ExtractionTemplate(models.Model):
             _json_list("layers", limits.LAYERS_PER_JOB_MAX),
             _json_list("hook_types", len(limits.HOOK_TYPES)),
             *(_range(field) for field in NUMBER_BOUNDS),
+            models.CheckConstraint(
+                condition=Q(special_tokens__in=limits.SPECIAL_TOKENS),
+                name="extraction_template_special_tokens_choice",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -104,6 +114,7 @@ class ExtractionTemplate(models.Model):
             "batch_size": self.batch_size,
             "max_samples": self.max_samples,
             "context_size": self.context_size,
+            "special_tokens": self.special_tokens,
         }
 
     @property

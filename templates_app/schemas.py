@@ -41,6 +41,7 @@ LABELS = {
     "batch_size": "Batch size",
     "context_size": "Context size",
     "top_k_examples": "Top-k examples",
+    "special_tokens": "Special tokens",
     "is_favorite": "Favourite",
     "id": "Id",
     "created_at": "Created at",
@@ -122,6 +123,7 @@ Description = Annotated[
 ]
 LayerIndex = _number("A layer index", 0, limits.LAYER_INDEX_MAX)
 HookType = Literal[limits.HOOK_TYPES]  # type: ignore[valid-type]
+SpecialTokens = Literal[limits.SPECIAL_TOKENS]  # type: ignore[valid-type]
 Layers = Annotated[
     list[LayerIndex], Field(max_length=limits.LAYERS_PER_JOB_MAX), AfterValidator(_layers_clean)
 ]
@@ -160,6 +162,8 @@ class TemplateIn(Schema):
     top_k_examples: _number("Top-k examples", limits.TOP_K_MIN, limits.TOP_K_MAX) = (
         limits.DEFAULT_TOP_K
     )
+    # Absent from files exported before it existed: those import with the default.
+    special_tokens: SpecialTokens = limits.DEFAULT_SPECIAL_TOKENS
     is_favorite: bool = False
 
 
@@ -232,6 +236,7 @@ class TemplateOut(Schema):
     batch_size: int
     context_size: int
     top_k_examples: int
+    special_tokens: str
     is_favorite: bool
     created_at: StampOut
     updated_at: StampOut

@@ -16,6 +16,7 @@ tokens through `on_progress(done, total)`; cancellation is polled between batche
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -59,7 +60,16 @@ from .storage import (
     write_manifest,
 )
 from .sumcheck import SumCheck, compute_dtype, refuse_branch_sites, self_check
-from .tokens import batched, bos_policy, pack_documents, prefetch, token_budget
+from .tokens import (
+    DEFAULT_SPECIAL_TOKENS,
+    SPECIAL_TOKENS,
+    Document,
+    batched,
+    bos_policy,
+    pack_documents,
+    prefetch,
+    token_budget,
+)
 
 __all__ = ["ExtractionCancelled", "ExtractionError", "ExtractionSpec", "run_extraction",
            "self_check"]  # fmt: skip
@@ -84,6 +94,8 @@ class ExtractionSpec:
     include_resid_pre: bool = False  # also store blocks.{i}.hook_resid_pre
     # any module's input or output: [{"path": "model.layers.3.mlp.down_proj", "io": "output"}]
     module_sites: list[dict] = field(default_factory=list)
+    # Special-token strings in the texts: "text" (plain characters) or "parse" (see tokens.py)
+    special_tokens: str = DEFAULT_SPECIAL_TOKENS
 
     def validate(self, model: nn.Module) -> None:
         """Raise ExtractionError with a readable message when the spec cannot run on `model`."""
@@ -100,6 +112,11 @@ class ExtractionSpec:
         limit = max_positions(model.config)
         if limit is not None and self.context_size > limit:
             raise ExtractionError(f"context_size {self.context_size} exceeds the model's {limit}")
+        if self.special_tokens not in SPECIAL_TOKENS:
+            raise ExtractionError(
+                f"special_tokens must be one of {', '.join(SPECIAL_TOKENS)}, "
+                f"not {self.special_tokens!r}"
+            )
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise ExtractionError(
                 f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype}"
@@ -401,7 +418,7 @@ def _prepare_dir(out_dir: Path) -> None:
 def run_extraction(
     model: nn.Module,
     tokenizer,
-    texts: Iterable[str],
+    texts: Iterable[Document],
     spec: ExtractionSpec,
     out_dir: Path,
     *,
@@ -463,7 +480,9 @@ def _extract(model, tokenizer, texts, spec, plan, out_dir, meta, report, should_
 
 def _batches(tokenizer, texts, spec: ExtractionSpec, plan: _Plan) -> Iterator[torch.Tensor]:
     """(B, T) int64 batches of packed tokens; on CUDA made ahead on a thread, in pinned memory."""
-    seqs = pack_documents(tokenizer, texts, spec.context_size, spec.max_samples)
+    seqs = pack_documents(
+        tokenizer, texts, spec.context_size, spec.max_samples, special_tokens=spec.special_tokens
+    )
     batches = batched(seqs, plan.batch_size)
     if plan.device.type == "cuda":
         batches = prefetch(b.pin_memory() for b in batches)
@@ -485,17 +504,37 @@ def _never() -> bool:
 # Manifest
 
 
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes",
+             "optimum-quanto")  # fmt: skip
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a result depends on (None: not installed)."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def _tokenizer_info(tokenizer, meta: dict) -> dict:
     return {
+        # a Hub repo id and the commit (a local path only when the caller gives no repo)
         "name": meta.get("tokenizer") or getattr(tokenizer, "name_or_path", None) or None,
+        "revision": meta.get("tokenizer_revision"),
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "special_token_ids": sorted(int(i) for i in tokenizer.all_special_ids),
     }
 
 
-_META_KEYS = frozenset({"model_id", "repo", "commit", "quantization", "dataset_id", "tokenizer"})
+_META_KEYS = frozenset({"model_id", "repo", "revision", "commit", "quantization", "dataset_id",
+                        "dataset", "tokenizer", "tokenizer_revision"})  # fmt: skip
 
 
 def _model_info(model: nn.Module, meta: dict) -> dict:
@@ -503,6 +542,7 @@ def _model_info(model: nn.Module, meta: dict) -> dict:
     return {
         "id": meta.get("model_id"),
         "repo": meta.get("repo"),
+        "revision": meta.get("revision"),
         "commit": meta.get("commit"),
         "quantization": meta.get("quantization"),
         "dtype": dtype_name(compute_dtype(model)),
@@ -520,10 +560,11 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": _model_info(model, meta),
         "tokenizer": _tokenizer_info(tokenizer, meta),
-        "dataset": {"id": meta.get("dataset_id")},
+        "dataset": {"id": meta.get("dataset_id"), **(meta.get("dataset") or {})},
         "meta": {k: v for k, v in meta.items() if k not in _META_KEYS},
         "context_size": context,
         "bos_policy": bos_policy(tokenizer),
+        "special_tokens": spec.special_tokens,
         "document_separator": "eos",
         "n_sequences": done // context,
         "n_tokens": done,
@@ -531,6 +572,7 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
         "shard_sequences": plan.shard_sequences,
         "spec": asdict(spec),
         "self_check": check,
+        "environment": {"python_libraries": library_versions(), "device": str(model_device(model))},
         "notes": plan.notes,
         "hooks": [
             _hook_entry(site, plan, records[site.name], stats[site.name]) for site in plan.sites

@@ -23,6 +23,7 @@ FIELDS = {
     "max_samples",
     "batch_size",
     "context_size",
+    "special_tokens",
     "top_k_examples",
     "is_favorite",
     "created_at",

@@ -37,6 +37,7 @@ def a_varied_set() -> None:
         batch_size=1024,
         context_size=131_072,
         top_k_examples=10_000,
+        special_tokens="parse",
     )
     make(
         "x" * 255,
@@ -291,3 +292,26 @@ def test_a_file_exactly_at_the_cap_is_read(api):
     body += " " * (IMPORT_MAX_BYTES - len(body.encode()))
     r = do_import(api, body)
     assert r.status_code == 200 and r.json()["imported"]["extraction_templates"] == 1
+
+
+def test_special_tokens_round_trip_and_older_files_import_with_the_default(api):
+    make("chat", special_tokens="parse")
+    data = export(api)
+    assert data["extraction_templates"][0]["special_tokens"] == "parse"
+    ExtractionTemplate.objects.all().delete()
+    assert do_import(api, data).status_code == 200
+    assert ExtractionTemplate.objects.get().special_tokens == "parse"
+    older = {k: v for k, v in data["extraction_templates"][0].items() if k != "special_tokens"}
+    ExtractionTemplate.objects.all().delete()
+    r = do_import(api, {"version": 1, "extraction_templates": [older]})
+    assert r.json()["imported"] == {"extraction_templates": 1}
+    assert ExtractionTemplate.objects.get().special_tokens == "text"
+
+
+def test_an_unknown_special_tokens_value_is_an_item_error(api):
+    item = {**VALID, "name": "bad", "special_tokens": "sometimes"}
+    r = do_import(api, {"version": 1, "extraction_templates": [item, {**VALID, "name": "ok"}]})
+    body = r.json()
+    assert body["imported"] == {"extraction_templates": 1}
+    assert body["errors"][0]["index"] == 0 and "Special tokens" in body["errors"][0]["reason"]
+    assert list(ExtractionTemplate.objects.values_list("name", flat=True)) == ["ok"]

@@ -2,7 +2,7 @@
 
     python manage.py extract --model <id or repo> --dataset <id, name or file> --layers 0,5,11 \
         --hooks residual,mlp --max-samples N --batch-size B --context-size T \
-        [--module model.layers.3.mlp.down_proj[:input]]… \
+        [--module model.layers.3.mlp.down_proj[:input]]… [--special-tokens text|parse] \
         [--template NAME] [--out DIR] [--quantization Q4] [--text-field text]
 
 Hooks: residual (resid_post), mlp, attention, resid_pre, z (attn.hook_z), ln_final.
@@ -64,6 +64,12 @@ class Command(BaseCommand):
         parser.add_argument("--max-samples", type=int)
         parser.add_argument("--batch-size", type=int)
         parser.add_argument("--context-size", type=int)
+        parser.add_argument(
+            "--special-tokens",
+            choices=["text", "parse"],
+            help="special-token strings in the data (<s>, <|im_start|> …): plain text (default)"
+            " or parsed as special tokens (chat-formatted data)",
+        )
         parser.add_argument("--template", help="start from a saved extraction template")
         parser.add_argument("--out", help="output folder (new or empty); default: the data dir")
 
@@ -78,6 +84,7 @@ class Command(BaseCommand):
             "batch_size": options["batch_size"],
             "max_samples": options["max_samples"],
             "context_size": options["context_size"],
+            "special_tokens": options["special_tokens"],
         }
         values.update({k: v for k, v in explicit.items() if v is not None})
         if "layers" not in values or "hook_types" not in values:
