@@ -18,8 +18,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from mistudio.testing.tiny_models import build_tiny_model
+from models_app.ml.export import export_saelens
 from models_app.ml.extract import ExtractionError, ExtractionSpec, run_extraction
 from models_app.ml.loading import load_model
+from models_app.ml.reader import open_extraction
 from models_app.ml.storage import verify
 
 from .conftest import CPU, HIDDEN, N_LAYERS, assert_rel_close, corpus
@@ -309,3 +311,30 @@ def test_a_module_outside_the_blocks_runs_the_whole_model(repos, tmp_path):
         logits = plain_transformers(repos("qwen2"), "FP16")(input_ids=ids).logits
     got = load_file(tmp_path / head["shards"][0]["file"])["activations"]
     torch.testing.assert_close(got, logits, rtol=0, atol=0)
+
+
+def test_the_reader_and_the_saelens_export_read_the_new_sites(repos, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    model, _ = load_model(repos("gemma2"), "FP16", CPU)
+    tok = AutoTokenizer.from_pretrained(repos("gemma2"))
+    sites = [{"path": "model.layers.1.mlp.up_proj", "io": "output"}]
+    spec = ExtractionSpec(layers=[1], hook_types=["z", "ln_final", "mlp"], context_size=8,
+                          batch_size=3, max_samples=5, shard_sequences=3,
+                          module_sites=sites)  # fmt: skip
+    run_extraction(model, tok, corpus(80), spec, tmp_path / "x", meta={})
+    ext = open_extraction(tmp_path / "x")
+    assert {s.name: s.shape for s in ext.sites} == {
+        "blocks.1.hook_mlp_out": (64,), "blocks.1.attn.hook_z": (4, 32),
+        "ln_final.hook_normalized": (64,), "model.layers.1.mlp.up_proj.hook_output": (128,),
+    }  # fmt: skip
+    parts = list(ext.sequences(batch_size=5))  # one batch per shard: 3 + 2 sequences
+    batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    ref = reference(plain_transformers(repos("gemma2"), "FP16"), "gemma2", batch["token_ids"][:3])
+    for name in ("blocks.1.attn.hook_z", "ln_final.hook_normalized", "blocks.1.hook_mlp_out"):
+        torch.testing.assert_close(batch[name][:3], ref[name], rtol=0, atol=0)
+    out = export_saelens(tmp_path / "x", tmp_path / "sae")
+    ds = datasets.load_from_disk(str(out))
+    assert ds.features["blocks.1.attn.hook_z"].shape == (8, 128)  # heads flattened, in order
+    ds.set_format("torch")
+    z = batch["blocks.1.attn.hook_z"].flatten(2)  # (n, T, H·d_head)
+    torch.testing.assert_close(ds[:]["blocks.1.attn.hook_z"], z, rtol=0, atol=0)
