@@ -39,6 +39,7 @@ from .models import (
 )
 from .resident import model_resident
 from .selectors import device, extraction_get, model_get
+from .sites import extraction_sites
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes
@@ -78,10 +79,13 @@ def _check_against_model(model: Model, layers: list[int], context_size: int) -> 
         )
 
 
-def output_bytes_estimate(model: Model, n_sites: int, max_samples: int, context_size: int) -> int:
-    """Upper bound of the bytes an extraction writes on the GPU worker's device."""
+def output_bytes_estimate(
+    model: Model, widths: list[int], max_samples: int, context_size: int
+) -> int:
+    """Upper bound of the bytes an extraction writes on the GPU worker's device; widths: the
+    size of one token's tensor at each site."""
     dtype = storage_dtype(device())
-    return n_sites * max_samples * sequence_bytes(model.hidden_dim or 1, context_size, dtype)
+    return max_samples * sum(sequence_bytes(d, context_size, dtype) for d in widths)
 
 
 def _disk_check(needed: int) -> None:
@@ -118,13 +122,15 @@ def extraction_start(
     max_samples: int,
     context_size: int | None = None,
     special_tokens: str = limits.DEFAULT_SPECIAL_TOKENS,
+    module_sites: list[dict] | None = None,
     out: Path | None = None,
     enqueue: bool = True,
 ) -> ExtractionJob:
     """Validate against the real model and dataset, check disk, queue the job on the GPU worker.
 
     Inputs are already shape-checked by `schemas.ExtractionIn`. Raises Conflict (409) for a model
-    or dataset that is not ready, Invalid (422) for layers/context the model lacks or a full disk.
+    or dataset that is not ready, Invalid (422) for layers/context the model lacks, a site that
+    does not exist on it (see sites.extraction_sites) or a full disk.
     `out` (CLI) writes somewhere else than ACTIVATIONS_DIR/<id>; `enqueue=False` leaves the job
     queued for the caller to run in-process (Conflict while another extraction runs).
     """
@@ -133,11 +139,12 @@ def extraction_start(
     model = model_get(model_id)
     context_size = context_size or default_context_size(model)
     _check_against_model(model, layers, context_size)
+    module_sites = [dict(site) for site in module_sites or []]
+    sites = extraction_sites(model, layers=layers, hook_types=hook_types, module_sites=module_sites)
     dataset = _dataset(dataset_id)
     out = _out_dir_check(out) if out else None
-    _disk_check(
-        output_bytes_estimate(model, len(layers) * len(hook_types), max_samples, context_size)
-    )
+    widths = [site["d"] or model.hidden_dim or 1 for site in sites]
+    _disk_check(output_bytes_estimate(model, widths, max_samples, context_size))
     job_id = new_extraction_id()
     job = ExtractionJob.objects.create(
         id=job_id,
@@ -146,6 +153,7 @@ def extraction_start(
         dataset_name=dataset.name,
         layers=layers,
         hook_types=hook_types,
+        module_sites=module_sites,
         batch_size=batch_size,
         max_samples=max_samples,
         context_size=context_size,
@@ -207,6 +215,7 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
     spec = ExtractionSpec(
         layers=job.layers,
         hook_types=job.hook_types,
+        module_sites=list(job.module_sites or []),
         context_size=job.context_size,
         batch_size=job.batch_size,
         max_samples=job.max_samples,

@@ -157,6 +157,8 @@ class ExtractionJob(Job):
     dataset_name = models.CharField(max_length=255, blank=True)
     layers = models.JSONField()
     hook_types = models.JSONField()
+    # advanced sites: [{"path": "model.layers.3.mlp.down_proj", "io": "output"}, …]
+    module_sites = models.JSONField(default=list, blank=True)
     batch_size = models.PositiveIntegerField()
     batch_size_used = models.PositiveIntegerField(null=True, blank=True)
     max_samples = models.PositiveIntegerField()

@@ -20,7 +20,7 @@ from .schemas import ON_CONFLICT, TemplateIn, errors_message
 from .views import export_response
 
 SETTINGS = list(TemplateIn.model_fields)
-LIST_FIELDS = ("layers", "hook_types")
+LIST_FIELDS = ("layers", "hook_types", "module_sites")
 MAX_ERROR_MESSAGES = 20
 CONFLICT_LABELS = {
     "skip": "Skip templates whose id or name is already here",

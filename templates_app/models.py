@@ -57,7 +57,14 @@ class ExtractionTemplate(models.Model):
     name = models.CharField(max_length=limits.NAME_MAX, unique=True)
     description = models.CharField(max_length=limits.DESCRIPTION_MAX, blank=True, default="")
     layers = models.JSONField(help_text="Sorted distinct block indices, e.g. [0, 6, 11].")
-    hook_types = models.JSONField(help_text="A non-empty subset of residual, mlp, attention.")
+    hook_types = models.JSONField(
+        help_text="A non-empty subset of residual, mlp, attention, resid_pre, z, ln_final."
+    )
+    module_sites = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Module paths read as is: [{"path": "model.layers.3.mlp", "io": "output"}].',
+    )
     max_samples = models.IntegerField(default=limits.DEFAULT_MAX_SAMPLES)
     batch_size = models.IntegerField(default=limits.DEFAULT_BATCH_SIZE)
     context_size = models.IntegerField(default=limits.DEFAULT_CONTEXT_SIZE)
@@ -103,6 +110,7 @@ class ExtractionTemplate(models.Model):
         return {
             "layers": list(self.layers),
             "hook_types": list(self.hook_types),
+            "module_sites": [dict(site) for site in self.module_sites],
             "batch_size": self.batch_size,
             "max_samples": self.max_samples,
             "context_size": self.context_size,
@@ -111,7 +119,8 @@ class ExtractionTemplate(models.Model):
 
     @property
     def hooks_display(self) -> str:
-        return ", ".join(self.hook_types)
+        paths = [f"{site['path']} ({site['io']})" for site in self.module_sites]
+        return ", ".join([*self.hook_types, *paths])
 
     @property
     def layers_display(self) -> str:

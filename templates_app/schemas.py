@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 
 from mistudio import limits
+from mistudio.validation import ModuleSites, module_sites_from_text
 
 EXPORT_VERSION = 1
 IMPORT_MAX_BYTES = 1024 * 1024  # the cap is checked before any parsing
@@ -33,6 +34,9 @@ LABELS = {
     "description": "Description",
     "layers": "Layers",
     "hook_types": "Hook types",
+    "module_sites": "Module paths",
+    "path": "Module path",
+    "io": "Input or output",
     "max_samples": "Max samples",
     "batch_size": "Batch size",
     "context_size": "Context size",
@@ -91,7 +95,7 @@ def _layers_clean(value: list[int]) -> list[int]:
 
 def _hooks_clean(value: list[str]) -> list[str]:
     if not value:
-        raise ValueError("Pick at least one hook type (residual, mlp or attention).")
+        raise ValueError(f"Pick at least one hook type ({', '.join(limits.HOOK_TYPES)}).")
     return [h for h in limits.HOOK_TYPES if h in value]
 
 
@@ -145,6 +149,7 @@ class TemplateIn(Schema):
     description: Description = ""
     layers: Layers
     hook_types: HookTypes
+    module_sites: ModuleSites = []  # absent in files exported before module paths existed
     max_samples: _number("Max samples", limits.MAX_SAMPLES_MIN, limits.MAX_SAMPLES_MAX) = (
         limits.DEFAULT_MAX_SAMPLES
     )
@@ -191,7 +196,11 @@ class TemplateSaveIn(TemplateIn):
 def form_fields(post: Any) -> dict:
     """A posted form (QueryDict) as TemplateIn input: the list fields as lists."""
     data = {key: post.get(key) for key in post}
-    data.update(layers=post.getlist("layers"), hook_types=post.getlist("hook_types"))
+    data.update(
+        layers=post.getlist("layers"),
+        hook_types=post.getlist("hook_types"),
+        module_sites=module_sites_from_text(post.get("module_sites")),
+    )
     return data
 
 
@@ -222,6 +231,7 @@ class TemplateOut(Schema):
     description: str
     layers: list[int]
     hook_types: list[str]
+    module_sites: list[dict]
     max_samples: int
     batch_size: int
     context_size: int

@@ -19,6 +19,7 @@ FIELDS = {
     "description",
     "layers",
     "hook_types",
+    "module_sites",
     "max_samples",
     "batch_size",
     "context_size",

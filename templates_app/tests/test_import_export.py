@@ -48,6 +48,15 @@ def a_varied_set() -> None:
         context_size=2,
         top_k_examples=1,
     )
+    make(
+        "every site",
+        hook_types=["residual", "mlp", "attention", "resid_pre", "z", "ln_final"],
+        module_sites=[
+            {"path": "model.layers.3.mlp.down_proj", "io": "input"},
+            {"path": "model.layers.3.mlp.down_proj", "io": "output"},
+            {"path": "lm_head", "io": "output"},
+        ],
+    )
     services.template_update(make("edited").pk, description="changed later")
 
 
@@ -67,11 +76,36 @@ def test_export_then_import_into_an_empty_database_is_identical(api):
     r = do_import(api, data)
     assert r.status_code == 200
     assert r.json() == {
-        "imported": {"extraction_templates": 5},
+        "imported": {"extraction_templates": 6},
         "skipped": {"extraction_templates": 0},
         "errors": [],
     }
-    assert snapshot() == before  # ids, timestamps, every setting
+    assert snapshot() == before  # ids, timestamps, every setting, the new sites included
+
+
+def test_a_file_exported_before_the_new_sites_still_imports(api):
+    old = {k: v for k, v in item(name="old").items() if k != "module_sites"}
+    old["hook_types"] = ["residual", "mlp", "attention"]
+    r = do_import(api, envelope(old))
+    assert r.status_code == 200 and r.json()["imported"] == {"extraction_templates": 1}
+    row = ExtractionTemplate.objects.get(name="old")
+    assert row.module_sites == [] and row.hook_types == ["residual", "mlp", "attention"]
+    assert row.extraction_settings()["module_sites"] == []
+
+
+@pytest.mark.parametrize(
+    "sites,words",
+    [
+        ([{"path": "model..layers", "io": "output"}], "dotted module path"),
+        ([{"path": "model.norm", "io": "inside"}], "input"),
+        ([{"path": "model.norm", "io": "output", "extra": 1}], "extra"),
+        ([{"path": "model.norm"}] * 17, "16"),
+    ],
+)
+def test_a_bad_module_site_in_a_file_is_an_item_error(api, sites, words):
+    r = do_import(api, envelope(item(name="bad", module_sites=sites)))
+    assert r.status_code == 200 and r.json()["imported"] == {"extraction_templates": 0}
+    assert words in json.dumps(r.json()["errors"])
 
 
 def test_the_downloaded_file_round_trips_through_the_modal_import(client):
@@ -98,7 +132,7 @@ def test_importing_twice_skips_everything(api):
     before = snapshot()
     r = do_import(api, data)
     assert r.json()["imported"]["extraction_templates"] == 0
-    assert r.json()["skipped"]["extraction_templates"] == 5 and r.json()["errors"] == []
+    assert r.json()["skipped"]["extraction_templates"] == 6 and r.json()["errors"] == []
     assert snapshot() == before
 
 
