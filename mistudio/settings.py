@@ -70,6 +70,9 @@ MODELS_CACHE_DIR = Path(
     or Path(env_str("HF_HOME", str(Path.home() / ".cache" / "huggingface"))) / "hub"
 ).expanduser()
 HUB_TIMEOUT_SECONDS = float(env_str("MISTUDIO_HUB_TIMEOUT", "20"))
+# A download that receives no new byte for this long ends with a message (a slow but moving
+# one never does); its partial files are removed.
+HUB_STALL_SECONDS = float(env_str("MISTUDIO_HUB_STALL_S", "60"))
 
 
 def _secret_key() -> str:

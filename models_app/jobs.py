@@ -164,6 +164,7 @@ def _files_fetch(row: Model, token: str | None) -> tuple[repo.Preflight, Path]:
         token=token,
         endpoint=settings.HF_ENDPOINT,
         cache_dir=settings.MODELS_CACHE_DIR,
+        stall_s=settings.HUB_STALL_SECONDS,
         on_bytes=tracker,
         should_cancel=lambda: Model.cancel_requested(row.pk),
     )
