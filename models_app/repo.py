@@ -25,7 +25,7 @@ from mistudio.hub import (
     files_fetch,
     repo_listing,
 )
-from mistudio.jsonparse import json_loads
+from mistudio.jsonparse import JSONRefused, json_loads
 
 # Besides its weights, what a model needs to load: config, generation defaults, tokenizer.
 SUPPORT_FILES = frozenset({
@@ -200,6 +200,8 @@ def config_fetch(
     )  # fmt: skip
     try:
         config = json_loads(path.read_bytes()[: CONFIG_MAX_BYTES + 1])
+    except JSONRefused as exc:
+        raise HubError(f"config.json is refused: {exc}.", code="bad_config") from None
     except (OSError, ValueError):
         raise HubError("config.json is not valid JSON.", code="bad_config") from None
     if not isinstance(config, dict):

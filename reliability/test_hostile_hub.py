@@ -5,6 +5,7 @@ _hub_lies), on the models route and the datasets route alike."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -253,3 +254,45 @@ def test_a_file_that_does_not_match_its_checksum_is_refused(hub, settings, name)
     assert row.status == ModelStatus.ERROR and "checksum" in row.error_message
     assert name in row.error_message and incomplete(settings) == []
     FIGURES["hostile hub answers tried"] += 1
+
+
+def _llama_config(hub, **changes) -> bytes:
+    repo = hub.repos["tiny/llama"]
+    config = json.loads(repo.commits[repo.main]["config.json"].data)
+    return json.dumps({**config, **changes}).encode()
+
+
+HOSTILE_CONFIGS = {
+    "float-overflow": lambda hub: _llama_config(hub).replace(b'"hidden_size": 128', b'"hidden_size": 1e400'),  # noqa: E501
+    "nan": lambda hub: _llama_config(hub).replace(b'"hidden_size": 128', b'"hidden_size": NaN'),
+    "a-list": lambda hub: b"[1, 2, 3]",
+    "empty-object": lambda hub: b"{}",
+    "layers-text": lambda hub: _llama_config(hub, num_hidden_layers="lots"),
+    "huge": lambda hub: _llama_config(hub, num_hidden_layers=10**9, hidden_size=10**7),
+    "negative": lambda hub: _llama_config(hub, vocab_size=-5),
+    "bool-layers": lambda hub: _llama_config(hub, num_hidden_layers=True),
+    "nested": lambda hub: b'{"model_type": "llama", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "not-utf8": lambda hub: b'{"model_type": "\xff\xfe"}',
+    "huge-int": lambda hub: _llama_config(hub, num_hidden_layers=10**400),
+    "custom-code": lambda hub: _llama_config(hub, auto_map={"AutoModel": "x.Y"}, model_type="evil"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_CONFIGS))
+def test_a_hostile_config_is_a_4xx_with_a_message_on_every_route(hub, client: Client, kind):
+    repo_id = f"lies/config-{kind}"
+    repo = hub.repos["tiny/llama"]
+    files = {path: f.data for path, f in repo.commits[repo.main].items()}
+    hub.add_repo(repo_id, {**files, "config.json": HOSTILE_CONFIGS[kind](hub)})
+    answers = {
+        "api download": client.post("/api/models/download", {
+            "hf_repo_id": repo_id, "quantization": "Q4"}, content_type="application/json"),
+        "page download": client.post("/models/download", {
+            "hf_repo_id": repo_id, "quantization": "Q4"}),
+        "estimate": client.post("/models/estimate", {"hf_repo_id": repo_id}),
+    }  # fmt: skip
+    for route, answer in answers.items():
+        assert 400 <= answer.status_code < 500, (route, answer.status_code, answer.content[:300])
+        assert b"config.json" in answer.content or b"config" in answer.content, (route, answer)
+    assert not Model.objects.exists()
+    FIGURES["hostile config.json answers tried"] += len(answers)

@@ -181,7 +181,7 @@ def _tags(files: dict[str, HubFile], config: dict) -> list[str]:
 def _json_or_empty(f: HubFile | None) -> dict:
     try:
         data = json.loads(f.data) if f is not None else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # a hostile config.json of a test repo
         return {}
     return data if isinstance(data, dict) else {}
 
