@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
+import torch
 from django.test import Client
 
 from datasets_app import services as dataset_services
@@ -17,7 +19,9 @@ from datasets_app import tasks as dataset_tasks
 from datasets_app.models import Dataset
 from mistudio.hub import HubError
 from mistudio.testing._hub_lies import Lie
-from models_app import services, tasks
+from models_app import resident, services, tasks
+from models_app.ml.filecheck import FileCheckError
+from models_app.ml.loading import load_model
 from models_app.models import Model, ModelStatus
 
 from .conftest import FIGURES
@@ -296,3 +300,81 @@ def test_a_hostile_config_is_a_4xx_with_a_message_on_every_route(hub, client: Cl
         assert b"config.json" in answer.content or b"config" in answer.content, (route, answer)
     assert not Model.objects.exists()
     FIGURES["hostile config.json answers tried"] += len(answers)
+
+
+def _weights(hub, source: str) -> bytes:
+    repo = hub.repos[source]
+    return repo.commits[repo.main]["model.safetensors"].data
+
+
+def _header_len_2_62(data: bytes) -> bytes:
+    return struct.pack("<Q", 2**62) + data[8:]
+
+
+def _non_json_header(data: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    return data[:8] + b"\x00not json" + b" " * (n - 9) + data[8 + n :]
+
+
+def _past_the_end(data: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 10**9
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+HOSTILE_FILES = {
+    "header-2-62": ("model.safetensors", lambda hub, src: _header_len_2_62(_weights(hub, src))),
+    "header-not-json": ("model.safetensors", lambda hub, src: _non_json_header(_weights(hub, src))),
+    "trailing-junk": ("model.safetensors", lambda hub, src: _weights(hub, src) + b"junk" * 100),
+    "past-the-end": ("model.safetensors", lambda hub, src: _past_the_end(_weights(hub, src))),
+    "tokenizer-types": ("tokenizer_config.json", lambda hub, src: json.dumps(
+        {"bos_token": 5, "model_max_length": "lots", "add_bos_token": "yes"}).encode()),
+    "tokenizer-max-length": ("tokenizer_config.json", lambda hub, src: json.dumps(
+        {"model_max_length": "lots"}).encode()),
+    "tokenizer-json": ("tokenizer.json", lambda hub, src: b"{not json"),
+    "generation-list": ("generation_config.json", lambda hub, src: b"[1, 2]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["tiny/llama", "tiny/gpt2"])
+@pytest.mark.parametrize("kind", sorted(HOSTILE_FILES))
+def test_a_hostile_weight_or_tokenizer_file_ends_the_job_at_once_naming_it(
+    hub, settings, source, kind
+):
+    name, make = HOSTILE_FILES[kind]
+    repo_id = f"lies/file-{kind}-{source.split('/')[1]}"
+    repo = hub.repos[source]
+    files = {path: f.data for path, f in repo.commits[repo.main].items()}
+    if name not in files:
+        pytest.skip(f"{source} has no {name}")
+    hub.add_repo(repo_id, {**files, name: make(hub, source)})
+    row = services.model_download(hf_repo_id=repo_id, quantization="FP16")
+    tasks.model_download_task(row.pk)
+    row.refresh_from_db()
+    assert row.status == ModelStatus.ERROR, (row.status, row.phase)
+    assert name in row.error_message and "not a valid file" in row.error_message
+    assert "crash" not in row.error_message and "memory" not in row.error_message
+    snapshot = Path(settings.MODELS_CACHE_DIR) / f"models--{repo_id.replace('/', '--')}"
+    assert not [p for p in snapshot.rglob("*") if p.is_file()]  # our files removed
+    FIGURES["hostile weight/tokenizer files tried"] += 1
+
+
+@pytest.mark.parametrize("kind", ["header-2-62", "trailing-junk", "tokenizer-types"])
+def test_the_load_check_refuses_the_same_files_naming_them(hub, tmp_path, kind):
+    """A snapshot that is already on disk (added from the cache) meets the same check in the
+    GPU worker's load."""
+    name, make = HOSTILE_FILES[kind]
+    repo = hub.repos["tiny/llama"]
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    for path, f in repo.commits[repo.main].items():
+        if "/" not in path:
+            (folder / path).write_bytes(f.data)
+    (folder / name).write_bytes(make(hub, "tiny/llama"))
+    with pytest.raises(FileCheckError, match=name.replace(".", r"\.")):
+        load_model(folder, "FP16", torch.device("cpu"))
+    message = resident.load_failure_message("FP16", FileCheckError(f"{name} is not a valid file"))
+    assert name in message and "memory" not in message
