@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,14 @@ REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 REPO_ID_MAX = 96
 BLOB_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
-# huggingface_hub streams in 10 MiB chunks and reports progress once per chunk; 1 MiB gives
-# byte-accurate progress and a cancel that takes effect within a megabyte. Read at call time.
-constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
+# huggingface_hub streams in 10 MiB chunks and reports progress once per chunk: at a slow link
+# (100 kB/s) the bar froze for seconds and a cancel waited for the chunk. 64 KiB keeps the bar
+# moving and the cancel prompt at any rate. Read at call time.
+constants.DOWNLOAD_CHUNK_SIZE = 64 * 1024
+# The cancel flag is a database read: polled every CANCEL_POLL_SECONDS or CANCEL_POLL_BYTES,
+# whichever comes first (prompt at a slow link, a bounded share of the bytes at a fast one).
+CANCEL_POLL_SECONDS = 0.2
+CANCEL_POLL_BYTES = 1024 * 1024
 
 
 class HubError(Invalid):
@@ -232,6 +238,8 @@ class _ByteCounter:
         self.should_cancel = should_cancel
         self.current = 0
         self.lock = threading.Lock()
+        self.polled_at = 0.0
+        self.polled_bytes = 0
 
     def bar_class(self) -> type[tqdm]:
         counter = self
@@ -250,8 +258,13 @@ class _ByteCounter:
         return _Bar
 
     def seen(self, done: int) -> None:
-        if self.should_cancel():
-            raise DownloadCancelled()
+        now = time.monotonic()
+        if now - self.polled_at >= CANCEL_POLL_SECONDS or done - self.polled_bytes >= (
+            CANCEL_POLL_BYTES
+        ):
+            self.polled_at, self.polled_bytes = now, done
+            if self.should_cancel():
+                raise DownloadCancelled()
         with self.lock:
             if done > self.current:
                 self.current = done
@@ -272,7 +285,8 @@ def files_fetch(
     commit; return their local paths.
 
     `on_bytes(total_done)` gets the running byte count over all files (monotonic);
-    `should_cancel()` is polled on every chunk and between files (raises DownloadCancelled).
+    `should_cancel()` is polled between files and, while bytes flow, every CANCEL_POLL_SECONDS
+    or CANCEL_POLL_BYTES (raises DownloadCancelled).
     Hub failures become HubError (see hub_error); a full disk says so.
     """
     repo_id, repo_type = listing.repo_id, listing.repo_type
