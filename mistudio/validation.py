@@ -3,7 +3,6 @@ readable line from pydantic errors, without echoing the input back (it may hold 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Annotated, Literal
@@ -14,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from mistudio import limits
 from mistudio.errors import Invalid
 from mistudio.hub import HubError, repo_id_clean, revision_clean
+from mistudio.jsonparse import JSONRefused, json_loads
 
 TOKEN_MAX = 500
 
@@ -84,17 +84,19 @@ def error_list(exc: ValidationError) -> list[dict]:
     return out
 
 
-def json_object(body: bytes, *, optional: bool = False) -> dict:
-    """A request body parsed as a JSON object ({} for an empty optional body); Invalid (422)
-    otherwise."""
+def json_object(body: bytes, *, optional: bool = False, hint: str = "") -> dict:
+    """A request body parsed as a JSON object ({} for an empty optional body) by the one JSON
+    path (mistudio.jsonparse: nesting and number guards); Invalid (422) otherwise, saying why
+    when the JSON itself was refused. `hint`: what the route takes, for the message."""
     if optional and not body.strip():
         return {}
+    why = ""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        data = None
+        data = json_loads(body)
+    except ValueError as exc:
+        data, why = None, f" (refused: {exc})" if isinstance(exc, JSONRefused) else ""
     if not isinstance(data, dict):
-        raise Invalid("Send a JSON object as the request body.", code="bad_json")
+        raise Invalid(f"Send {hint or 'a JSON object'} as the request body{why}.", code="bad_json")
     return data
 
 

@@ -121,8 +121,8 @@ def extraction_start(
     batch_size: int,
     max_samples: int,
     context_size: int | None = None,
-    module_sites: list[dict] | None = None,
     special_tokens: str = limits.DEFAULT_SPECIAL_TOKENS,
+    module_sites: list[dict] | None = None,
     out: Path | None = None,
     enqueue: bool = True,
 ) -> ExtractionJob:

@@ -16,7 +16,15 @@ from mistudio.errors import Conflict, Invalid, NotFound
 
 from . import repo
 from .extraction import extractions_remove_for_model
-from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, model_files_remove, preflight
+from .jobs import (
+    LOAD_QUEUED,
+    UNLOAD_QUEUED,
+    WAITING_GPU,
+    enqueue_download,
+    enqueue_gpu,
+    model_files_remove,
+    preflight,
+)
 from .ml.configs import ConfigError
 from .ml.estimate import ParameterCounts, count_parameters, memory_for
 from .models import ACTIVE_STATUSES, FAILED_STATUSES, HubCredential, Model, ModelStatus
@@ -35,7 +43,9 @@ def _duplicate_check(repo_id: str, quantization: str) -> None:
         )
 
 
-def _counts_for(repo_id: str, revision: str, token: str | None) -> ParameterCounts:
+def _counts_for(
+    repo_id: str, revision: str, token: str | None, listing: repo.Listing | None = None
+) -> ParameterCounts:
     """The repo's config.json, read and counted the way transformers builds the model (a few KB
     fetched, no weights). Invalid (422) when miStudio cannot load such a model: custom code,
     a type transformers does not know, unreadable or impossible values."""
@@ -45,6 +55,7 @@ def _counts_for(repo_id: str, revision: str, token: str | None) -> ParameterCoun
         token=token,
         endpoint=settings.HF_ENDPOINT,
         cache_dir=settings.MODELS_CACHE_DIR,
+        listing=listing,
     )
     try:
         return count_parameters(config)
@@ -69,7 +80,7 @@ def model_download(
     revision = revision or "main"
     _duplicate_check(hf_repo_id, quantization)
     pre = preflight(hf_repo_id, revision, access_token)
-    counts = _counts_for(hf_repo_id, pre.commit_sha, access_token)
+    counts = _counts_for(hf_repo_id, pre.commit_sha, access_token, pre)
     # config.json and a weight index were fetched just now: ours, unless already cached
     fetched_now = {"config.json", *repo.SAFETENSORS[1:], *repo.PICKLES[1:]} - pre.cached_before
     return Model.create_queued(
@@ -127,7 +138,7 @@ def model_retry(model_id: str, *, access_token: str | None = None) -> Model:
         )
     _duplicate_check(row.hf_repo_id, row.quantization)
     pre = preflight(row.hf_repo_id, row.revision, access_token)
-    _counts_for(row.hf_repo_id, pre.commit_sha, access_token)  # a gated file needs the token
+    _counts_for(row.hf_repo_id, pre.commit_sha, access_token, pre)  # a gated file needs the token
     with transaction.atomic():
         updated = Model.objects.filter(pk=model_id, status__in=FAILED_STATUSES).update(
             status=ModelStatus.QUEUED, phase="waiting for a download worker", progress=0,
@@ -226,8 +237,9 @@ def model_load(model_id: str) -> Model:
     row = model_get(model_id)
     if row.status != ModelStatus.READY:
         raise Conflict(f"{row.hf_repo_id} is {row.status}; only a ready model can be loaded.")
+    Model.touch(model_id, phase=LOAD_QUEUED)  # the card says so until the worker is done
     enqueue_gpu("model_load_task", model_id)
-    return row
+    return model_get(model_id)
 
 
 def model_unload(model_id: str) -> Model:
@@ -235,5 +247,6 @@ def model_unload(model_id: str) -> Model:
     row = model_get(model_id)
     if not row.is_loaded:
         raise Conflict(f"{row.hf_repo_id} is not loaded.")
+    Model.touch(model_id, phase=UNLOAD_QUEUED)
     enqueue_gpu("model_unload_task", model_id)
-    return row
+    return model_get(model_id)

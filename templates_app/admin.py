@@ -16,17 +16,12 @@ from mistudio.errors import ServiceError
 
 from . import services
 from .models import ExtractionTemplate
-from .schemas import ON_CONFLICT, TemplateIn, errors_message
+from .schemas import ON_CONFLICT, ON_CONFLICT_LABELS, TemplateIn, errors_message
 from .views import export_response
 
 SETTINGS = list(TemplateIn.model_fields)
 LIST_FIELDS = ("layers", "hook_types", "module_sites")
 MAX_ERROR_MESSAGES = 20
-CONFLICT_LABELS = {
-    "skip": "Skip templates whose id or name is already here",
-    "rename": "Import them as copies under a free name",
-    "overwrite": "Replace the existing ones with the file's",
-}
 
 
 class TemplateAdminForm(forms.ModelForm):
@@ -59,7 +54,7 @@ class TemplateAdminForm(forms.ModelForm):
 class ImportForm(forms.Form):
     file = forms.FileField(help_text="A .json file from Export (at most 1 MB).")
     on_conflict = forms.ChoiceField(
-        choices=[(key, CONFLICT_LABELS[key]) for key in ON_CONFLICT], initial="skip"
+        choices=[(key, ON_CONFLICT_LABELS[key]) for key in ON_CONFLICT], initial="skip"
     )
 
 

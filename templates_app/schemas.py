@@ -28,6 +28,12 @@ IMPORT_MAX_BYTES = 1024 * 1024  # the cap is checked before any parsing
 IMPORT_MAX_TEMPLATES = 2000  # a 1 MB file holds fewer than this many real templates
 LIST_LIMIT_MAX = 500
 ON_CONFLICT = ("skip", "rename", "overwrite")
+# What each choice does, as the admin's import form and the modal's Import offer it.
+ON_CONFLICT_LABELS = {
+    "skip": "Skip templates whose id or name is already here",
+    "rename": "Import them as copies under a free name",
+    "overwrite": "Replace the existing ones with the file's",
+}
 
 LABELS = {
     "name": "Name",

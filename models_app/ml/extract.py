@@ -92,10 +92,10 @@ class ExtractionSpec:
     shard_bytes: int | None = None  # bytes per shard and hook; None: storage.DEFAULT_SHARD_BYTES
     dtype: str | None = None  # storage dtype float32|bfloat16; None: see storage.storage_dtype
     include_resid_pre: bool = False  # also store blocks.{i}.hook_resid_pre
-    # any module's input or output: [{"path": "model.layers.3.mlp.down_proj", "io": "output"}]
-    module_sites: list[dict] = field(default_factory=list)
     # Special-token strings in the texts: "text" (plain characters) or "parse" (see tokens.py)
     special_tokens: str = DEFAULT_SPECIAL_TOKENS
+    # any module's input or output: [{"path": "model.layers.3.mlp.down_proj", "io": "output"}]
+    module_sites: list[dict] = field(default_factory=list)
 
     def validate(self, model: nn.Module) -> None:
         """Raise ExtractionError with a readable message when the spec cannot run on `model`."""

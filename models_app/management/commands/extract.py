@@ -2,7 +2,7 @@
 
     python manage.py extract --model <id or repo> --dataset <id, name or file> --layers 0,5,11 \
         --hooks residual,mlp --max-samples N --batch-size B --context-size T \
-        [--module model.layers.3.mlp.down_proj[:input]]… [--special-tokens text|parse] \
+        [--special-tokens text|parse] [--module model.layers.3.mlp.down_proj[:input]]… \
         [--template NAME] [--out DIR] [--quantization Q4] [--text-field text]
 
 Hooks: residual (resid_post), mlp, attention, resid_pre, z (attn.hook_z), ln_final.

@@ -28,7 +28,16 @@ def _children(host: str, port: int) -> list[tuple[str, list[str], dict]]:
     return [
         (
             "web",
-            [py, "-m", "daphne", "-b", host, "-p", str(port), "mistudio.asgi:application"],
+            [
+                py,
+                "-m",
+                "mistudio.webserver",
+                "-b",
+                host,
+                "-p",
+                str(port),
+                "mistudio.asgi:application",
+            ],
             base_env,
         ),
         ("downloads", [*manage, "qcluster"], base_env),

@@ -162,3 +162,28 @@ def test_the_reader_needs_no_django():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
+
+
+def test_per_head_sites_keep_their_shape_and_export_flattened(tiny, tmp_path):
+    """hook_z is [n_heads, d_head] per token: the reader gives it so, the SAELens export
+    flattens it to n_heads * d_head (how SAELens's hook_z SAEs read it)."""
+    datasets = pytest.importorskip("datasets")
+    from models_app.ml.export import export_saelens
+
+    model, tok = tiny("llama")
+    spec = ExtractionSpec(layers=[1], hook_types=["z"], context_size=8, batch_size=2,
+                          max_samples=5, shard_sequences=2)  # fmt: skip
+    run_extraction(model, tok, corpus(100), spec, tmp_path / "x", meta={})
+    ext = open_extraction(tmp_path / "x")
+    site = ext.sites[0]
+    heads = model.config.num_attention_heads
+    assert site.name == "blocks.1.attn.hook_z" and site.shape == (heads, 64 // heads)
+    acts, _ = _direct(tmp_path / "x", site.name)
+    got = torch.cat([b[site.name] for b in ext.sequences(site.name, batch_size=2)])
+    assert got.shape == (5, 8, heads, 64 // heads) and torch.equal(got, acts)
+    tokens = next(ext.tokens(site.name, batch_size=3))[site.name]
+    assert tokens.shape == (3, heads, 64 // heads)
+    out = export_saelens(tmp_path / "x", tmp_path / "sae")
+    ds = datasets.load_from_disk(str(out)).with_format("torch")
+    assert ds.features[site.name].shape == (8, 64)
+    assert torch.equal(ds[:][site.name], acts.flatten(2))
