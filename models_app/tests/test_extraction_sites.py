@@ -148,3 +148,22 @@ def test_a_template_carries_the_new_sites_to_the_modal_and_the_cli(client, hub, 
     with pytest.raises(CommandError, match="should be 'output' or 'input'"):
         call_command("extract", model=row.pk, dataset=ds.pk, layers="0", hooks="z",
                      module=["transformer.h.0.mlp:inside"])  # fmt: skip
+
+
+def test_saving_the_modal_as_a_template_keeps_its_module_paths(client, hub, shapes):
+    from templates_app.models import ExtractionTemplate
+
+    row = download("shapes/gemma2", "FP16")
+    form = {"model_id": row.pk, "name": "with paths", "layers": ["1"], "hook_types": ["z"],
+            "module_sites": "model.layers.1.mlp.down_proj input\nlm_head",
+            "batch_size": "2", "max_samples": "2", "context_size": "8"}  # fmt: skip
+    r = client.post(reverse("templates:save"), form, **HX)
+    assert r.status_code == 201, r.content.decode()
+    saved = ExtractionTemplate.objects.get(name="with paths")
+    assert saved.module_sites == [
+        {"path": "model.layers.1.mlp.down_proj", "io": "input"},
+        {"path": "lm_head", "io": "output"},
+    ]
+    bad = client.post(reverse("templates:save"), {**form, "name": "bad", "module_sites": "a b c"},
+                      **HX)  # fmt: skip
+    assert bad.status_code == 422 and not ExtractionTemplate.objects.filter(name="bad").exists()
