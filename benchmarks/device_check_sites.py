@@ -38,6 +38,7 @@ FALCON = ("transformer.h", "self_attention", "mlp", "self_attention.dense", "tra
           "mlp.dense_4h_to_h")  # fmt: skip
 CASES = {"inplace": ("llama", LLAMA), "falcon": ("falcon", FALCON),
          "falcon_new": ("falcon_new", FALCON), "gemma2": ("gemma2", POST),
+         "gemma3": ("gemma3", POST),
          "olmo2": ("olmo2", POST), "llama": ("llama", LLAMA)}  # fmt: skip
 LAYERS = [0, 1, 2]
 

@@ -24,6 +24,7 @@ from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
     Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -45,8 +46,9 @@ MAX_POSITIONS = 256
 ARCHES = ("llama", "gpt2", "gpt_neox", "qwen2", "phi")
 # More layouts, for the hook-site tests: post-norm blocks (Gemma 2, OLMo-2), Falcon's parallel
 # block that adds attention into the MLP output in place (7B layout, and 40B's new architecture).
-MORE_ARCHES = ("gemma2", "olmo2", "falcon", "falcon_new", "mistral")
-LLAMA_LIKE = frozenset({"llama", "qwen2", "gemma2", "mistral"})  # tokenizers that prepend BOS
+MORE_ARCHES = ("gemma2", "gemma3", "olmo2", "falcon", "falcon_new", "mistral")
+# tokenizers of these families prepend BOS
+LLAMA_LIKE = frozenset({"llama", "qwen2", "gemma2", "gemma3", "mistral"})
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.
@@ -175,6 +177,18 @@ def _gemma2_config(layers: int, hidden: int) -> PretrainedConfig:
     )
 
 
+def _gemma3_config(layers: int, hidden: int) -> PretrainedConfig:
+    return Gemma3TextConfig(  # Gemma 3's text decoder: post-norm blocks, q/k norms, local+global
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 2,
+        sliding_window=8,
+    )
+
+
 def _olmo2_config(layers: int, hidden: int) -> PretrainedConfig:
     return Olmo2Config(
         hidden_size=hidden,
@@ -227,6 +241,7 @@ _CONFIGS: dict[str, Callable[[int, int], PretrainedConfig]] = {
     "qwen2": _qwen2_config,
     "phi": _phi_config,
     "gemma2": _gemma2_config,
+    "gemma3": _gemma3_config,
     "olmo2": _olmo2_config,
     "falcon": _falcon_config,
     "falcon_new": _falcon_new_config,

@@ -42,14 +42,15 @@ REF = {
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp", "attention.dense",
                  "gpt_neox.final_layer_norm", "mlp.dense_4h_to_h"),
     "gemma2": (*POST_NORMED, "mlp.down_proj"),
+    "gemma3": (*POST_NORMED, "mlp.up_proj"),
     "olmo2": (*POST_NORMED, "mlp.gate_proj"),
     "falcon": (*FALCON, "mlp.dense_4h_to_h"),
     "falcon_new": (*FALCON, "mlp.dense_h_to_4h"),
 }  # fmt: skip
-POST_NORM = {"gemma2", "olmo2"}  # attention term = post_attention_layernorm(o_proj(z))
+POST_NORM = {"gemma2", "gemma3", "olmo2"}  # attention term = post_attention_layernorm(o_proj(z))
 # Falcon's bitsandbytes load leaves FalconLinear unquantized (the loader refuses it), so Q4 runs
 # on the others.
-Q4_ARCHES = ("llama", "gpt2", "gemma2", "olmo2", "mistral", "qwen2")
+Q4_ARCHES = ("llama", "gpt2", "gemma2", "gemma3", "olmo2", "mistral", "qwen2")
 TYPES = ["residual", "attention", "mlp", "z", "ln_final"]
 LAYERS = (0, 1)
 CONTEXT, BATCH = 16, 4
@@ -185,7 +186,7 @@ def test_every_site_equals_plain_transformers(repos, tmp_path, arch, quantizatio
     assert manifest["self_check"]["passed"]  # attention + mlp add up, post-norm blocks included
     z = next(h for h in manifest["hooks"] if h["name"] == "blocks.1.attn.hook_z")
     heads = model.config.num_attention_heads
-    head_dim = HIDDEN // 2 if arch == "gemma2" else HIDDEN // heads
+    head_dim = HIDDEN // 2 if arch in ("gemma2", "gemma3") else HIDDEN // heads
     assert z["shape"] == [heads, head_dim] and z["d"] == heads * head_dim
 
 
