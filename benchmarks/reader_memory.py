@@ -6,17 +6,22 @@ Writes a synthetic extraction of about `--gb` GB in our on-disk format (shards t
 extraction's own ShardFile writer, 32 MiB per shard and site, manifest last), then, each in a fresh
 child process, measures the peak RSS above the child's RSS before it starts of: reading every
 token of two sites shuffled across shards; reading every sequence in order with sha256 checks;
-and exporting one site to a SAELens `datasets` folder. Prints a table, then one JSON line:
-{"extraction_bytes", "runs": {name: {"peak_above_start_mb", "seconds", "items"}}}.
+and exporting one site to a SAELens `datasets` folder. Two peaks: the RSS (VmHWM, which also
+counts the file-backed pages of memory-mapped shards and Arrow files, page cache the kernel can
+reclaim) and the anonymous RSS (heap and tensors, what memory is really bounded by). Prints a
+table, then one JSON line: {"extraction_bytes", "runs": {name: {"peak_above_start_mb",
+"anon_peak_above_start_mb", "seconds", "items"}}}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,13 +61,39 @@ def build(out: Path, gb: float) -> int:
     return sum(s["bytes"] for h in hooks for s in h["shards"])
 
 
+def _anon_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024
+
+
+class PeakAnon:
+    """Peak anonymous resident memory (heap, tensors: what bounds memory; file-backed pages of
+    memory-mapped shards are page cache the kernel reclaims), sampled every 5 ms (Linux)."""
+
+    def __enter__(self) -> PeakAnon:
+        self.start = self.peak = _anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _anon_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_bytes())
+
+
 def child(kind: str, path: str) -> dict:
     from models_app.ml.export import export_saelens
     from models_app.ml.reader import open_extraction
 
     ext = open_extraction(path)
     items, started = 0, time.perf_counter()
-    with PeakRSS() as peak:
+    with PeakRSS() as peak, PeakAnon() as anon:
         start_rss = peak._proc.memory_info().rss
         if kind == "tokens_shuffled":
             for batch in ext.tokens(list(SITES), batch_size=4096, shuffle=True):
@@ -75,6 +106,7 @@ def child(kind: str, path: str) -> dict:
                 export_saelens(path, Path(tmp) / "sae", sites=[SITES[0]])
                 items = ext.n_sequences
     return {"peak_above_start_mb": round((peak.peak - start_rss) / 2**20, 1),
+            "anon_peak_above_start_mb": round((anon.peak - anon.start) / 2**20, 1),
             "seconds": round(time.perf_counter() - started, 1), "items": items}  # fmt: skip
 
 
@@ -95,7 +127,8 @@ def main() -> None:
             cmd = [sys.executable, "-m", "benchmarks.reader_memory", "--child", kind, str(path)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{kind:20s} peak +{runs[kind]['peak_above_start_mb']:8.1f} MiB"
+            print(f"{kind:20s} RSS +{runs[kind]['peak_above_start_mb']:7.1f} MiB"
+                  f"  anonymous +{runs[kind]['anon_peak_above_start_mb']:7.1f} MiB"
                   f"  {runs[kind]['seconds']:6.1f} s  {runs[kind]['items']} items")  # fmt: skip
     print(json.dumps({"extraction_bytes": size, "runs": runs}))
 
