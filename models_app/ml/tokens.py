@@ -256,9 +256,10 @@ def pack_documents(
         buffer.extend(ids)
         start = 0
         while True:
-            if fresh and bos is not None and start < len(buffer) and buffer[start] == bos:
-                start += 1  # the data's own BOS: not doubled
-            fresh = fresh and start >= len(buffer)
+            if fresh and bos is not None and start < len(buffer):
+                if buffer[start] == bos:
+                    start += 1  # the data's own BOS is position 0: not doubled
+                fresh = False
             if len(buffer) - start < body:
                 break
             yield torch.tensor(prefix + buffer[start : start + body], dtype=torch.long)
