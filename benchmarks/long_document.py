@@ -3,14 +3,16 @@
     python -m benchmarks.long_document [--mb 300] [--arch llama] [--model-dir DIR]
         [--quantization FP16] [--max-samples 50] [--context-size 64]
 
-A dataset whose texts.jsonl is ONE line of `--mb` MB (plain English, with `<s>`-like strings in
-it) is extracted by `tasks.extraction_run_task`, the function the GPU worker runs: the dataset
-read by `dataset_texts`, the model from the resident cache, the job row updated as it goes. A
-first extraction over a short dataset loads the model and warms the tokenizer and allocator; the
-idle RSS is taken after it, then the kernel's high-water mark (VmHWM) is reset and the long job
-runs. The child prints one JSON line: {"line_mb", "idle_rss_mb", "peak_rss_mb",
-"peak_above_idle_mb", "status", "error", "n_tokens", "seconds"} (MiB). Everything lives in a
-temporary data folder with its own SQLite database; the model runs on the worker's device.
+A .txt file of ONE line of `--mb` MB (plain English, with `<s>`-like strings in it) is imported
+(normalized to texts.jsonl as an upload or a Hub import does; peak RSS above the RSS before), then
+extracted by `tasks.extraction_run_task`, the function the GPU worker runs: the dataset read by
+`dataset_texts`, the model from the resident cache, the job row updated as it goes. A first
+extraction over a short dataset loads the model and warms the tokenizer and allocator; the idle
+RSS is taken after it, then the kernel's high-water mark (VmHWM) is reset and the long job runs.
+The child prints one JSON line: {"line_mb", "import_rows", "import_peak_above_idle_mb",
+"idle_rss_mb", "peak_rss_mb", "peak_above_idle_mb", "status", "error", "n_tokens", "seconds"}
+(MiB). Everything lives in a temporary data folder with its own SQLite database; the model runs on
+the worker's device.
 """
 
 from __future__ import annotations
@@ -32,15 +34,24 @@ SENTENCE = (
 
 
 def _write_long_line(path: Path, mb: int) -> int:
-    """texts.jsonl holding one JSON string of about `mb` MiB; returns its size in bytes."""
-    block = json.dumps(SENTENCE * 4096)[1:-1].encode()  # ~0.6 MB, without its quotes
-    n = max(1, mb * 2**20 // len(block))
+    """A .txt file holding one line of about `mb` MiB; returns its size in bytes."""
+    block = (SENTENCE * 4096).encode()  # ~0.6 MB
     with open(path, "wb") as fh:
-        fh.write(b'"')
-        for _ in range(n):
+        for _ in range(max(1, mb * 2**20 // len(block))):
             fh.write(block)
-        fh.write(b'"\n')
+        fh.write(b"\n")
     return path.stat().st_size
+
+
+def _import(src: Path, dest: Path):
+    """Normalize the .txt into the dataset's texts.jsonl as an import does: (rows, peak MiB)."""
+    from datasets_app.formats import Source, texts_normalize
+
+    from .memory import PeakRSS
+
+    with PeakRSS() as peak:
+        result = texts_normalize([Source(src, "txt")], dest)
+    return result.row_count, peak.peak_mb
 
 
 def _rows(model_dir: Path, quantization: str):
@@ -98,7 +109,11 @@ def child(args) -> dict:
         model_dir = build_tiny_model(args.arch, Path(os.environ["MISTUDIO_DATA_DIR"]) / "model")
     model, (small, big), texts_path = _rows(Path(model_dir), args.quantization)
     texts_path(small.pk).write_text(json.dumps(SENTENCE * 200) + "\n" + json.dumps("short") + "\n")
-    size = _write_long_line(texts_path(big.pk), args.mb)
+    src = Path(os.environ["MISTUDIO_DATA_DIR"]) / "one-line.txt"
+    size = _write_long_line(src, args.mb)
+    import_idle = psutil.Process().memory_info().rss
+    rows, import_peak = _import(src, texts_path(big.pk))
+    src.unlink()
     warm = _job(model, small, args)
     tasks.extraction_run_task(warm.pk)  # loads the model, warms the tokenizer and allocator
     assert ExtractionJob.objects.get(pk=warm.pk).status == "completed"
@@ -111,6 +126,8 @@ def child(args) -> dict:
     job.refresh_from_db()
     return {
         "line_mb": round(size / 2**20, 1),
+        "import_rows": rows,
+        "import_peak_above_idle_mb": round(import_peak - import_idle / 2**20, 1),
         "idle_rss_mb": round(idle / 2**20, 1),
         "peak_rss_mb": round(peak.peak_mb, 1),
         "peak_above_idle_mb": round(peak.peak_mb - idle / 2**20, 1),

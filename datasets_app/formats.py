@@ -7,6 +7,7 @@ writes to a temporary name and renames it into place only when every row was rea
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
@@ -99,9 +100,66 @@ def _utf8(line: bytes, number: int) -> str:
     return text.removeprefix("\ufeff") if number == 1 else text
 
 
-def _read_txt(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
-    for _, line in _decoded_lines(path, meter):
-        yield line.rstrip("\r\n")
+def _read_txt(path: Path, text_field: str | None, meter: Meter) -> Iterator[str | Iterator[str]]:
+    """Each line without its line break; a line over LINE_PIECE_BYTES as an iterator of its text
+    in pieces (decoded as read, what is not read is skipped), so no line is ever held whole."""
+    with _binary(path, meter) as (stream, raw):
+        try:
+            number = 0
+            while line := stream.readline(LINE_PIECE_BYTES):
+                number += 1
+                meter.done = raw.tell()
+                if line.endswith(b"\n") or len(line) < LINE_PIECE_BYTES:
+                    yield _utf8(line, number).rstrip("\r\n")
+                    continue
+                long_line = _LongTxtLine(stream, raw, meter, line, number)
+                yield long_line.pieces()
+                long_line.skip_rest()
+        except (gzip.BadGzipFile, EOFError, zlib.error):
+            raise FormatError(f"{path.name} is not a valid gzip file.") from None
+
+
+class _LongTxtLine:
+    """One line of a text file too long to hold, decoded as strict UTF-8 a piece at a time."""
+
+    def __init__(self, stream, raw, meter: Meter, head: bytes, number: int):
+        self.stream, self.raw, self.meter = stream, raw, meter
+        self.head, self.number = head, number
+        self.ended = False
+
+    def _read(self) -> bytes:
+        chunk = self.stream.readline(LINE_PIECE_BYTES)
+        self.meter.done = self.raw.tell()
+        self.ended = not chunk or chunk.endswith(b"\n")
+        return chunk
+
+    def pieces(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        chunk, self.head, carry, done = self.head, b"", "", 0
+        while True:
+            try:
+                text = carry + decoder.decode(chunk, final=self.ended)
+            except UnicodeDecodeError as exc:
+                raise FormatError(
+                    f"Line {self.number} is not valid UTF-8 text (byte {done + exc.start + 1} of"
+                    " the line). Save the file with UTF-8 encoding and try again."
+                ) from None
+            if done == 0 and self.number == 1:
+                text = text.removeprefix("\ufeff")
+            done += len(chunk)
+            if self.ended:
+                if text := text.rstrip("\r\n"):
+                    yield text
+                return
+            kept = text.rstrip("\r")  # a \r right before the line break is not text
+            carry = text[len(kept) :]
+            if kept:
+                yield kept
+            chunk = self._read()
+
+    def skip_rest(self) -> None:
+        while not self.ended:
+            self._read()
 
 
 JSON_TYPES = {
@@ -244,6 +302,24 @@ def _json_line(text: str) -> bytes:
         return (json.dumps(text) + "\n").encode("ascii")
 
 
+def _write_pieces(out, pieces: Iterator[str]) -> str | None:
+    """Write one text given in pieces as one JSON line, streaming; returns its first characters
+    (enough for a preview), or None, with nothing written, when it is all whitespace."""
+    start, head, blank = out.tell(), "", True
+    out.write(b'"')
+    for piece in pieces:
+        blank = blank and not piece.strip()
+        out.write(json.dumps(piece, ensure_ascii=False)[1:-1].encode("utf-8"))
+        if len(head) <= PREVIEW_CHARS:
+            head += piece[: PREVIEW_CHARS + 1]
+    if blank:
+        out.seek(start)
+        out.truncate()
+        return None
+    out.write(b'"\n')
+    return head
+
+
 def _preview_text(text: str) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS].rstrip() + "…"
 
@@ -282,9 +358,14 @@ def _write_rows(out, sources: list[Source], result: Normalized, ticker: _Ticker)
         meter = Meter()
         try:
             for text in texts_read(source.path, source.fmt, source.text_field, meter):
-                if not text.strip():
+                if not isinstance(text, str):
+                    text = _write_pieces(out, text)
+                    if text is None:
+                        continue
+                elif not text.strip():
                     continue
-                out.write(_json_line(text))
+                else:
+                    out.write(_json_line(text))
                 result.row_count += 1
                 if len(result.preview) < PREVIEW_ROWS:
                     result.preview.append(_preview_text(text))

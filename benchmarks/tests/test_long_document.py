@@ -9,8 +9,10 @@ import sys
 
 from benchmarks.long_document import REPO_ROOT
 
-KEYS = {"line_mb", "idle_rss_mb", "peak_rss_mb", "peak_above_idle_mb", "status", "error",
-        "n_tokens", "seconds"}  # fmt: skip
+KEYS = {
+    "line_mb", "import_rows", "import_peak_above_idle_mb", "idle_rss_mb", "peak_rss_mb",
+    "peak_above_idle_mb", "status", "error", "n_tokens", "seconds",
+}  # fmt: skip
 
 
 def test_it_runs_the_workers_job_and_reports_every_key():
@@ -20,4 +22,4 @@ def test_it_runs_the_workers_job_and_reports_every_key():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result) == KEYS
     assert result["status"] == "completed" and result["n_tokens"] == 4 * 64
-    assert result["line_mb"] >= 1.5
+    assert result["line_mb"] >= 1.5 and result["import_rows"] == 1

@@ -2,7 +2,9 @@
 
 - "llama": SentencePiece-style BPE (Metaspace `▁`, byte fallback), `<s>`/`</s>`, BOS added;
 - "gpt2": byte-level BPE, `<|endoftext|>` is both BOS and EOS, nothing added;
-- "chatml": byte-level BPE with Qwen2's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, no BOS.
+- "chatml": byte-level BPE with Qwen2's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, no BOS;
+- "sentencepiece": a Python (slow) tokenizer over a SentencePiece model (GPT-SW3's class), `<s>`,
+  `<|endoftext|>`: no offsets, nothing added.
 Each is saved with `save_pretrained` and loaded back with `AutoTokenizer`, like a downloaded one.
 """
 
@@ -13,12 +15,19 @@ import json
 import tempfile
 from pathlib import Path
 
+import sentencepiece
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GPT2Tokenizer, LlamaTokenizer, Qwen2Tokenizer
+from transformers import (
+    AutoTokenizer,
+    GPT2Tokenizer,
+    GPTSw3Tokenizer,
+    LlamaTokenizer,
+    Qwen2Tokenizer,
+)
 
 from .tiny_models import _CORPUS
 
-FAMILIES = ("llama", "gpt2", "chatml")
+FAMILIES = ("llama", "gpt2", "chatml", "sentencepiece")
 VOCAB_SIZE = 600
 _SPECIALS = {
     "llama": ["<unk>", "<s>", "</s>"],
@@ -49,7 +58,21 @@ def _train(family: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return data["vocab"], [tuple(m) for m in data["merges"]]
 
 
-def _build(family: str):
+def _sentencepiece(out: Path):
+    """A GPT-SW3-style tokenizer over a BPE SentencePiece model trained on the tiny corpus."""
+    model = out / "spiece.model"
+    with open(model, "wb") as fh:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(_CORPUS.splitlines() * 4), model_writer=fh, vocab_size=300,
+            model_type="bpe", byte_fallback=True, unk_id=0, pad_id=1, bos_id=2, eos_id=3,
+            minloglevel=2,
+        )  # fmt: skip
+    return GPTSw3Tokenizer(vocab_file=str(model), name_or_path="tiny-sentencepiece")
+
+
+def _build(family: str, out: Path):
+    if family == "sentencepiece":
+        return _sentencepiece(out)
     vocab, merges = _train(family)
     if family == "llama":
         tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True)
@@ -67,7 +90,7 @@ def _build(family: str):
 def text_tokenizer_dir(family: str) -> Path:
     """A folder holding `family`'s tokenizer files (built once per process)."""
     out = Path(tempfile.mkdtemp(prefix=f"mistudio-tok-{family}-"))
-    _build(family).save_pretrained(out)
+    _build(family, out).save_pretrained(out)
     return out
 
 

@@ -195,7 +195,13 @@ class Extraction:
         for start in range(0, len(order), group):
             chosen = order[start : start + group]
             parts = [self._read(names, k, slice(None), verify) for k in chosen]
-            yield {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+            if len(parts) == 1:
+                block = parts.pop()
+            else:  # one copy, and the parts are freed before the block is used
+                block = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+                parts.clear()
+            yield block
+            del block
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(shard k, row in shard) of sequence `index`."""

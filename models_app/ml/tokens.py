@@ -154,6 +154,8 @@ def _window_ids(tokenizer, lead: str, chunk: str, split: bool, final: bool, last
     chunk has no boundary to stop at (and `last_resort` is false)."""
     text = lead + chunk
     enc = _encode(tokenizer, text, split, offsets=True)
+    if "offset_mapping" not in enc:  # a Python (slow) tokenizer has no offsets
+        return _window_ids_by_prefix(tokenizer, lead, chunk, split, final, last_resort)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     start = len(lead)
     first = next((i for i, (s, _) in enumerate(offsets) if s >= start), len(ids))
@@ -168,6 +170,19 @@ def _window_ids(tokenizer, lead: str, chunk: str, split: bool, final: bool, last
     if end <= first:
         return None
     return ids[first:end], offsets[end - 1][1] - start
+
+
+def _window_ids_by_prefix(tokenizer, lead: str, chunk: str, split: bool, final, last_resort):
+    """_window_ids without offsets: the chunk is cut at its last word start, and the ids of `lead`
+    alone (which ends at a word start too) are dropped from those of lead + the cut chunk."""
+    cut = len(chunk) if final else _last_word_start(chunk, 0)
+    if not cut:
+        if not last_resort:
+            return None
+        cut = len(chunk)
+    lead_ids = _encode(tokenizer, lead, split)["input_ids"] if lead else []
+    ids = _encode(tokenizer, lead + chunk[:cut], split)["input_ids"]
+    return ids[len(lead_ids) :], cut
 
 
 def _emit_count(offsets: list, first: int, limit: int | None) -> int:
@@ -241,9 +256,10 @@ def pack_documents(
         buffer.extend(ids)
         start = 0
         while True:
-            if fresh and bos is not None and start < len(buffer) and buffer[start] == bos:
-                start += 1  # the data's own BOS: not doubled
-            fresh = fresh and start >= len(buffer)
+            if fresh and bos is not None and start < len(buffer):
+                if buffer[start] == bos:
+                    start += 1  # the data's own BOS is position 0: not doubled
+                fresh = False
             if len(buffer) - start < body:
                 break
             yield torch.tensor(prefix + buffer[start : start + body], dtype=torch.long)

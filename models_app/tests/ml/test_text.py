@@ -1,8 +1,9 @@
 """What the text holds: special-token strings under both policies, and documents too long to hold.
 
-Tokenizers of three families (Llama SentencePiece-style with BOS added, GPT-2 byte-level with
-`<|endoftext|>`, ChatML/Qwen2 with `<|im_start|>`), each checked against its own encoding of the
-whole text, the independent reference.
+Tokenizers of four kinds (Llama SentencePiece-style with BOS added, GPT-2 byte-level with
+`<|endoftext|>`, ChatML/Qwen2 with `<|im_start|>`, and a Python (slow) SentencePiece tokenizer,
+which has no offsets), each checked against its own encoding of the whole text, the independent
+reference.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from models_app.ml.tokens import adds_bos, iter_document_ids, pack_documents
 
 from .conftest import assert_rel_close, hidden_states
 
-ARCH = {"llama": "llama", "gpt2": "gpt2", "chatml": "qwen2"}  # a model for each tokenizer
+# a model for each tokenizer
+ARCH = {"llama": "llama", "gpt2": "gpt2", "chatml": "qwen2", "sentencepiece": "gpt2"}
 CHAT = {
     "llama": "<s>User: {q}</s>Assistant: {a}</s>",
     "gpt2": "<|endoftext|>Question: {q}\nAnswer: {a}<|endoftext|>",
     "chatml": "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>",
+    "sentencepiece": "<s>User: {q}\nBot: {a}<|endoftext|>",
 }
 PIECES = [
     *_CORPUS.split(),
@@ -118,9 +121,13 @@ def test_parse_reads_special_tokens_and_never_doubles_bos(toks, family):
     assert seqs.tolist() == reference_sequences(tok, docs, 32, "parse")
     flat = seqs.flatten().tolist()
     vocab = tok.get_vocab()
-    for name in {"llama": ["<s>", "</s>"], "gpt2": ["<|endoftext|>"]}.get(
-        family, ["<|im_start|>", "<|im_end|>"]
-    ):
+    markers = {
+        "llama": ["<s>", "</s>"],
+        "gpt2": ["<|endoftext|>"],
+        "chatml": ["<|im_start|>", "<|im_end|>"],
+        "sentencepiece": ["<s>", "<|endoftext|>"],
+    }
+    for name in markers[family]:
         assert vocab[name] in flat  # the chat markers are their special tokens
     if adds_bos(tok):
         bos = tok.bos_token_id
