@@ -86,8 +86,9 @@ def error_list(exc: ValidationError) -> list[dict]:
 
 def json_object(body: bytes, *, optional: bool = False, hint: str = "") -> dict:
     """A request body parsed as a JSON object ({} for an empty optional body) by the one JSON
-    path (mistudio.jsonparse: nesting and number guards); Invalid (422) otherwise, saying why
-    when the JSON itself was refused. `hint`: what the route takes, for the message."""
+    path (mistudio.jsonparse: nesting and number guards); a 400 Invalid otherwise (the body is
+    not one the route reads), saying why when the JSON itself was refused. `hint`: what the route
+    takes, for the message."""
     if optional and not body.strip():
         return {}
     why = ""
@@ -96,7 +97,9 @@ def json_object(body: bytes, *, optional: bool = False, hint: str = "") -> dict:
     except ValueError as exc:
         data, why = None, f" (refused: {exc})" if isinstance(exc, JSONRefused) else ""
     if not isinstance(data, dict):
-        raise Invalid(f"Send {hint or 'a JSON object'} as the request body{why}.", code="bad_json")
+        raise Invalid(
+            f"Send {hint or 'a JSON object'} as the request body{why}.", code="bad_json", status=400
+        )
     return data
 
 
