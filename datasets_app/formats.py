@@ -236,10 +236,11 @@ def _column_texts(column, row_max: int, first_row: int) -> Iterator[str]:
     """The texts of one batch's column, one at a time; a dictionary column is expanded per
     row. A value over `row_max` bytes raises FormatError naming the row."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     if pa.types.is_dictionary(column.type):
         dictionary, indices = column.dictionary, column.indices
-        sizes = pa.compute.binary_length(dictionary).to_pylist()
+        sizes = pc.binary_length(dictionary).to_pylist()
         for offset, index in enumerate(indices.to_pylist()):
             if index is None:
                 yield ""
@@ -248,7 +249,7 @@ def _column_texts(column, row_max: int, first_row: int) -> Iterator[str]:
                 raise FormatError(_row_message(f"Row {first_row + offset + 1}", row_max))
             yield dictionary[index].as_py() or ""
         return
-    sizes = pa.compute.binary_length(column).to_pylist()
+    sizes = pc.binary_length(column).to_pylist()
     for offset, size in enumerate(sizes):
         if (size or 0) > row_max:
             raise FormatError(_row_message(f"Row {first_row + offset + 1}", row_max))
