@@ -32,8 +32,12 @@ from filelock import FileLock, Timeout
 from huggingface_hub import hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
-CHUNK_BYTES = 1024 * 1024  # cancel granularity
+CHUNK_BYTES = 1024 * 1024  # cancel granularity at a fast link
 PROGRESS_BYTES = 256 * 1024
+# At a slow link the byte thresholds take seconds to reach: the cancel flag (a database read) and
+# the progress report are also due every POLL_S while bytes arrive, so the bar moves and a cancel
+# takes effect at once at any rate.
+POLL_S = 0.25
 RETRIES = 5  # failed attempts in a row without a new byte before we give up
 CONNECT_TIMEOUT_S = 15.0
 
@@ -174,15 +178,18 @@ def _one_request(client: httpx.Client, url: str, headers: dict, state: _Attempt,
         )):  # fmt: skip
             state.restart()  # the server ignored Range: this body starts at byte 0
         reported = checked = state.best
+        checked_at = reported_at = time.monotonic()
         with state.part.open("ab") as fh:
             for chunk in response.iter_bytes():  # as bytes arrive: a drop loses none of them
                 state.add(chunk, fh)
-                if state.done - checked >= CHUNK_BYTES:  # a cancel takes effect within 1 MiB
-                    checked = state.done
+                now = time.monotonic()
+                if state.done - checked >= CHUNK_BYTES or now - checked_at >= POLL_S:
+                    checked, checked_at = state.done, now
                     if should_cancel():
                         raise TransferCancelled()
-                if state.best - reported >= PROGRESS_BYTES or state.best == want.size:
-                    reported = state.best
+                if (state.best - reported >= PROGRESS_BYTES or state.best == want.size
+                        or (now - reported_at >= POLL_S and state.best > reported)):  # fmt: skip
+                    reported, reported_at = state.best, now
                     on_new(state.best)
 
 

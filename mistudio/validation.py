@@ -3,12 +3,14 @@ readable line from pydantic errors, without echoing the input back (it may hold 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 from ninja.errors import ValidationError as NinjaValidationError
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from mistudio import limits
 from mistudio.errors import Invalid
 from mistudio.hub import HubError, repo_id_clean, revision_clean
 from mistudio.jsonparse import JSONRefused, json_loads
@@ -24,6 +26,9 @@ FIELD_LABELS = {
     "dataset_id": "Dataset",
     "layers": "Layers",
     "hook_types": "Hook types",
+    "module_sites": "Module paths",
+    "path": "Module path",
+    "io": "Input or output",
     "batch_size": "Batch size",
     "max_samples": "Max samples",
     "context_size": "Context size",
@@ -112,3 +117,60 @@ def validation_message(exc: ValidationError) -> str:
         label = FIELD_LABELS.get(err["field"], err["field"] or "Input")
         parts.append(f"{label}: {err['message']}")
     return " ".join(parts) or "Invalid input."
+
+
+def _module_path_clean(value: str) -> str:
+    value = value.strip()
+    if not _MODULE_PATH_RE.fullmatch(value):
+        raise ValueError(
+            "is a dotted module path of the model, e.g. model.layers.3.mlp.down_proj "
+            "(letters, digits, _ and dots)."
+        )
+    return value
+
+
+_MODULE_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+class ModuleSite(BaseModel):
+    """An advanced capture site: a module path of the model, read at its input or output. The
+    path's existence and shape are checked against the model by the extraction service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Annotated[
+        str,
+        Field(min_length=1, max_length=limits.MODULE_PATH_MAX),
+        AfterValidator(_module_path_clean),
+    ]
+    io: Literal[limits.MODULE_IO] = "output"  # type: ignore[valid-type]
+
+
+def _module_sites_clean(value: list[ModuleSite]) -> list[ModuleSite]:
+    seen: dict[tuple[str, str], ModuleSite] = {}
+    for site in value:
+        seen.setdefault((site.path, site.io), site)
+    return list(seen.values())
+
+
+ModuleSites = Annotated[
+    list[ModuleSite],
+    Field(max_length=limits.MODULE_SITES_MAX),
+    AfterValidator(_module_sites_clean),
+]
+
+
+def module_sites_from_text(text: str | None) -> list[dict]:
+    """The modal's module-path field, one site a line: `PATH` (its output) or `PATH input` /
+    `PATH output`; blank lines are skipped. Validation is ModuleSite's."""
+    sites = []
+    for line in (text or "").splitlines():
+        path, *rest = line.split() or [""]
+        if path:
+            sites.append({"path": path, "io": " ".join(rest) or "output"})
+    return sites
+
+
+def module_sites_text(sites: list[dict]) -> str:
+    """Inverse of module_sites_from_text."""
+    return "\n".join(f"{site['path']} {site['io']}" for site in sites)

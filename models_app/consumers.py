@@ -15,12 +15,22 @@ from .selectors import device_summary, model_card_get
 
 
 def card_html(model_id: str) -> str | None:
-    """The card partial as the page renders it, marked for an out-of-band swap; None if gone."""
+    """The card partial as the page renders it, the extraction modal's box of the model's newest
+    extraction and the Extractions page's rows of its running and newest extractions, all marked
+    for an out-of-band swap (a page applies what it shows); None if the model is gone."""
     try:
         model = model_card_get(model_id)
     except NotFound:
         return None
-    return render_to_string("models_app/models.html#model_card", {"model": model, "oob": True})
+    html = render_to_string("models_app/models.html#model_card", {"model": model, "oob": True})
+    for job in model.latest_extractions:
+        context = {"job": job, "oob": True}
+        html += render_to_string("models_app/extract.html#extraction_box", context)
+    jobs = {job.pk: job for job in [*model.active_extractions, *model.latest_extractions]}
+    for job in jobs.values():  # the rows of the model's Extractions page
+        context = {"job": job, "oob": True}
+        html += render_to_string("models_app/extractions.html#extraction_row", context)
+    return html
 
 
 def loaded_models() -> list[tuple[str, str]]:

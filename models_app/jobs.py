@@ -22,6 +22,10 @@ from .models import HubCredential, Model, ModelStatus
 log = logging.getLogger(__name__)
 
 WAITING_GPU = "waiting for the GPU worker"
+# A ready model's phase while a Load or Unload is on its way (the card says it in words).
+LOAD_QUEUED = "waiting for the GPU worker to load it"
+UNLOAD_QUEUED = "waiting for the GPU worker to unload it"
+LOADING = "loading into the GPU worker"
 
 
 def enqueue_download(model_id: str) -> None:

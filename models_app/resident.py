@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from mistudio.errors import Conflict, ServiceError
 
-from .jobs import WAITING_GPU, job_cancelled, job_fail, job_finish
+from .jobs import LOADING, WAITING_GPU, job_cancelled, job_fail, job_finish
 from .ml.architecture import describe
 from .ml.cache import MODEL_CACHE
 from .ml.configs import ConfigError
@@ -149,15 +149,22 @@ def model_load_check_run(model_id: str, *, in_worker: bool = True) -> None:
 
 def model_load_run(model_id: str) -> None:
     """Load a ready model (a second delivery finds it resident); a model deleted or no longer
-    ready by the time the worker gets here is skipped."""
+    ready by the time the worker gets here is skipped. The card's phase says what happens and
+    is cleared at the end, whatever the outcome."""
+    Model.objects.filter(pk=model_id, status=ModelStatus.READY).update(phase=LOADING)
+    Model.announce(model_id)
     try:
         model_resident(model_id)
     except ServiceError as exc:
         log.info("load skipped: %s", exc.message)
+    finally:
+        Model.objects.filter(pk=model_id, status=ModelStatus.READY).update(phase="")
+        Model.announce(model_id)
 
 
 def model_unload_run(model_id: str) -> None:
     MODEL_CACHE.evict(model_id)
+    Model.objects.filter(pk=model_id, status=ModelStatus.READY).update(phase="")
     Model.touch(model_id, is_loaded=False, loaded_device="")
 
 
@@ -165,3 +172,7 @@ def cache_reset() -> None:
     """A fresh worker holds nothing: clear every `is_loaded` flag (called at GPU worker start)."""
     MODEL_CACHE.clear()
     Model.objects.filter(is_loaded=True).update(is_loaded=False, updated_at=timezone.now())
+    # a Load or Unload the previous worker left half-way says nothing any more
+    Model.objects.filter(status=ModelStatus.READY).exclude(phase="").update(
+        phase="", updated_at=timezone.now()
+    )

@@ -25,12 +25,17 @@ def model_get(model_id: str) -> Model:
 
 
 def model_list(*, status: str | None = None) -> QuerySet[Model]:
-    """Models newest first, with `extraction_count` and `active_extractions` for the cards."""
+    """Models newest first, with `extraction_count`, `active_extractions` and
+    `latest_extractions` (the newest one, whose completion notice the card shows) for the cards."""
     active = ExtractionJob.objects.filter(status__in=EXTRACTION_ACTIVE).order_by("-created_at")
+    latest = ExtractionJob.objects.order_by("-created_at")[:1]
     # An aggregate drops Meta.ordering (GROUP BY query): order explicitly, newest first.
     qs = (
         Model.objects.annotate(extraction_count=Count("extractions"))
-        .prefetch_related(Prefetch("extractions", queryset=active, to_attr="active_extractions"))
+        .prefetch_related(
+            Prefetch("extractions", queryset=active, to_attr="active_extractions"),
+            Prefetch("extractions", queryset=latest, to_attr="latest_extractions"),
+        )
         .order_by("-created_at")
     )
     if status:

@@ -16,7 +16,15 @@ from mistudio.errors import Conflict, Invalid, NotFound
 
 from . import repo
 from .extraction import extractions_remove_for_model
-from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, model_files_remove, preflight
+from .jobs import (
+    LOAD_QUEUED,
+    UNLOAD_QUEUED,
+    WAITING_GPU,
+    enqueue_download,
+    enqueue_gpu,
+    model_files_remove,
+    preflight,
+)
 from .ml.configs import ConfigError
 from .ml.estimate import ParameterCounts, count_parameters, memory_for
 from .models import ACTIVE_STATUSES, FAILED_STATUSES, HubCredential, Model, ModelStatus
@@ -229,8 +237,9 @@ def model_load(model_id: str) -> Model:
     row = model_get(model_id)
     if row.status != ModelStatus.READY:
         raise Conflict(f"{row.hf_repo_id} is {row.status}; only a ready model can be loaded.")
+    Model.touch(model_id, phase=LOAD_QUEUED)  # the card says so until the worker is done
     enqueue_gpu("model_load_task", model_id)
-    return row
+    return model_get(model_id)
 
 
 def model_unload(model_id: str) -> Model:
@@ -238,5 +247,6 @@ def model_unload(model_id: str) -> Model:
     row = model_get(model_id)
     if not row.is_loaded:
         raise Conflict(f"{row.hf_repo_id} is not loaded.")
+    Model.touch(model_id, phase=UNLOAD_QUEUED)
     enqueue_gpu("model_unload_task", model_id)
-    return row
+    return model_get(model_id)

@@ -63,6 +63,10 @@ def model_download(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 def model_estimate(request: HttpRequest) -> HttpResponse:
+    if not request.POST.get("hf_repo_id", "").strip():
+        # the as-you-type estimate of an emptied field (or one the download just cleared while
+        # a keystroke's estimate was still waiting): nothing to estimate, nothing to refuse
+        return HttpResponse("")
     try:
         data = EstimateIn.model_validate(request.POST.dict())
         estimate = services.model_estimate(**data.model_dump())

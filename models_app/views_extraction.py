@@ -10,14 +10,15 @@ from pydantic import ValidationError
 from datasets_app.selectors import dataset_options
 from mistudio import limits
 from mistudio.errors import Conflict, ServiceError
-from mistudio.validation import validation_message
+from mistudio.validation import module_sites_from_text, module_sites_text, validation_message
 from templates_app.selectors import section_context, template_get
 
-from . import extraction, selectors
+from . import extraction, inspection, selectors, sites
 from .models import Model
-from .schemas import ExtractionIn
+from .schemas import ExtractionIn, SitesIn
 
 MODAL = "models_app/extract.html"
+TOKENS = "models_app/tokens.html"
 HISTORY = "models_app/extractions.html"
 
 
@@ -27,23 +28,43 @@ def _default_form(model: Model) -> dict:
         "dataset_id": "",
         "layers": sorted({0, n // 2, n - 1}),
         "hook_types": ["residual"],
+        "module_sites": [],
         "batch_size": limits.DEFAULT_BATCH_SIZE,
         "max_samples": limits.DEFAULT_MAX_SAMPLES,
         "context_size": extraction.default_context_size(model),
+        "special_tokens": limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
-def _template_form(model: Model, template_id: str) -> dict:
-    values = template_get(template_id).extraction_settings()
+def _template_form(model: Model, template_id: str) -> tuple[dict, list[str]]:
+    """The form filled from a template, fitted to this model, and a sentence for each thing
+    that did not fit (layers the model lacks, a context longer than its positions)."""
+    template = template_get(template_id)
+    values = template.extraction_settings()
     form = _default_form(model)
     n = model.num_layers or 0
     context = values["context_size"]
+    kept = [i for i in values["layers"] if i < n]
+    dropped = [i for i in values["layers"] if i >= n]
     form.update(
         values,
-        layers=[i for i in values["layers"] if i < n] or form["layers"],
+        layers=kept or form["layers"],
         context_size=min(context, model.max_position or context),
     )
-    return form
+    notes = []
+    if dropped:
+        which = ", ".join(f"L{i}" for i in dropped)
+        notes.append(
+            f"“{template.name}” names layer{'s' if len(dropped) > 1 else ''} {which}, which"
+            f" {model.name} does not have ({n} layers: L0–L{n - 1}); "
+            + ("dropped." if kept else "none is left, so the default layers are selected.")
+        )
+    if form["context_size"] < context:
+        notes.append(
+            f"Context size {context} is longer than {model.name}'s {model.max_position} positions;"
+            f" set to {form['context_size']}."
+        )
+    return form, notes
 
 
 def _posted_form(request: HttpRequest) -> dict:
@@ -52,9 +73,11 @@ def _posted_form(request: HttpRequest) -> dict:
         "dataset_id": post.get("dataset_id", ""),
         "layers": post.getlist("layers"),
         "hook_types": post.getlist("hook_types"),
+        "module_sites": module_sites_from_text(post.get("module_sites")),
         "batch_size": post.get("batch_size") or limits.DEFAULT_BATCH_SIZE,
         "max_samples": post.get("max_samples") or limits.DEFAULT_MAX_SAMPLES,
         "context_size": post.get("context_size") or None,
+        "special_tokens": post.get("special_tokens") or limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
@@ -63,8 +86,12 @@ def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **
         "model": model,
         "model_id": model.pk,
         "form": form,
+        "module_sites_text": module_sites_text(
+            [s for s in form.get("module_sites") or [] if isinstance(s, dict)]
+        ),
         "layer_range": range(model.num_layers or 0),
         "hook_choices": list(limits.HOOK_LABELS.items()),
+        "special_token_choices": list(limits.SPECIAL_TOKENS_LABELS.items()),
         "datasets": dataset_options(),
         "limits": limits,
         "template_section": section_context(open=templates_open),
@@ -79,7 +106,9 @@ def extract_modal(request: HttpRequest, model_id: str) -> HttpResponse:
         if not model.is_ready:
             raise Conflict(f"{model.hf_repo_id} is {model.status}, not ready.")
         template_id = request.GET.get("template")
-        form = _template_form(model, template_id) if template_id else _default_form(model)
+        form, notes = (
+            _template_form(model, template_id) if template_id else (_default_form(model), [])
+        )
     except ServiceError as exc:
         return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
     context = _modal_context(
@@ -87,6 +116,7 @@ def extract_modal(request: HttpRequest, model_id: str) -> HttpResponse:
         form,
         templates_open=request.GET.get("templates") == "open",
         loaded_template=template_id,
+        template_notes=notes,
     )
     if request.htmx:
         return render(request, f"{MODAL}#extract_modal", context)
@@ -113,21 +143,17 @@ def extract_start(request: HttpRequest, model_id: str) -> HttpResponse:
         return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
     try:
         data = ExtractionIn.model_validate(_posted_form(request))
-        extraction.extraction_start(model_id=model.pk, **data.model_dump())
+        job = extraction.extraction_start(model_id=model.pk, **data.model_dump())
     except ValidationError as exc:
         return _start_error(request, model, validation_message(exc), 422)
     except ServiceError as exc:
         return _start_error(request, model, exc.message, exc.status)
     if request.htmx:
-        response = render(
-            request,
-            "models_app/models.html#model_card",
-            {"model": selectors.model_card_get(model_id)},
-            status=202,
-        )
-        response["HX-Retarget"] = f"#model-{model_id}"
-        response["HX-Reswap"] = "outerHTML"
-        response["HX-Trigger"] = "closeModal"
+        # The modal stays open on its "Extracting…" box, which the websocket keeps current (as it
+        # does the card); the box lives in the modal, so the target exists whatever the page.
+        response = render(request, f"{MODAL}#extraction_box", {"job": job}, status=202)
+        response["HX-Retarget"] = "#extract-status"
+        response["HX-Reswap"] = "innerHTML"
         return response
     return redirect("models:extractions", model_id=model_id)
 
@@ -167,3 +193,33 @@ def _job_action(action):
 
 extraction_cancel = _job_action(extraction.extraction_cancel)
 extraction_delete = _job_action(extraction.extraction_delete)
+
+
+@require_GET
+def extraction_tokens(request: HttpRequest, extraction_id: str) -> HttpResponse:
+    """The token view: the first sequences shaded by their activation norm at ?site=."""
+    try:
+        job = selectors.extraction_get(extraction_id)
+        view = inspection.extraction_token_view(extraction_id, request.GET.get("site") or None)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    context = {"job": job, "model": job.model, "view": view}
+    if request.htmx:
+        return render(request, f"{TOKENS}#tokens", context)
+    return render(request, TOKENS, context)
+
+
+@require_POST
+def sites_check(request: HttpRequest, model_id: str) -> HttpResponse:
+    """The modal's "Check sites": every site of the form with its module and shape, or why not."""
+    form = _posted_form(request)
+    try:
+        data = SitesIn.model_validate(
+            {k: form[k] for k in ("layers", "hook_types", "module_sites")}
+        )
+        found = sites.sites_check(model_id, **data.model_dump())
+    except ValidationError as exc:
+        return render(request, f"{MODAL}#sites", {"error": validation_message(exc)}, status=422)
+    except ServiceError as exc:
+        return render(request, f"{MODAL}#sites", {"error": exc.message}, status=exc.status)
+    return render(request, f"{MODAL}#sites", {"sites": found})

@@ -16,17 +16,12 @@ from mistudio.errors import ServiceError
 
 from . import services
 from .models import ExtractionTemplate
-from .schemas import ON_CONFLICT, TemplateIn, errors_message
+from .schemas import ON_CONFLICT, ON_CONFLICT_LABELS, TemplateIn, errors_message
 from .views import export_response
 
 SETTINGS = list(TemplateIn.model_fields)
-LIST_FIELDS = ("layers", "hook_types")
+LIST_FIELDS = ("layers", "hook_types", "module_sites")
 MAX_ERROR_MESSAGES = 20
-CONFLICT_LABELS = {
-    "skip": "Skip templates whose id or name is already here",
-    "rename": "Import them as copies under a free name",
-    "overwrite": "Replace the existing ones with the file's",
-}
 
 
 class TemplateAdminForm(forms.ModelForm):
@@ -38,6 +33,7 @@ class TemplateAdminForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         for name in LIST_FIELDS:  # an empty list gets the schema's message, not "required"
             self.fields[name].required = False
+        self.fields["special_tokens"].required = False  # left out: the schema's default
 
     def clean(self) -> dict:
         data = super().clean()
@@ -45,6 +41,8 @@ class TemplateAdminForm(forms.ModelForm):
             return data
         values = {f: data.get(f) for f in SETTINGS}
         values.update({f: values[f] if values[f] is not None else [] for f in LIST_FIELDS})
+        if not values["special_tokens"]:
+            del values["special_tokens"]
         try:
             valid = TemplateIn.model_validate(values)
         except PydanticValidationError as exc:
@@ -56,7 +54,7 @@ class TemplateAdminForm(forms.ModelForm):
 class ImportForm(forms.Form):
     file = forms.FileField(help_text="A .json file from Export (at most 1 MB).")
     on_conflict = forms.ChoiceField(
-        choices=[(key, CONFLICT_LABELS[key]) for key in ON_CONFLICT], initial="skip"
+        choices=[(key, ON_CONFLICT_LABELS[key]) for key in ON_CONFLICT], initial="skip"
     )
 
 

@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from mistudio.errors import NotFound
 
 from .models import ExtractionTemplate
-from .schemas import LIST_LIMIT_MAX
+from .schemas import LIST_LIMIT_MAX, ON_CONFLICT_LABELS
 
 
 def template_get(template_id: str | uuid.UUID) -> ExtractionTemplate:
@@ -41,4 +41,9 @@ def section_context(open: bool) -> dict:  # noqa: A002 - the modal's contract na
     """What `section.html#templates_section` needs: templates favourites first then newest (at
     most LIST_LIMIT_MAX of them), their total count and whether the section starts expanded."""
     rows = ExtractionTemplate.objects.order_by("-is_favorite", "-created_at", "-id")
-    return {"templates": list(rows[:LIST_LIMIT_MAX]), "count": rows.count(), "open": open}
+    return {
+        "templates": list(rows[:LIST_LIMIT_MAX]),
+        "count": rows.count(),
+        "open": open,
+        "on_conflict": list(ON_CONFLICT_LABELS.items()),
+    }

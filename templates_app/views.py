@@ -116,4 +116,4 @@ def templates_import_file(request: HttpRequest) -> HttpResponse:
         )
     except ServiceError as exc:
         return _error(request, exc.message, exc.status)
-    return _section(request, import_summary=summary)
+    return _section(request, import_summary=summary, on_conflict=request.POST.get("on_conflict"))

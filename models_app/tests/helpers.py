@@ -7,7 +7,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from datasets_app.services import dataset_upload
 from mistudio.testing.waiting import in_thread, wait_for  # noqa: F401 - re-exported
 from models_app import extraction, services, tasks
-from models_app.models import Model
+from models_app.models import ACTIVE_STATUSES, EXTRACTION_ACTIVE, ExtractionJob, Model
 
 
 def download(repo_id: str, quantization: str = "FP16", token: str | None = None) -> Model:
@@ -15,7 +15,12 @@ def download(repo_id: str, quantization: str = "FP16", token: str | None = None)
     row = services.model_download(hf_repo_id=repo_id, quantization=quantization, access_token=token)
     tasks.model_download_task(row.pk)
     tasks.model_load_check_task(row.pk)
-    return Model.objects.get(pk=row.pk)
+    # With a live stack its clusters may have taken a step first (each runs once): wait for them.
+    return wait_for(
+        lambda: Model.objects.exclude(status__in=ACTIVE_STATUSES).filter(pk=row.pk).first(),
+        timeout=600,
+        every=0.05,
+    )
 
 
 def cache_files(settings) -> list[str]:
@@ -54,5 +59,9 @@ def extract(model: Model, dataset, **overrides):
     }
     job = extraction.extraction_start(model_id=model.pk, dataset_id=dataset.pk, **params)
     tasks.extraction_run_task(job.pk)
-    job.refresh_from_db()
-    return job
+    ended = ExtractionJob.objects.exclude(status__in=EXTRACTION_ACTIVE)
+    return wait_for(  # a live stack's GPU worker may have taken it first
+        lambda: ended.filter(pk=job.pk).first(),
+        timeout=600,
+        every=0.05,
+    )

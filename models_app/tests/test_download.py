@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
+from django.urls import reverse
 from optimum.quanto import QLinear
 
 from conftest import GOOD_TOKEN
 from mistudio.errors import Conflict
 from mistudio.hub import HubError
 from models_app import resident, services, tasks
+from models_app.jobs import LOAD_QUEUED, UNLOAD_QUEUED
 from models_app.ml.layers import find_blocks
 from models_app.models import HubCredential, Model, ModelStatus
 
@@ -193,6 +195,28 @@ def test_load_and_unload_delivered_twice_or_after_a_delete_are_no_ops(hub):
     tasks.model_load_task(row.pk)  # the worker got it after the delete: skipped, no exception
     tasks.model_unload_task(row.pk)
     assert not Model.objects.filter(pk=row.pk).exists()
+
+
+@pytest.mark.parametrize("repo_id", ["tiny/gpt2", "tiny/llama"])
+def test_load_and_unload_say_what_happens_until_the_worker_is_done(client, hub, repo_id):
+    row = download(repo_id, "FP16")
+    tasks.model_unload_task(row.pk)
+    card = client.post(reverse("models:load", args=[row.pk]), HTTP_HX_REQUEST="true")
+    assert Model.objects.get(pk=row.pk).phase == LOAD_QUEUED  # the API says it too
+    assert (
+        f"{LOAD_QUEUED}…" in card.content.decode() and ">Load</button>" not in card.content.decode()
+    )
+    tasks.model_load_task(row.pk)
+    after = Model.objects.get(pk=row.pk)
+    assert (after.is_loaded, after.phase) == (True, "")
+    card = client.post(reverse("models:unload", args=[row.pk]), HTTP_HX_REQUEST="true")
+    assert f"{UNLOAD_QUEUED}…" in card.content.decode()
+    tasks.model_unload_task(row.pk)
+    after = Model.objects.get(pk=row.pk)
+    assert (after.is_loaded, after.phase) == (False, "")
+    services.model_load(row.pk)
+    resident.cache_reset()  # a worker restarted with the load queued: no stale words on the card
+    assert Model.objects.get(pk=row.pk).phase == ""
 
 
 def test_a_cancelled_download_is_retried_in_place_and_becomes_ready(client, hub):

@@ -11,6 +11,7 @@ from django.urls import reverse
 from safetensors.torch import load_file
 
 from models_app import tasks
+from models_app.consumers import card_html
 from models_app.models import ExtractionJob, ExtractionStatus
 
 from .helpers import CORPUS, download, extract, text_dataset
@@ -122,7 +123,7 @@ def test_loading_a_template_fills_the_modal(client, ready):
     assert 'value="0" class="peer sr-only" checked' not in body
 
 
-def test_start_from_the_modal_updates_the_card_and_closes(client, ready):
+def test_start_from_the_modal_shows_its_extracting_box(client, ready):
     model, ds = ready
     data = {
         "dataset_id": ds.pk,
@@ -133,8 +134,14 @@ def test_start_from_the_modal_updates_the_card_and_closes(client, ready):
         "context_size": "16",
     }
     r = client.post(reverse("models:extract_start", args=[model.pk]), data, **HX)
-    assert r.status_code == 202 and r.headers["HX-Trigger"] == "closeModal"
-    assert "Extraction Progress" in r.content.decode()
+    # The box goes into the modal (a target inside it, so it exists whatever page opened it);
+    # no header closes the modal first (that made htmx look for the target in a detached tree).
+    assert r.status_code == 202 and r.headers["HX-Retarget"] == "#extract-status"
+    assert "HX-Trigger" not in r.headers
+    job = ExtractionJob.objects.get()
+    body = r.content.decode()
+    assert f'id="extraction-box-{job.pk}"' in body and "Extracting…" in body
+    assert "Extraction Progress" in body and f"{', '.join(job.hook_types)} @ layers 0, 1" in body
     bad = client.post(
         reverse("models:extract_start", args=[model.pk]), {**data, "layers": []}, **HX
     )
@@ -219,3 +226,25 @@ def test_cli_bad_input_exits_with_a_message(ready, args):
         call_command("extract", **options)
     assert str(err.value)
     assert not ExtractionJob.objects.exists()
+
+
+def test_the_push_carries_the_card_the_modal_box_and_the_history_row(ready):
+    """One change of an extraction refreshes every view of it that a page may show: the model's
+    card, the open modal's box and the Extractions page's row, each swapped only where present
+    (the card and the row also say which list a page adds them to when it lacks them)."""
+    model, ds = ready
+    job = extract(model, ds)
+    html = card_html(model.pk)
+    assert html.count('hx-swap-oob="true"') == 3
+    assert f'id="model-{model.pk}" hx-swap-oob="true" data-live-list="#model-list"' in html
+    assert f'id="extraction-box-{job.pk}" hx-swap-oob="true"' in html
+    row = f"data-live-list=\"#extraction-list[data-model='{model.pk}']\""
+    assert f'id="extraction-{job.pk}" hx-swap-oob="true" {row}' in html
+    assert html.count(f'data-copy="{job.output_path}"') == 2  # card and box: the notice
+    running = ExtractionJob.objects.create(
+        model=model, dataset=ds, layers=[0], hook_types=["residual"], batch_size=1,
+        max_samples=1, context_size=8, status=ExtractionStatus.RUNNING, phase="loading the model",
+    )  # fmt: skip
+    html = card_html(model.pk)
+    assert f'id="extraction-box-{running.pk}"' in html and "Extracting…" in html
+    assert "loading the model…" in html and "0.0%" not in html  # words, not a still 0.0%

@@ -79,6 +79,16 @@ def test_estimate_shows_each_quantization_with_a_fit_badge(client, hub):
     assert "Fits" in body
 
 
+@pytest.mark.parametrize("typed", ["", "   "])
+def test_an_emptied_repo_field_clears_the_estimate_without_an_error(client, hub, typed):
+    """Deleting what was typed, or the download clearing the field while a keystroke's estimate
+    still waited, asks for an estimate of nothing: the box empties, no refusal."""
+    r = client.post(reverse("models:estimate"), {"hf_repo_id": typed, "quantization": "Q4"}, **HX)
+    assert (r.status_code, r.content) == (200, b"")
+    bad = client.post(reverse("models:estimate"), {"hf_repo_id": "not a repo!"}, **HX)
+    assert bad.status_code == 422  # a malformed id is still refused
+
+
 def test_the_estimate_tile_of_the_chosen_quantization_stands_out(client, hub):
     data = {"hf_repo_id": "tiny/llama", "quantization": "Q2"}
     body = client.post(reverse("models:estimate"), data, **HX).content.decode()

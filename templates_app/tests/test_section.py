@@ -79,6 +79,17 @@ def test_saving_the_current_config_adds_a_row(client, model):
     assert row.description == "for SAE runs" and row.top_k_examples == 100
 
 
+def test_saving_keeps_the_special_tokens_policy_of_the_modal(client, model):
+    assert save(client, model, name="plain").status_code == 201
+    r = save(client, model, name="chat", special_tokens="parse")
+    assert r.status_code == 201 and "500 samples • special tokens parsed" in r.content.decode()
+    policies = dict(ExtractionTemplate.objects.values_list("name", "special_tokens"))
+    assert policies == {"plain": "text", "chat": "parse"}
+    bad = save(client, model, name="odd", special_tokens="sometimes")
+    assert bad.status_code == 422 and "Special tokens" in bad.content.decode()
+    assert ExtractionTemplate.objects.count() == 2
+
+
 @pytest.mark.parametrize(
     ("fields", "pattern"),
     [
@@ -246,3 +257,59 @@ def test_plain_posts_without_htmx_go_back_to_the_page(client, model):
 def test_services_template_get_is_what_the_modal_calls(model):
     row = make("via service")
     assert services.template_get(str(row.pk)).name == "via service"
+
+
+@pytest.mark.parametrize(
+    ("layers", "kept", "says"),
+    [
+        ([1, 5, 12, 14], ["1", "5"], "names layers L12, L14, which gpt2 does not have (12 layers"),
+        ([3, 20], ["3"], "names layer L20, which gpt2 does not have (12 layers: L0–L11); dropped."),
+        ([12, 13], ["0", "6", "11"], "none is left, so the default layers are selected."),
+    ],
+)
+def test_a_template_with_layers_the_model_lacks_says_which_were_dropped(
+    client, model, layers, kept, says
+):
+    row = make("deep", layers=layers)
+    url = reverse("models:extract", args=[model.pk])
+    body = client.get(url, {"template": str(row.pk)}, **HX).content.decode()
+    assert re.findall(r'name="layers" value="(\d+)"[^>]*checked', body) == kept
+    assert 'class="template-notes' in body and says in body
+
+
+def test_a_template_longer_than_the_model_says_the_context_was_cut(client, model):
+    Model.objects.filter(pk=model.pk).update(max_position=64)
+    row = make("long", context_size=512)
+    url = reverse("models:extract", args=[model.pk])
+    body = client.get(url, {"template": str(row.pk)}, **HX).content.decode()
+    assert "Context size 512 is longer than gpt2&#x27;s 64 positions; set to 64." in body
+    fitting = make("fits", layers=[0, 1], context_size=32)
+    body = client.get(url, {"template": str(fitting.pk)}, **HX).content.decode()
+    assert "template-notes" not in body  # nothing to say when everything fits
+
+
+@pytest.mark.parametrize(
+    ("choice", "names", "counts"),
+    [
+        ("skip", ["already here"], (0, 1)),
+        ("rename", ["already here", "already here (2)"], (1, 0)),
+        ("overwrite", ["already here"], (1, 0)),
+    ],
+)
+def test_the_modal_import_offers_skip_rename_and_overwrite(client, model, choice, names, counts):
+    make("already here", description="old")
+    body = client.get(reverse("templates:section"), {"model_id": model.pk}, **HX).content.decode()
+    for value in ("skip", "rename", "overwrite"):
+        assert f'<option value="{value}"' in body
+    items = [{**VALID, "name": "already here", "description": "from the file"}]
+    data = json.dumps({"version": 1, "extraction_templates": items}).encode()
+    post = {"file": upload(data), "model_id": model.pk, "on_conflict": choice}
+    r = client.post(reverse("templates:import"), post, **HX)
+    body = r.content.decode()
+    imported, skipped = counts
+    assert re.search(rf'data-count="imported">{imported}<', body)
+    assert re.search(rf'data-count="skipped">{skipped}<', body)
+    assert sorted(ExtractionTemplate.objects.values_list("name", flat=True)) == names
+    assert f'<option value="{choice}" selected>' in body  # the choice stays for the next import
+    descriptions = set(ExtractionTemplate.objects.values_list("description", flat=True))
+    assert ("from the file" in descriptions) == (choice != "skip")

@@ -1,3 +1,8 @@
 """The browser fixtures of models_app, for the project-wide pages."""
 
-from models_app.tests.browser.conftest import live, page  # noqa: F401
+from models_app.tests.browser.conftest import (  # noqa: F401
+    browser_context,
+    live,
+    page,
+    page_watch,
+)

@@ -32,10 +32,15 @@ def test_search_fill_estimate_and_download_a_mixture_of_experts_model(page, live
     assert "Q4 quantization" in card.inner_text()
 
 
-def test_a_repo_that_needs_custom_code_is_refused_in_the_form(page, live, hub, shapes):
+def test_a_repo_that_needs_custom_code_is_refused_in_the_form(page, page_watch, live, hub, shapes):
+    page_watch.expect_refusal("/models/estimate", 422)  # the refusals this test provokes
+    page_watch.expect_refusal("/models/download", 422)
     page.goto("/models/")
     page.get_by_label("HuggingFace Model Repository").fill("shapes/custom-code")
     page.locator("#estimate", has_text="trust_remote_code").wait_for()
     page.get_by_role("button", name="Download Model from HuggingFace").click()
     page.locator("#download-error", has_text="never enables").wait_for()
     assert not Model.objects.exists()
+    # said once: the refusal under the button replaces the same words in the estimate box
+    assert page.locator("#estimate .form-error").count() == 0
+    assert page.get_by_text("never enables").count() == 1

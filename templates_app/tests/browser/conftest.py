@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from mistudio.testing.live import LiveStack
-from models_app.tests.browser.conftest import page  # noqa: F401
+from models_app.tests.browser.conftest import browser_context, page, page_watch  # noqa: F401
 
 
 class WebOnly(LiveStack):

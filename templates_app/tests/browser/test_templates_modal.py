@@ -23,7 +23,9 @@ def layer(page, i: int):
     return page.locator(f"#extract-form input[name=layers][value='{i}']")
 
 
-def test_save_star_load_export_import_and_delete_a_template(page, live, hub, tmp_path):
+def test_save_star_load_export_import_and_delete_a_template(page, page_watch, live, hub, tmp_path):
+    page_watch.expect_refusal("/templates/save", 409)  # the duplicate name below
+    page_watch.expect_refusal("/templates/import", 400)  # the file that is not JSON below
     model = download("tiny/gpt2")  # a ready 2-layer GPT-2 from the fake hub
     open_modal(page, model)
     section = page.locator("#templates-section")
@@ -42,6 +44,11 @@ def test_save_star_load_export_import_and_delete_a_template(page, live, hub, tmp
     row = ExtractionTemplate.objects.get()
     assert (row.layers, row.hook_types, row.description) == ([1], ["residual", "mlp"], "late MLP")
     assert page.locator(".template-meta").inner_text() == "1 layer • residual, mlp • 1000 samples"
+    page.locator(".templates-notice", has_text="Saved template").wait_for()
+    name.fill(row.name)  # the same name again: refused, and the old "Saved" notice goes
+    page.get_by_role("button", name="Save Current Config").click()
+    page.locator("#templates-error", has_text="already").wait_for()
+    assert page.locator(".templates-notice").count() == 0
 
     page.get_by_role("button", name=f"Star {row.name}").click()
     page.locator(f"#template-{row.pk}[data-favorite=true]").wait_for()
@@ -67,6 +74,20 @@ def test_save_star_load_export_import_and_delete_a_template(page, live, hub, tmp
     summary = page.locator("#templates-import-summary")
     summary.wait_for()
     assert "0 imported · 1 skipped · 0 errors" in " ".join(summary.inner_text().split())
+    page.get_by_label("Already here on import:").select_option("rename")
+    page.locator("#templates-import-file").set_input_files(str(exported))
+    page.get_by_text("Extraction Templates (2)").wait_for()  # imported as a copy
+    assert "1 imported · 0 skipped" in " ".join(summary.inner_text().split())
+    copy = ExtractionTemplate.objects.exclude(pk=row.pk).get()
+    assert copy.name == f"{row.name} (2)" and copy.layers == row.layers
+    bad = tmp_path / "not-json.json"
+    bad.write_text("this is not JSON")
+    page.locator("#templates-import-file").set_input_files(str(bad))
+    page.locator("#templates-error", has_text="not valid JSON").wait_for()
+    assert summary.count() == 0  # the previous import's summary does not linger under the error
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name=f"Delete {copy.name}").click()
+    page.get_by_text("Extraction Templates (1)").wait_for()
 
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name=f"Delete {row.name}").click()
