@@ -35,7 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROWS, SMALL_ROWS = 500, 10
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
-ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1:8000")]
 _RNG = random.Random(0)
 PAGES = {
     "models_page": "/models/",

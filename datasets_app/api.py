@@ -69,11 +69,14 @@ def _upload_guard(run):
 
 
 def _json_object(request: HttpRequest) -> dict:
-    return json_object(
-        request.body or b"",
-        hint="a JSON object {hf_dataset_id, split, text_field, revision?} or a multipart"
-        " upload with a file",
-    )
+    try:
+        return json_object(
+            request.body or b"",
+            hint="a JSON object {hf_dataset_id, split, text_field, revision?} or a multipart"
+            " upload with a file",
+        )
+    except Invalid as exc:  # this route has always answered 400 for a body that is no object
+        raise ServiceError(exc.message, code=exc.code, status=400) from None
 
 
 def _create_from_upload(request: HttpRequest) -> Dataset:

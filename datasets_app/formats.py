@@ -28,9 +28,15 @@ TEXTS_FILE = "texts.jsonl"
 PREVIEW_ROWS = 5
 PREVIEW_CHARS = 300
 PARQUET_BATCH_ROWS = 1024
+PARQUET_BATCH_BYTES = 64 * 1024 * 1024  # decoded bytes one Parquet batch may hold (estimated)
 LINE_PIECE_BYTES = 256 * 1024  # a normalized line longer than this is read in pieces this big
-# A CSV cell can hold a whole document; the csv module's default cap is 128 KiB.
-csv.field_size_limit(2**31 - 1)
+# Caps against decompression bombs (defaults; the apps pass their settings,
+# MISTUDIO_DATASET_ROW_MAX_MB and MISTUDIO_DATASET_INFLATED_MAX_MB): one row's text, and the
+# normalized output of one dataset. Over a cap the import ends with FormatError.
+ROW_MAX_BYTES = 64 * 1024 * 1024  # a long .txt line streams in pieces; other rows are held whole
+INFLATED_MAX_BYTES = 8 * 1024**3
+# A CSV cell can hold a whole document, up to the row cap (the csv module's default is 128 KiB).
+csv.field_size_limit(ROW_MAX_BYTES)
 
 
 class FormatError(Exception):
@@ -39,6 +45,10 @@ class FormatError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class InflatedTooLarge(FormatError):
+    """The normalized texts passed the inflated-size cap."""
 
 
 class ImportCancelled(Exception):
@@ -61,6 +71,7 @@ class Meter:
 
     total: int = 0
     done: int = 0
+    row_max: int = ROW_MAX_BYTES
 
     def fraction(self) -> float:
         return min(self.done / self.total, 1.0) if self.total > 0 else 0.0
@@ -79,14 +90,26 @@ def _binary(path: Path, meter: Meter):
 
 
 def _decoded_lines(path: Path, meter: Meter) -> Iterator[tuple[int, str]]:
-    """(line number from 1, line with its newline) decoded as strict UTF-8."""
+    """(line number from 1, line with its newline) decoded as strict UTF-8; a line longer than
+    meter.row_max bytes is refused before it is read whole (a one-line gzip bomb)."""
     with _binary(path, meter) as (stream, raw):
         try:
-            for number, line in enumerate(stream, 1):
+            number = 0
+            while line := stream.readline(meter.row_max + 1):
+                number += 1
+                if len(line) > meter.row_max:
+                    raise FormatError(_row_message(f"Line {number}", meter.row_max))
                 meter.done = raw.tell()
                 yield number, _utf8(line, number)
         except (gzip.BadGzipFile, EOFError, zlib.error):
             raise FormatError(f"{path.name} is not a valid gzip file.") from None
+
+
+def _row_message(where: str, row_max: int) -> str:
+    return (
+        f"{where} is longer than {row_max // 1024 // 1024} MB, the largest row miStudio reads"
+        " (MISTUDIO_DATASET_ROW_MAX_MB); nothing was kept."
+    )
 
 
 def _utf8(line: bytes, number: int) -> str:
@@ -204,6 +227,7 @@ def _read_jsonl(path: Path, text_field: str | None, meter: Meter) -> Iterator[st
 
 def _read_csv(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
     assert text_field
+    csv.field_size_limit(meter.row_max)
     lines = _decoded_lines(path, meter)
     reader = csv.reader(line for _, line in lines)
     try:
@@ -223,6 +247,8 @@ def _read_csv(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]
                 )
             yield row[column]
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise FormatError(_row_message(f"Line {reader.line_num}", meter.row_max)) from None
         raise FormatError(f"Line {reader.line_num} is not valid CSV: {exc}.") from None
 
 
@@ -231,8 +257,12 @@ def _parquet_column(path: Path, text_field: str):
     import pyarrow.parquet as pq
 
     try:
+        # dictionary-encoded text stays encoded: a 4 MiB value repeated 1,024 times is one
+        # value and 1,024 indices, expanded one row at a time (never 4 GB in one batch)
         pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError):
+        if text_field in pf.schema_arrow.names:
+            pf = pq.ParquetFile(path, read_dictionary=[text_field])
+    except (pa.ArrowException, OSError, KeyError):
         raise FormatError(f"{path.name} is not a valid Parquet file.") from None
     schema = pf.schema_arrow
     if text_field not in schema.names:
@@ -248,16 +278,54 @@ def _parquet_column(path: Path, text_field: str):
     return pf
 
 
+def _batch_rows(pf, text_field: str) -> int:
+    """Rows per batch so that one batch holds about PARQUET_BATCH_BYTES, from the largest
+    bytes-per-row the metadata gives for the column (at least 1 row)."""
+    meta = pf.metadata
+    column = pf.schema_arrow.names.index(text_field)
+    per_row = 1
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        if group.num_rows and column < group.num_columns:
+            size = group.column(column).total_uncompressed_size
+            per_row = max(per_row, size // group.num_rows)
+    return max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES // per_row))
+
+
+def _column_texts(column, row_max: int, first_row: int) -> Iterator[str]:
+    """The texts of one batch's column, one at a time; a dictionary column is expanded per
+    row. A value over `row_max` bytes raises FormatError naming the row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(column.type):
+        dictionary, indices = column.dictionary, column.indices
+        sizes = pc.binary_length(dictionary).to_pylist()
+        for offset, index in enumerate(indices.to_pylist()):
+            if index is None:
+                yield ""
+                continue
+            if (sizes[index] or 0) > row_max:
+                raise FormatError(_row_message(f"Row {first_row + offset + 1}", row_max))
+            yield dictionary[index].as_py() or ""
+        return
+    sizes = pc.binary_length(column).to_pylist()
+    for offset, size in enumerate(sizes):
+        if (size or 0) > row_max:
+            raise FormatError(_row_message(f"Row {first_row + offset + 1}", row_max))
+        yield column[offset].as_py() or ""  # null counts as an empty row
+
+
 def _read_parquet(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
     import pyarrow as pa
 
     assert text_field
     pf = _parquet_column(path, text_field)
     meter.total = pf.metadata.num_rows
+    rows = _batch_rows(pf, text_field)
     try:
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-            for value in batch.column(0).to_pylist():
-                yield value or ""  # null counts as an empty row
+        for batch in pf.iter_batches(batch_size=rows, columns=[text_field]):
+            yield from _column_texts(batch.column(0), meter.row_max, meter.done)
             meter.done += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise FormatError(f"{path.name} could not be read: {exc}") from None
@@ -274,13 +342,24 @@ READERS: dict[str, Callable[[Path, str | None, Meter], Iterator[str]]] = {
 def texts_read(
     path: Path, fmt: str, text_field: str | None, meter: Meter | None = None
 ) -> Iterator[str]:
-    """Every row's text in file order (empty rows included); raises FormatError on bad input."""
+    """Every row's text in file order (empty rows included); raises FormatError on bad input
+    or a row over meter.row_max bytes."""
     return READERS[fmt](path, text_field, meter or Meter())
 
 
-def texts_check(path: Path, fmt: str, text_field: str | None, *, rows: int = 200) -> None:
-    """Read the first `rows` rows only: catches a wrong field, format or encoding early."""
-    for n, _ in enumerate(texts_read(path, fmt, text_field), 1):
+def texts_check(
+    path: Path, fmt: str, text_field: str | None, *, rows: int = 200,
+    row_max: int = ROW_MAX_BYTES,
+) -> None:  # fmt: skip
+    """Read the first `rows` rows only: catches a wrong field, format or encoding early, and a
+    row over `row_max` bytes (a long .txt line is read in pieces, counted as it goes)."""
+    for n, text in enumerate(texts_read(path, fmt, text_field, Meter(row_max=row_max)), 1):
+        if not isinstance(text, str):
+            size = 0
+            for piece in text:
+                size += len(piece.encode("utf-8", "surrogatepass"))
+                if size > row_max:
+                    raise FormatError(_row_message(f"Line {n}", row_max))
         if n >= rows:
             break
 
@@ -351,21 +430,35 @@ class Source:
     label: str = ""  # prefixed to error messages when a dataset has several files
 
 
-def _write_rows(out, sources: list[Source], result: Normalized, ticker: _Ticker) -> None:
+def _write_rows(
+    out, sources: list[Source], result: Normalized, ticker: _Ticker, caps: tuple[int, int]
+) -> None:
+    row_max, inflated_max = caps
     sizes = [max(s.path.stat().st_size, 1) for s in sources]
     total, before = sum(sizes), 0
     for source, size in zip(sources, sizes, strict=True):
-        meter = Meter()
+        meter = Meter(row_max=row_max)
         try:
             for text in texts_read(source.path, source.fmt, source.text_field, meter):
-                if not isinstance(text, str):
+                row_start = out.tell()
+                if not isinstance(text, str):  # a long .txt line, streamed in pieces
                     text = _write_pieces(out, text)
                     if text is None:
                         continue
+                    if out.tell() - row_start > row_max + 3:  # quotes and line break
+                        where = f"Row {result.row_count + 1}"
+                        raise FormatError(_row_message(where, row_max))
                 elif not text.strip():
                     continue
                 else:
                     out.write(_json_line(text))
+                result.size_bytes = out.tell()
+                if result.size_bytes > inflated_max:
+                    raise InflatedTooLarge(
+                        f"The texts inflate past {inflated_max // 1024 // 1024:,} MB, the"
+                        " largest dataset miStudio normalizes here"
+                        " (MISTUDIO_DATASET_INFLATED_MAX_MB); nothing was kept."
+                    )
                 result.row_count += 1
                 if len(result.preview) < PREVIEW_ROWS:
                     result.preview.append(_preview_text(text))
@@ -374,7 +467,7 @@ def _write_rows(out, sources: list[Source], result: Normalized, ticker: _Ticker)
                     lambda m=meter, b=before, s=size: (b + s * m.fraction()) / total,
                 )
         except FormatError as exc:
-            raise FormatError(
+            raise type(exc)(
                 f"{source.label}: {exc.message}" if source.label else exc.message
             ) from None
         before += size
@@ -386,17 +479,22 @@ def texts_normalize(
     *,
     on_tick: Callable[[float, int], None] | None = None,
     tick_seconds: float = 0.25,
+    row_max: int = ROW_MAX_BYTES,
+    inflated_max: int = INFLATED_MAX_BYTES,
 ) -> Normalized:
     """Write every non-empty text of `sources` to `dest` as JSON Lines of strings, atomically.
 
     `on_tick(fraction 0..1, rows so far)` is called every `tick_seconds` at most and may raise
-    ImportCancelled to stop. Raises FormatError (nothing left at `dest`) for bad input or no rows.
+    ImportCancelled to stop. Raises FormatError (nothing left at `dest`) for bad input, no rows,
+    a row over `row_max` bytes; InflatedTooLarge once the output passes `inflated_max` bytes.
+    Memory stays bounded by one row (one Parquet batch) whatever the input inflates to.
     """
     partial = dest.with_name(dest.name + ".partial")
     result = Normalized()
     try:
         with open(partial, "wb", buffering=1024 * 1024) as out:
-            _write_rows(out, sources, result, _Ticker(on_tick, tick_seconds))
+            caps = (row_max, inflated_max)
+            _write_rows(out, sources, result, _Ticker(on_tick, tick_seconds), caps)
             out.flush()
             os.fsync(out.fileno())
         if result.row_count == 0:

@@ -94,7 +94,10 @@ def _normalize(dataset_id: str, sources: list[Source], start: float) -> Normaliz
         )
 
     Dataset.touch(dataset_id, progress=start, phase="normalizing", speed_bps=0, eta_seconds=None)
-    return formats.texts_normalize(sources, dataset_dir(dataset_id) / TEXTS_FILE, on_tick=tick)
+    return formats.texts_normalize(
+        sources, dataset_dir(dataset_id) / TEXTS_FILE, on_tick=tick,
+        row_max=settings.DATASET_ROW_MAX_BYTES, inflated_max=settings.DATASET_INFLATED_MAX_BYTES,
+    )  # fmt: skip
 
 
 def _run(dataset_id: str, work: Callable[[], Normalized]) -> None:

@@ -174,16 +174,31 @@ def dataset_upload(
 
 
 def _upload_register(source: Source, size: int, fields: dict) -> Dataset:
-    if size > settings.DATASET_INLINE_MAX_BYTES:
-        formats.texts_check(source.path, source.fmt, source.text_field)
-        return _row_create(
-            task="dataset_normalize_task",
-            status=DatasetStatus.QUEUED,
-            phase=WAITING,
-            bytes_total=size,
-            **fields,
-        )
-    result = formats.texts_normalize([source], source.path.with_name(TEXTS_FILE))
+    """Normalize a small upload in the request, at most DATASET_INLINE_MAX_BYTES of output (a
+    compressed Parquet file may inflate far past its size): a larger one, or one that inflates
+    past that, is handed to a worker after a check of its first rows."""
+    row_max = settings.DATASET_ROW_MAX_BYTES
+    if size <= settings.DATASET_INLINE_MAX_BYTES:
+        try:
+            result = formats.texts_normalize(
+                [source], source.path.with_name(TEXTS_FILE), row_max=row_max,
+                inflated_max=settings.DATASET_INLINE_MAX_BYTES,
+            )  # fmt: skip
+        except formats.InflatedTooLarge:
+            result = None  # the worker normalizes it, under the full cap
+        if result is not None:
+            return _upload_ready(source, size, fields, result)
+    formats.texts_check(source.path, source.fmt, source.text_field, row_max=row_max)
+    return _row_create(
+        task="dataset_normalize_task",
+        status=DatasetStatus.QUEUED,
+        phase=WAITING,
+        bytes_total=size,
+        **fields,
+    )
+
+
+def _upload_ready(source: Source, size: int, fields: dict, result) -> Dataset:
     source.path.unlink()
     return _row_create(
         status=DatasetStatus.READY,

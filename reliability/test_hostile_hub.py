@@ -19,6 +19,7 @@ from datasets_app import tasks as dataset_tasks
 from datasets_app.models import Dataset
 from mistudio.hub import HubError
 from mistudio.testing._hub_lies import Lie
+from mistudio.testing.waiting import in_thread, wait_for
 from models_app import resident, services, tasks
 from models_app.ml.filecheck import FileCheckError
 from models_app.ml.loading import load_model
@@ -378,3 +379,31 @@ def test_the_load_check_refuses_the_same_files_naming_them(hub, tmp_path, kind):
         load_model(folder, "FP16", torch.device("cpu"))
     message = resident.load_failure_message("FP16", FileCheckError(f"{name} is not a valid file"))
     assert name in message and "memory" not in message
+
+
+@pytest.mark.parametrize("attempt", range(4))  # the issue saw it fail 1 run in 4
+def test_a_request_right_after_a_cancelled_slow_download_reaches_the_hub(hub, attempt):
+    """Each transfer has its own HTTP client: a cancel mid-body leaves no half-read connection
+    in a pool the next Hub request would take (issue 13 item 10)."""
+    hub.set_rate(400_000)
+    row = services.model_download(hf_repo_id="tiny/llama-big", quantization="Q4")
+    worker = in_thread(tasks.model_download_task, row.pk)
+    wait_for(lambda: Model.objects.get(pk=row.pk).bytes_done > 300_000)
+    services.model_cancel(row.pk)
+    other = services.model_download(hf_repo_id="tiny/gpt2", quantization="FP16")  # at once
+    worker.join(timeout=300)
+    assert Model.objects.get(pk=row.pk).status == ModelStatus.CANCELLED
+    hub.set_rate(None)
+    assert services.model_estimate(hf_repo_id="tiny/qwen2")["params"] > 0
+    tasks.model_download_task(other.pk)
+    assert Model.objects.get(pk=other.pk).status == ModelStatus.QUANTIZING
+
+
+def test_a_transient_network_error_on_the_api_is_retried(hub):
+    """The Hub hangs up twice without an answer on the repo info call: retried before the user
+    sees it (API_RETRIES = 3 attempts)."""
+    repo_id = "lies/flaky"
+    clone(hub, "tiny/gpt2", repo_id)
+    lie = hub.lie(repo_id, Lie(api_drops=2))
+    assert services.model_estimate(hf_repo_id=repo_id)["params"] > 0
+    assert lie.api_drops == 0

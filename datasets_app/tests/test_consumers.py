@@ -13,7 +13,7 @@ from mistudio.asgi import application
 from mistudio.realtime import Relay
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
-ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1:8000")]
 
 
 def make_row(**fields) -> Dataset:

@@ -376,6 +376,10 @@ class HubHandler(_Handler):
         blobs = self.query.get("blobs", ["false"])[0].lower() == "true"
         info = model_info(repo, sha, blobs=blobs)
         lie = self.hub.lie_for(repo.repo_id)
+        if lie and lie.api_drops > 0:
+            lie.api_drops -= 1
+            self.close_connection = True  # no answer at all: a dropped connection
+            return
         self.send_json(lie.listing(info) if lie else info)
 
     def _tree(self, repo: HubRepo, revision: str, path: str) -> None:

@@ -27,6 +27,7 @@ class Lie:
     stall_after: int | None = None  # each body stops after this many bytes (until truth())
     drop_after: int | None = None  # each body hangs up after this many bytes (a dropped link)
     ignore_range: bool = False  # answer Range requests with the whole body (200)
+    api_drops: int = 0  # hang up without an answer on this many repo info calls (then answer)
     released: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def listing(self, info: dict) -> dict:

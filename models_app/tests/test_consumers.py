@@ -13,7 +13,7 @@ from models_app.models import Model, ModelStatus
 from models_app.relay import MODELS_SOURCE
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
-ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1:8000")]
 
 
 def make_row(**fields) -> Model:
