@@ -7,7 +7,6 @@ text_field, revision?, access_token?, name?} → 202 with the queued Hub import.
 
 from __future__ import annotations
 
-import json
 from functools import wraps
 
 from django.http import HttpRequest, JsonResponse
@@ -16,7 +15,7 @@ from ninja.decorators import decorate_view
 
 from mistudio.apischema import ERRORS
 from mistudio.errors import Invalid, ServiceError
-from mistudio.validation import validated
+from mistudio.validation import json_object, validated
 
 from . import selectors, services
 from .models import Dataset
@@ -70,17 +69,11 @@ def _upload_guard(run):
 
 
 def _json_object(request: HttpRequest) -> dict:
-    try:
-        body = json.loads(request.body or b"")
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
-        raise ServiceError(
-            "Send a JSON object {hf_dataset_id, split, text_field, revision?} or a"
-            " multipart upload with a file.",
-            code="bad_json",
-        )
-    return body
+    return json_object(
+        request.body or b"",
+        hint="a JSON object {hf_dataset_id, split, text_field, revision?} or a multipart"
+        " upload with a file",
+    )
 
 
 def _create_from_upload(request: HttpRequest) -> Dataset:

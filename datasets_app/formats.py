@@ -7,11 +7,13 @@ writes to a temporary name and renames it into place only when every row was rea
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
 import json
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ TEXTS_FILE = "texts.jsonl"
 PREVIEW_ROWS = 5
 PREVIEW_CHARS = 300
 PARQUET_BATCH_ROWS = 1024
+LINE_PIECE_BYTES = 256 * 1024  # a normalized line longer than this is read in pieces this big
 # A CSV cell can hold a whole document; the csv module's default cap is 128 KiB.
 csv.field_size_limit(2**31 - 1)
 
@@ -97,9 +100,66 @@ def _utf8(line: bytes, number: int) -> str:
     return text.removeprefix("\ufeff") if number == 1 else text
 
 
-def _read_txt(path: Path, text_field: str | None, meter: Meter) -> Iterator[str]:
-    for _, line in _decoded_lines(path, meter):
-        yield line.rstrip("\r\n")
+def _read_txt(path: Path, text_field: str | None, meter: Meter) -> Iterator[str | Iterator[str]]:
+    """Each line without its line break; a line over LINE_PIECE_BYTES as an iterator of its text
+    in pieces (decoded as read, what is not read is skipped), so no line is ever held whole."""
+    with _binary(path, meter) as (stream, raw):
+        try:
+            number = 0
+            while line := stream.readline(LINE_PIECE_BYTES):
+                number += 1
+                meter.done = raw.tell()
+                if line.endswith(b"\n") or len(line) < LINE_PIECE_BYTES:
+                    yield _utf8(line, number).rstrip("\r\n")
+                    continue
+                long_line = _LongTxtLine(stream, raw, meter, line, number)
+                yield long_line.pieces()
+                long_line.skip_rest()
+        except (gzip.BadGzipFile, EOFError, zlib.error):
+            raise FormatError(f"{path.name} is not a valid gzip file.") from None
+
+
+class _LongTxtLine:
+    """One line of a text file too long to hold, decoded as strict UTF-8 a piece at a time."""
+
+    def __init__(self, stream, raw, meter: Meter, head: bytes, number: int):
+        self.stream, self.raw, self.meter = stream, raw, meter
+        self.head, self.number = head, number
+        self.ended = False
+
+    def _read(self) -> bytes:
+        chunk = self.stream.readline(LINE_PIECE_BYTES)
+        self.meter.done = self.raw.tell()
+        self.ended = not chunk or chunk.endswith(b"\n")
+        return chunk
+
+    def pieces(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        chunk, self.head, carry, done = self.head, b"", "", 0
+        while True:
+            try:
+                text = carry + decoder.decode(chunk, final=self.ended)
+            except UnicodeDecodeError as exc:
+                raise FormatError(
+                    f"Line {self.number} is not valid UTF-8 text (byte {done + exc.start + 1} of"
+                    " the line). Save the file with UTF-8 encoding and try again."
+                ) from None
+            if done == 0 and self.number == 1:
+                text = text.removeprefix("\ufeff")
+            done += len(chunk)
+            if self.ended:
+                if text := text.rstrip("\r\n"):
+                    yield text
+                return
+            kept = text.rstrip("\r")  # a \r right before the line break is not text
+            carry = text[len(kept) :]
+            if kept:
+                yield kept
+            chunk = self._read()
+
+    def skip_rest(self) -> None:
+        while not self.ended:
+            self._read()
 
 
 JSON_TYPES = {
@@ -242,6 +302,24 @@ def _json_line(text: str) -> bytes:
         return (json.dumps(text) + "\n").encode("ascii")
 
 
+def _write_pieces(out, pieces: Iterator[str]) -> str | None:
+    """Write one text given in pieces as one JSON line, streaming; returns its first characters
+    (enough for a preview), or None, with nothing written, when it is all whitespace."""
+    start, head, blank = out.tell(), "", True
+    out.write(b'"')
+    for piece in pieces:
+        blank = blank and not piece.strip()
+        out.write(json.dumps(piece, ensure_ascii=False)[1:-1].encode("utf-8"))
+        if len(head) <= PREVIEW_CHARS:
+            head += piece[: PREVIEW_CHARS + 1]
+    if blank:
+        out.seek(start)
+        out.truncate()
+        return None
+    out.write(b'"\n')
+    return head
+
+
 def _preview_text(text: str) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS].rstrip() + "…"
 
@@ -280,9 +358,14 @@ def _write_rows(out, sources: list[Source], result: Normalized, ticker: _Ticker)
         meter = Meter()
         try:
             for text in texts_read(source.path, source.fmt, source.text_field, meter):
-                if not text.strip():
+                if not isinstance(text, str):
+                    text = _write_pieces(out, text)
+                    if text is None:
+                        continue
+                elif not text.strip():
                     continue
-                out.write(_json_line(text))
+                else:
+                    out.write(_json_line(text))
                 result.row_count += 1
                 if len(result.preview) < PREVIEW_ROWS:
                     result.preview.append(_preview_text(text))
@@ -330,3 +413,89 @@ def texts_iter(path: Path) -> Iterator[str]:
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             yield json.loads(line)
+
+
+def texts_stream(path: Path, piece_bytes: int = LINE_PIECE_BYTES) -> Iterator[str | Iterator[str]]:
+    """The texts of a normalized file in order, in memory bounded by `piece_bytes`.
+
+    A line up to `piece_bytes` comes as a str; a longer one as an iterator of its text in pieces
+    of at most about `piece_bytes` bytes, read and decoded only as far as the consumer goes (the
+    rest of the line is skipped unread when the next text is asked for). Raises FormatError for a
+    line that is not a JSON string.
+    """
+    with open(path, "rb") as fh:
+        while line := fh.readline(piece_bytes):
+            if line.endswith(b"\n") or len(line) < piece_bytes:
+                yield json.loads(line)
+                continue
+            long_line = _LongLine(fh, line, piece_bytes)
+            yield long_line.pieces()
+            long_line.skip_rest()
+
+
+# Complete units of a JSON string's inside: bytes other than a quote, a backslash or a control
+# character; \uXXXX; or a one-letter escape.
+_JSON_UNITS = re.compile(rb'(?:[^"\\\x00-\x1f]+|\\u[0-9a-fA-F]{4}|\\["\\/bfnrt])*')
+_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+
+
+class _LongLine:
+    """One line of texts.jsonl too long to hold: `"…"\n` decoded a piece at a time."""
+
+    def __init__(self, fh, head: bytes, piece_bytes: int):
+        self.fh, self.head, self.piece_bytes = fh, head, piece_bytes
+        self.ended = head.endswith(b"\n")  # the line's newline has been read
+
+    def _read(self) -> bytes:
+        more = self.fh.readline(self.piece_bytes)
+        self.ended = not more or more.endswith(b"\n")
+        return more
+
+    def pieces(self) -> Iterator[str]:
+        data = self.head.lstrip()
+        self.head = b""
+        if not data.startswith(b'"'):
+            raise FormatError("A long line of the dataset file is not a JSON string.")
+        data = data[1:]
+        while True:
+            k = _JSON_UNITS.match(data).end()
+            if data[k : k + 1] == b'"':  # the closing quote
+                if k:
+                    yield _json_piece(data[:k])
+                return
+            if len(data) - k >= 6:  # not an escape cut by the read: a malformed one
+                raise FormatError("A long line of the dataset file holds an invalid escape.")
+            k = _whole_chars(data, k)
+            if k:
+                yield _json_piece(data[:k])
+            data = data[k:]
+            if self.ended:
+                raise FormatError("A long line of the dataset file ends inside its text.")
+            data += self._read()
+
+    def skip_rest(self) -> None:
+        while not self.ended:
+            self._read()
+
+
+def _whole_chars(data: bytes, k: int) -> int:
+    """`k`, moved back so that data[:k] ends neither inside a UTF-8 character nor between the
+    two halves (\\uD8xx\\uDCxx) of an escaped surrogate pair."""
+    j = k
+    while j > 0 and k - j < 4 and 0x80 <= data[j - 1] < 0xC0:  # continuation bytes
+        j -= 1
+    if j > 0 and data[j - 1] >= 0xC0:  # a lead byte: is its character complete?
+        need = 2 if data[j - 1] < 0xE0 else 3 if data[j - 1] < 0xF0 else 4
+        if k - (j - 1) < need:
+            k = j - 1
+    if k >= 6 and _HIGH_SURROGATE.fullmatch(data, k - 6, k):
+        run = 0  # backslashes before the escape: an even run leaves it an escape
+        while k - 7 - run >= 0 and data[k - 7 - run] == 0x5C:
+            run += 1
+        if run % 2 == 0:
+            k -= 6
+    return k
+
+
+def _json_piece(raw: bytes) -> str:
+    return json.loads(b'"' + raw + b'"')

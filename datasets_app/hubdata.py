@@ -110,6 +110,7 @@ def files_download(
     local_dir: Path,
     on_bytes: Callable[[int], None],
     should_cancel: Callable[[], bool],
+    stall_s: float,
 ) -> list[Path]:
     """Fetch the split's files into `local_dir` (partial files stay inside it); return their
     paths in the preflight's order. `on_bytes(total so far)` is monotonic over all files;
@@ -120,6 +121,7 @@ def files_download(
             token=token,
             endpoint=endpoint,
             local_dir=local_dir,
+            stall_s=stall_s,
             on_bytes=on_bytes,
             should_cancel=should_cancel,
         )

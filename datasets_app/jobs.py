@@ -142,6 +142,7 @@ def _hub_files(row: Dataset, token: str | None) -> Normalized:
         token=token,
         endpoint=settings.HF_ENDPOINT,
         local_dir=raw,
+        stall_s=settings.HUB_STALL_SECONDS,
         on_bytes=tracker,
         should_cancel=lambda: Dataset.cancel_requested(row.pk),
     )

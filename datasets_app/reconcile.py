@@ -23,8 +23,9 @@ from .models import Dataset, DatasetSource, DatasetStatus
 log = logging.getLogger(__name__)
 
 STALE_MESSAGE = (
-    "The worker stopped during the import (it crashed or was restarted). Partial"
-    " files were removed; delete this entry and import the dataset again."
+    "The worker stopped sending signs of life during the import (it was stopped or restarted,"
+    " or lost the database). Partial files were removed; delete this entry and import the"
+    " dataset again."
 )
 
 

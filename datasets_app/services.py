@@ -274,8 +274,9 @@ def dataset_delete(dataset_id: str) -> None:
     Dataset.announce(dataset_id, "card.deleted")
 
 
-def dataset_texts(dataset_id: str) -> Iterator[str]:
-    """The dataset's texts in order, streamed from its normalized file (one str per row).
+def dataset_texts(dataset_id: str) -> Iterator[str | Iterator[str]]:
+    """The dataset's texts in order, streamed from its normalized file: one str per row, or for a
+    row too long to hold (formats.LINE_PIECE_BYTES) an iterator of its text in pieces.
 
     Checks eagerly: NotFound for an unknown id, Conflict when the dataset is not ready or its
     file is missing; the returned iterator then reads lazily.
@@ -290,7 +291,7 @@ def dataset_texts(dataset_id: str) -> Iterator[str]:
             " dataset and register it again.",
             code="missing_files",
         )
-    return formats.texts_iter(path)
+    return formats.texts_stream(path)
 
 
 def _free_name(stem: str) -> str:

@@ -5,6 +5,7 @@ Run: `python -m pytest docs/screenshots.py -p no:cacheprovider` then, if pngquan
 suite (pytest collects test_*.py only); the page watch still fails a run with a console error.
 """
 
+# ruff: noqa: F811  (the fixtures imported below are used by name as test parameters)
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,12 @@ from pathlib import Path
 import pytest
 
 from models_app.models import ExtractionJob
+from models_app.tests.browser.conftest import (  # noqa: F401  (the browser fixtures)
+    browser_context,
+    live,
+    page,
+    page_watch,
+)
 from models_app.tests.helpers import download, text_dataset, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

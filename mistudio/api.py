@@ -6,9 +6,11 @@ from django.conf import settings
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
+from ninja.parser import Parser
 from ninja.security import APIKeyCookie
 
 from mistudio.errors import ServiceError
+from mistudio.jsonparse import json_loads
 
 
 class SiteAuth(APIKeyCookie):
@@ -23,7 +25,16 @@ class SiteAuth(APIKeyCookie):
         return None if settings.LOGIN_REQUIRED else "local"
 
 
+class BoundedParser(Parser):
+    """JSON bodies through mistudio.jsonparse (nesting and number guards); a refusal is
+    django-ninja's 400 'Cannot parse request body'."""
+
+    def parse_body(self, request):
+        return json_loads(request.body)
+
+
 api = NinjaAPI(
+    parser=BoundedParser(),
     title="miStudio API",
     version="1",
     description="Model management, activation extraction and extraction templates.",

@@ -9,15 +9,15 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from mistudio.routing import websocket_urlpatterns  # noqa: E402
-from mistudio.wsauth import LoginRequiredWebsocket  # noqa: E402
+from mistudio.wsauth import LoginRequiredWebsocket, SameOriginWebsocket  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
+        # scheme, host and port of the Origin must match the socket's own (or a trusted origin)
+        "websocket": SameOriginWebsocket(
             AuthMiddlewareStack(LoginRequiredWebsocket(URLRouter(websocket_urlpatterns)))
         ),
     }

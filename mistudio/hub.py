@@ -8,13 +8,13 @@ to do, worded for the kind of repo (model or dataset).
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_download
+import httpx2
+from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -24,24 +24,30 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from tqdm.auto import tqdm
 
 from mistudio.errors import Invalid, is_disk_full, room_check
+from mistudio.transfer import (
+    TransferCancelled,
+    TransferError,
+    Wanted,
+    cache_fetch,
+    local_fetch,
+)
 
 # owner/name, each part ASCII letters, digits, '.', '_' or '-', not starting with '.' or '-'.
 REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 REPO_ID_MAX = 96
 BLOB_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-
-# huggingface_hub streams in 10 MiB chunks and reports progress once per chunk: at a slow link
-# (100 kB/s) the bar froze for seconds and a cancel waited for the chunk. 64 KiB keeps the bar
-# moving and the cancel prompt at any rate. Read at call time.
-constants.DOWNLOAD_CHUNK_SIZE = 64 * 1024
-# The cancel flag is a database read: polled every CANCEL_POLL_SECONDS or CANCEL_POLL_BYTES,
-# whichever comes first (prompt at a slow link, a bounded share of the bytes at a fast one).
-CANCEL_POLL_SECONDS = 0.2
-CANCEL_POLL_BYTES = 1024 * 1024
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# A file name the Hub lists: relative '/'-separated parts of printable characters, none empty,
+# '.' or '..', no backslash or colon (Windows drive/stream tricks), at most 255 bytes a part.
+FILE_PART_RE = re.compile(r"^[^\x00-\x1f\x7f/\\:]{1,255}$")
+FILE_NAME_MAX = 1024
+LISTING_FILES_MAX = 100_000
+STALL_S_DEFAULT = 60.0
+SMALL_FILE_MAX = 16 * 1024 * 1024  # a config, an index: larger is not one
+API_RETRIES = 3  # transient network errors on API calls are retried before the user sees them
 
 
 class HubError(Invalid):
@@ -163,24 +169,90 @@ def api(endpoint: str) -> HfApi:
     return HfApi(endpoint=endpoint, library_name="mistudio")
 
 
+def _transient(exc: Exception) -> bool:
+    """A network hiccup worth one more try (a dropped or refused connection, a 502/503/504)."""
+    if isinstance(exc, httpx2.TransportError) and not isinstance(exc, httpx2.ProxyError):
+        return True
+    response = getattr(exc, "response", None)
+    return isinstance(exc, HfHubHTTPError) and getattr(response, "status_code", None) in (
+        502, 503, 504,
+    )  # fmt: skip
+
+
+def _with_retries(call: Callable[[], object]) -> object:
+    """`call()`, retried on transient network errors (API_RETRIES attempts in all)."""
+    for attempt in range(API_RETRIES):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless transient
+            if attempt == API_RETRIES - 1 or not _transient(exc):
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def repo_listing(repo_id: str, *, repo_type: str, revision: str, token: str | None,
                  endpoint: str) -> Listing:  # fmt: skip
-    """The repo's files with sizes at `revision` (one Hub call, no file content)."""
+    """The repo's files with sizes at `revision` (one Hub call, no file content).
+
+    Everything the answer gives that later becomes a path, a revision or a database field is
+    validated here (listing_check); a listing that fails is refused (HubError 502, bad_listing)
+    before any file is fetched."""
     hub = api(endpoint)
     try:
         # the repo's info is public even when its files are gated: ask whether we may read them
-        hub.auth_check(repo_id, repo_type=repo_type, token=token or False)
-        info = hub.repo_info(
+        _with_retries(lambda: hub.auth_check(repo_id, repo_type=repo_type, token=token or False))
+        info = _with_retries(lambda: hub.repo_info(
             repo_id, repo_type=repo_type, revision=revision, files_metadata=True,
             token=token or False,
-        )  # fmt: skip
+        ))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
         raise hub_error(
             exc, repo_id, endpoint, has_token=bool(token), repo_type=repo_type
         ) from None
-    files = [RepoFile(s.rfilename, int(s.size or 0), _blob_id(s)) for s in (info.siblings or [])]
+    siblings = list(info.siblings or [])
+    if len(siblings) > LISTING_FILES_MAX:
+        raise _bad_listing(repo_id, f"it lists {len(siblings):,} files")
+    files = [RepoFile(s.rfilename, s.size, _blob_id(s)) for s in siblings]
     gated = bool(getattr(info, "gated", False))
-    return Listing(repo_id, info.sha or revision, files, gated, repo_type)
+    return listing_check(Listing(repo_id, info.sha, files, gated, repo_type))
+
+
+def _bad_listing(repo_id: str, why: str) -> HubError:
+    return HubError(
+        f"The Hub's answer for {repo_id} is not valid ({why}); nothing was downloaded."
+        " Check HF_ENDPOINT if it points to a mirror.",
+        code="bad_listing",
+        status=502,
+    )
+
+
+def file_name_ok(name: object) -> bool:
+    """A repo file name we may turn into a path: relative, '/'-separated, no empty, '.' or '..'
+    part, no backslash, colon or control character."""
+    if not isinstance(name, str) or not name or len(name.encode()) > FILE_NAME_MAX:
+        return False
+    parts = name.split("/")
+    return all(FILE_PART_RE.fullmatch(p) and p not in (".", "..") for p in parts)
+
+
+def listing_check(listing: Listing) -> Listing:
+    """`listing` unchanged when its commit is 40 hex, every file name is file_name_ok, names
+    are unique, every size is a non-negative int and every file has a hex blob id; HubError
+    (bad_listing) naming the first bad value otherwise."""
+    repo_id = listing.repo_id
+    if not isinstance(listing.commit_sha, str) or not COMMIT_RE.fullmatch(listing.commit_sha):
+        raise _bad_listing(repo_id, f"the commit {str(listing.commit_sha)[:60]!r} is not a sha")
+    seen: set[str] = set()
+    for f in listing.files:
+        if not file_name_ok(f.name) or f.name in seen:
+            raise _bad_listing(repo_id, f"the file name {str(f.name)[:80]!r} is not allowed")
+        seen.add(f.name)
+        if type(f.size) is not int or f.size < 0:
+            raise _bad_listing(repo_id, f"{f.name} has no valid size")
+        if not BLOB_RE.fullmatch(f.blob):
+            raise _bad_listing(repo_id, f"{f.name} has no checksum")
+    return listing
 
 
 SEARCH_LIMIT_MAX = 50
@@ -230,45 +302,12 @@ def disk_check(path: Path, needed: int, margin: int) -> None:
     room_check(path, needed, margin, what="the download", error=HubError)
 
 
-class _ByteCounter:
-    """Counts bytes of the file in flight across the progress bars huggingface_hub opens for it."""
+def _wanted(listing: Listing, f: RepoFile) -> Wanted:
+    return Wanted(listing.repo_id, listing.repo_type, listing.commit_sha, f.name, f.size, f.blob)
 
-    def __init__(self, on_bytes: Callable[[int], None], should_cancel: Callable[[], bool]):
-        self.on_bytes = on_bytes
-        self.should_cancel = should_cancel
-        self.current = 0
-        self.lock = threading.Lock()
-        self.polled_at = 0.0
-        self.polled_bytes = 0
 
-    def bar_class(self) -> type[tqdm]:
-        counter = self
-
-        class _Bar(tqdm):
-            def __init__(self, *args, **kwargs):
-                kwargs["disable"] = True  # we report progress ourselves; keep worker logs clean
-                super().__init__(*args, **kwargs)
-                self._done = int(kwargs.get("initial") or 0)
-
-            def update(self, n=1):
-                self._done += int(n or 0)
-                counter.seen(self._done)
-                return None
-
-        return _Bar
-
-    def seen(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.polled_at >= CANCEL_POLL_SECONDS or done - self.polled_bytes >= (
-            CANCEL_POLL_BYTES
-        ):
-            self.polled_at, self.polled_bytes = now, done
-            if self.should_cancel():
-                raise DownloadCancelled()
-        with self.lock:
-            if done > self.current:
-                self.current = done
-                self.on_bytes(done)
+def _transfer_error(exc: TransferError) -> HubError:
+    return HubError(exc.message, code=exc.code, status=exc.status)
 
 
 def files_fetch(
@@ -280,55 +319,63 @@ def files_fetch(
     should_cancel: Callable[[], bool],
     cache_dir: Path | None = None,
     local_dir: Path | None = None,
+    stall_s: float = STALL_S_DEFAULT,
 ) -> list[Path]:
-    """Fetch the listing's files in order (into the HF cache, or `local_dir`), pinned to its
-    commit; return their local paths.
+    """Fetch the listing's files in order (into the HF cache at `cache_dir`, or `local_dir`),
+    pinned to its commit; return their local paths.
 
     `on_bytes(total_done)` gets the running byte count over all files (monotonic);
-    `should_cancel()` is polled between files and, while bytes flow, every CANCEL_POLL_SECONDS
-    or CANCEL_POLL_BYTES (raises DownloadCancelled).
-    Hub failures become HubError (see hub_error); a full disk says so.
+    `should_cancel()` is polled on every chunk and between files (raises DownloadCancelled).
+    No new byte for `stall_s` seconds, a file longer than listed or one that does not match its
+    listed checksum ends the download with a HubError naming the file (its partial bytes
+    removed); Hub failures become HubError (see hub_error); a full disk says so.
     """
-    repo_id, repo_type = listing.repo_id, listing.repo_type
+    listing_check(listing)
     done_before, paths = 0, []
     for f in listing.files:
         if should_cancel():
             raise DownloadCancelled()
-        counter = _ByteCounter(
-            lambda n, base=done_before, cap=f.size: on_bytes(base + min(n, cap)), should_cancel
-        )
+        transfer = {
+            "token": token, "endpoint": endpoint, "stall_s": stall_s,
+            "on_bytes": lambda n, base=done_before: on_bytes(base + n),
+            "should_cancel": should_cancel,
+        }  # fmt: skip
         try:
-            path = hf_hub_download(
-                repo_id,
-                f.name,
-                repo_type=repo_type,
-                revision=listing.commit_sha,
-                token=token or False,
-                endpoint=endpoint,
-                cache_dir=cache_dir,
-                local_dir=local_dir,
-                tqdm_class=counter.bar_class(),
-            )
-        except DownloadCancelled:
-            raise
+            if local_dir is not None:
+                path = local_fetch(_wanted(listing, f), local_dir=local_dir, **transfer)
+            else:
+                path = cache_fetch(_wanted(listing, f), cache_dir=cache_dir, **transfer)
+        except TransferCancelled:
+            raise DownloadCancelled() from None
+        except TransferError as exc:
+            raise _transfer_error(exc) from None
         except Exception as exc:  # noqa: BLE001 - every Hub failure is mapped to a message
             raise hub_error(
-                exc, repo_id, endpoint, has_token=bool(token), repo_type=repo_type
-            ) from None
+                exc, listing.repo_id, endpoint, has_token=bool(token),
+                repo_type=listing.repo_type,
+            ) from None  # fmt: skip
         done_before += f.size
         on_bytes(done_before)
-        paths.append(Path(path))
+        paths.append(path)
     return paths
 
 
-def file_fetch(repo_id: str, name: str, *, revision: str, token: str | None, endpoint: str,
-               cache_dir: Path) -> Path:  # fmt: skip
-    """One small file into the HF cache (a config), without progress; HubError on failure."""
-    try:
-        path = hf_hub_download(
-            repo_id, name, revision=revision, token=token or False, endpoint=endpoint,
-            cache_dir=cache_dir,
-        )  # fmt: skip
-    except Exception as exc:  # noqa: BLE001
-        raise hub_error(exc, repo_id, endpoint, has_token=bool(token)) from None
-    return Path(path)
+def file_fetch(listing: Listing, name: str, *, token: str | None, endpoint: str,
+               cache_dir: Path, limit: int = SMALL_FILE_MAX,
+               stall_s: float = 20.0) -> Path:  # fmt: skip
+    """One small listed file (a config, an index) into the HF cache at the listing's commit,
+    without progress; HubError when it is not listed, larger than `limit`, or fails."""
+    f = next((f for f in listing.files if f.name == name), None)
+    if f is None:
+        raise HubError(f"{listing.repo_id} has no {name}.", code="no_file", status=404)
+    if f.size > limit:
+        raise HubError(
+            f"{name} of {listing.repo_id} is {f.size:,} bytes; that is not a file we read"
+            f" (at most {limit:,}).",
+            code="bad_file",
+        )
+    one = Listing(listing.repo_id, listing.commit_sha, [f], listing.gated, listing.repo_type)
+    return files_fetch(
+        one, token=token, endpoint=endpoint, cache_dir=cache_dir, on_bytes=lambda n: None,
+        should_cancel=lambda: False, stall_s=stall_s,
+    )[0]  # fmt: skip

@@ -3,8 +3,27 @@ import). One place, so there are never two different batch-size rules."""
 
 from __future__ import annotations
 
-HOOK_TYPES = ("residual", "mlp", "attention")
-HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": "Attention Output"}
+# Per-layer sites (named as the seed did; TransformerLens names in comments) and the final norm.
+HOOK_TYPES = ("residual", "mlp", "attention", "resid_pre", "z", "ln_final")
+HOOK_LABELS = {
+    "residual": "Residual Stream",  # blocks.{i}.hook_resid_post
+    "mlp": "MLP Output",  # blocks.{i}.hook_mlp_out
+    "attention": "Attention Output",  # blocks.{i}.hook_attn_out
+    "resid_pre": "Block Input",  # blocks.{i}.hook_resid_pre
+    "z": "Attention Heads (z)",  # blocks.{i}.attn.hook_z
+    "ln_final": "Final Norm Output",  # ln_final.hook_normalized
+}
+MODULE_SITES_MAX = 16  # advanced: module paths read as they are, per job
+MODULE_PATH_MAX = 300
+MODULE_IO = ("output", "input")
+# Special-token strings found in a dataset's text (`<s>`, `<|im_start|>` …): plain text, or parsed
+# as the special tokens (chat-formatted data). Same values as models_app.ml.tokens.SPECIAL_TOKENS.
+SPECIAL_TOKENS = ("text", "parse")
+SPECIAL_TOKENS_LABELS = {
+    "text": "Plain text: only our own BOS/EOS ids appear",
+    "parse": "Special tokens: for chat-formatted data",
+}
+DEFAULT_SPECIAL_TOKENS = "text"
 
 LAYER_INDEX_MAX = 1023  # no released decoder has more blocks; the model bound is checked on use
 LAYERS_PER_JOB_MAX = 256

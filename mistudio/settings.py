@@ -70,6 +70,9 @@ MODELS_CACHE_DIR = Path(
     or Path(env_str("HF_HOME", str(Path.home() / ".cache" / "huggingface"))) / "hub"
 ).expanduser()
 HUB_TIMEOUT_SECONDS = float(env_str("MISTUDIO_HUB_TIMEOUT", "20"))
+# A download that receives no new byte for this long ends with a message (a slow but moving
+# one never does); its partial files are removed.
+HUB_STALL_SECONDS = float(env_str("MISTUDIO_HUB_STALL_S", "60"))
 
 
 def _secret_key() -> str:
@@ -255,6 +258,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 # Dataset uploads are refused above this size (checked before the body is parsed). Files up to
 # the inline size are normalized in the request (a bad line is a 4xx at once), larger by a worker.
+# The largest request body of any route but the dataset upload, refused at the headers by the
+# web server (mistudio.webserver) before a byte of it is read.
+REQUEST_BODY_MAX_BYTES = env_int("MISTUDIO_REQUEST_MAX_MB", 4) * 1024 * 1024
 DATASET_UPLOAD_MAX_BYTES = env_int("MISTUDIO_DATASET_UPLOAD_MAX_MB", 2048) * 1024 * 1024
 DATASET_INLINE_MAX_BYTES = env_int("MISTUDIO_DATASET_INLINE_MAX_MB", 64) * 1024 * 1024
 

@@ -3,15 +3,17 @@ readable line from pydantic errors, without echoing the input back (it may hold 
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 from ninja.errors import ValidationError as NinjaValidationError
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from mistudio import limits
 from mistudio.errors import Invalid
 from mistudio.hub import HubError, repo_id_clean, revision_clean
+from mistudio.jsonparse import JSONRefused, json_loads
 
 TOKEN_MAX = 500
 
@@ -24,6 +26,9 @@ FIELD_LABELS = {
     "dataset_id": "Dataset",
     "layers": "Layers",
     "hook_types": "Hook types",
+    "module_sites": "Module paths",
+    "path": "Module path",
+    "io": "Input or output",
     "batch_size": "Batch size",
     "max_samples": "Max samples",
     "context_size": "Context size",
@@ -79,17 +84,19 @@ def error_list(exc: ValidationError) -> list[dict]:
     return out
 
 
-def json_object(body: bytes, *, optional: bool = False) -> dict:
-    """A request body parsed as a JSON object ({} for an empty optional body); Invalid (422)
-    otherwise."""
+def json_object(body: bytes, *, optional: bool = False, hint: str = "") -> dict:
+    """A request body parsed as a JSON object ({} for an empty optional body) by the one JSON
+    path (mistudio.jsonparse: nesting and number guards); Invalid (422) otherwise, saying why
+    when the JSON itself was refused. `hint`: what the route takes, for the message."""
     if optional and not body.strip():
         return {}
+    why = ""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        data = None
+        data = json_loads(body)
+    except ValueError as exc:
+        data, why = None, f" (refused: {exc})" if isinstance(exc, JSONRefused) else ""
     if not isinstance(data, dict):
-        raise Invalid("Send a JSON object as the request body.", code="bad_json")
+        raise Invalid(f"Send {hint or 'a JSON object'} as the request body{why}.", code="bad_json")
     return data
 
 
@@ -110,3 +117,60 @@ def validation_message(exc: ValidationError) -> str:
         label = FIELD_LABELS.get(err["field"], err["field"] or "Input")
         parts.append(f"{label}: {err['message']}")
     return " ".join(parts) or "Invalid input."
+
+
+def _module_path_clean(value: str) -> str:
+    value = value.strip()
+    if not _MODULE_PATH_RE.fullmatch(value):
+        raise ValueError(
+            "is a dotted module path of the model, e.g. model.layers.3.mlp.down_proj "
+            "(letters, digits, _ and dots)."
+        )
+    return value
+
+
+_MODULE_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+class ModuleSite(BaseModel):
+    """An advanced capture site: a module path of the model, read at its input or output. The
+    path's existence and shape are checked against the model by the extraction service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Annotated[
+        str,
+        Field(min_length=1, max_length=limits.MODULE_PATH_MAX),
+        AfterValidator(_module_path_clean),
+    ]
+    io: Literal[limits.MODULE_IO] = "output"  # type: ignore[valid-type]
+
+
+def _module_sites_clean(value: list[ModuleSite]) -> list[ModuleSite]:
+    seen: dict[tuple[str, str], ModuleSite] = {}
+    for site in value:
+        seen.setdefault((site.path, site.io), site)
+    return list(seen.values())
+
+
+ModuleSites = Annotated[
+    list[ModuleSite],
+    Field(max_length=limits.MODULE_SITES_MAX),
+    AfterValidator(_module_sites_clean),
+]
+
+
+def module_sites_from_text(text: str | None) -> list[dict]:
+    """The modal's module-path field, one site a line: `PATH` (its output) or `PATH input` /
+    `PATH output`; blank lines are skipped. Validation is ModuleSite's."""
+    sites = []
+    for line in (text or "").splitlines():
+        path, *rest = line.split() or [""]
+        if path:
+            sites.append({"path": path, "io": " ".join(rest) or "output"})
+    return sites
+
+
+def module_sites_text(sites: list[dict]) -> str:
+    """Inverse of module_sites_from_text."""
+    return "\n".join(f"{site['path']} {site['io']}" for site in sites)

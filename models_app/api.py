@@ -9,7 +9,7 @@ from mistudio.apischema import ERRORS
 from mistudio.humanize import bytes_h, params_h
 from mistudio.validation import json_object, validated
 
-from . import extraction, selectors, services
+from . import extraction, selectors, services, sites
 from .models import ExtractionJob, Model
 from .schemas import (
     AddCachedIn,
@@ -23,6 +23,8 @@ from .schemas import (
     RetryIn,
     SearchIn,
     SearchOut,
+    SiteOut,
+    SitesIn,
 )
 
 router = Router(tags=["models"])
@@ -118,6 +120,12 @@ def extraction_json(job: ExtractionJob) -> dict:
 def models_extract(request: HttpRequest, model_id: str, payload: ExtractionIn):
     job = extraction.extraction_start(model_id=model_id, **payload.model_dump())
     return 202, {"extraction_id": job.pk, "status": job.status}
+
+
+@router.post("/{model_id}/sites", response={200: list[SiteOut], **ERRORS})
+def models_sites(request: HttpRequest, model_id: str, payload: SitesIn):
+    """Check sites against the model before an extraction: each with its module and shape."""
+    return sites.sites_check(model_id, **payload.model_dump())
 
 
 @router.get("/{model_id}/extractions", response={200: list[ExtractionOut], **ERRORS})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.core.checks import Error, register
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 LOOPBACK_HOST_NAMES = LOOPBACK | {"[::1]"}
@@ -11,6 +13,13 @@ LOOPBACK_HOST_NAMES = LOOPBACK | {"[::1]"}
 
 def serving_is_safe(host: str, login_required: bool) -> bool:
     return host in LOOPBACK or login_required
+
+
+def migrations_pending() -> list[str]:
+    """Names ("app.0002_name") of the migrations the database has not applied yet."""
+    executor = MigrationExecutor(connection)
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    return [f"{m.app_label}.{m.name}" for m, _backwards in plan]
 
 
 @register()

@@ -19,12 +19,16 @@ from transformers import AutoTokenizer
 
 from datasets_app.models import Dataset
 from datasets_app.services import dataset_texts
+from datasets_app.storage import texts_path
+from mistudio import limits
 from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_check
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
 from .jobs import enqueue_gpu
+from .ml.export import ExportError, export_saelens
 from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec, run_extraction
-from .ml.storage import sequence_bytes, storage_dtype
+from .ml.reader import ReaderError
+from .ml.storage import sequence_bytes, sha256_file, storage_dtype
 from .models import (
     EXTRACTION_ACTIVE,
     ExtractionJob,
@@ -35,6 +39,7 @@ from .models import (
 )
 from .resident import model_resident
 from .selectors import device, extraction_get, model_get
+from .sites import extraction_sites
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes
@@ -74,10 +79,13 @@ def _check_against_model(model: Model, layers: list[int], context_size: int) -> 
         )
 
 
-def output_bytes_estimate(model: Model, n_sites: int, max_samples: int, context_size: int) -> int:
-    """Upper bound of the bytes an extraction writes on the GPU worker's device."""
+def output_bytes_estimate(
+    model: Model, widths: list[int], max_samples: int, context_size: int
+) -> int:
+    """Upper bound of the bytes an extraction writes on the GPU worker's device; widths: the
+    size of one token's tensor at each site."""
     dtype = storage_dtype(device())
-    return n_sites * max_samples * sequence_bytes(model.hidden_dim or 1, context_size, dtype)
+    return max_samples * sum(sequence_bytes(d, context_size, dtype) for d in widths)
 
 
 def _disk_check(needed: int) -> None:
@@ -113,13 +121,16 @@ def extraction_start(
     batch_size: int,
     max_samples: int,
     context_size: int | None = None,
+    special_tokens: str = limits.DEFAULT_SPECIAL_TOKENS,
+    module_sites: list[dict] | None = None,
     out: Path | None = None,
     enqueue: bool = True,
 ) -> ExtractionJob:
     """Validate against the real model and dataset, check disk, queue the job on the GPU worker.
 
     Inputs are already shape-checked by `schemas.ExtractionIn`. Raises Conflict (409) for a model
-    or dataset that is not ready, Invalid (422) for layers/context the model lacks or a full disk.
+    or dataset that is not ready, Invalid (422) for layers/context the model lacks, a site that
+    does not exist on it (see sites.extraction_sites) or a full disk.
     `out` (CLI) writes somewhere else than ACTIVATIONS_DIR/<id>; `enqueue=False` leaves the job
     queued for the caller to run in-process (Conflict while another extraction runs).
     """
@@ -128,11 +139,12 @@ def extraction_start(
     model = model_get(model_id)
     context_size = context_size or default_context_size(model)
     _check_against_model(model, layers, context_size)
+    module_sites = [dict(site) for site in module_sites or []]
+    sites = extraction_sites(model, layers=layers, hook_types=hook_types, module_sites=module_sites)
     dataset = _dataset(dataset_id)
     out = _out_dir_check(out) if out else None
-    _disk_check(
-        output_bytes_estimate(model, len(layers) * len(hook_types), max_samples, context_size)
-    )
+    widths = [site["d"] or model.hidden_dim or 1 for site in sites]
+    _disk_check(output_bytes_estimate(model, widths, max_samples, context_size))
     job_id = new_extraction_id()
     job = ExtractionJob.objects.create(
         id=job_id,
@@ -141,9 +153,11 @@ def extraction_start(
         dataset_name=dataset.name,
         layers=layers,
         hook_types=hook_types,
+        module_sites=module_sites,
         batch_size=batch_size,
         max_samples=max_samples,
         context_size=context_size,
+        special_tokens=special_tokens,
         phase="waiting for the GPU worker",
         output_path=str(out or output_dir(job_id)),
     )
@@ -191,7 +205,8 @@ def extraction_files_remove(job: ExtractionJob) -> None:
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(local_path: str):
+def model_tokenizer(local_path: str):
+    """The model's own tokenizer from its local snapshot (never remote code), cached."""
     return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
 
 
@@ -200,25 +215,31 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
     spec = ExtractionSpec(
         layers=job.layers,
         hook_types=job.hook_types,
+        module_sites=list(job.module_sites or []),
         context_size=job.context_size,
         batch_size=job.batch_size,
         max_samples=job.max_samples,
         shard_bytes=settings.EXTRACTION_SHARD_BYTES,
+        special_tokens=job.special_tokens,
     )
     row = job.model
     meta = {
         "model_id": row.pk,
         "repo": row.hf_repo_id,
+        "revision": row.revision,
         "commit": row.commit_sha,
         "quantization": row.quantization,
         "backend": report.backend,
+        "tokenizer": row.hf_repo_id,  # the model's own tokenizer, at the model's commit
+        "tokenizer_revision": row.commit_sha,
         "dataset_id": job.dataset_id,
+        "dataset": _dataset_provenance(job),
         "extraction_id": job.pk,
     }
     ExtractionJob.touch(job.pk, phase="extracting")
     return run_extraction(
         model,
-        _tokenizer(row.local_path),
+        model_tokenizer(row.local_path),
         dataset_texts(job.dataset_id),
         spec,
         Path(job.output_path),
@@ -226,6 +247,22 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         on_progress=_Progress(job.pk),
         should_cancel=lambda: ExtractionJob.cancel_requested(job.pk),
     )
+
+
+def _dataset_provenance(job: ExtractionJob) -> dict:
+    """Name, source and the sha256 of the normalized texts the job reads (to redo the run)."""
+    ds = job.dataset
+    if ds is None:
+        return {}
+    source = (
+        {"hf_dataset_id": ds.hf_dataset_id, "split": ds.split, "commit": ds.commit_sha,
+         "text_field": ds.text_field}
+        if ds.source == "hub"
+        else {"file": ds.original_filename, "text_field": ds.text_field}
+    )  # fmt: skip
+    path = texts_path(ds.pk)
+    return {"name": ds.name, "source": ds.source, **source, "rows": ds.row_count,
+            "texts_sha256": sha256_file(path) if path.is_file() else None}  # fmt: skip
 
 
 def _completed(job: ExtractionJob, manifest: dict) -> None:
@@ -322,3 +359,19 @@ def extractions_remove_for_model(model: Model) -> None:
         raise Conflict(f"An extraction of {model.hf_repo_id} is running; cancel it first.")
     for job in model.extractions.all():
         extraction_files_remove(job)
+
+
+def extraction_export(extraction_id: str, out: Path, *, sites=None, dtype=None, on_progress=None):
+    """Export a completed extraction as the `datasets` folder SAELens trains from (ml/export.py);
+    returns the folder. Invalid (400) for a bad site, dtype or existing folder, or a missing or
+    altered shard; Conflict (409) while the extraction is not completed."""
+    job = extraction_get(extraction_id)
+    if job.status != ExtractionStatus.COMPLETED:
+        raise Conflict(
+            f"Extraction {job.pk} is {job.status}: only a completed one can be exported."
+        )
+    try:
+        return export_saelens(job.output_path, Path(out), sites=sites, dtype=dtype,
+                              on_progress=on_progress)  # fmt: skip
+    except (ExportError, ReaderError) as exc:
+        raise Invalid(str(exc)) from exc

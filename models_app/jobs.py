@@ -16,6 +16,7 @@ from mistudio.hub import DownloadCancelled, HubError, disk_check
 from mistudio.jobs import ByteRate, enqueue
 
 from . import repo
+from .ml.filecheck import FileCheckError, snapshot_check
 from .models import HubCredential, Model, ModelStatus
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,10 @@ def model_download_run(model_id: str, *, queue_load_check: bool = True) -> None:
         partial_files_remove(Model.objects.get(pk=model_id))
         job_fail(model_id, exc.message)
         return
+    except FileCheckError as exc:  # fetched whole, but not a file we hand to transformers
+        model_files_remove(Model.objects.get(pk=model_id))
+        job_fail(model_id, f"The download was refused: {exc}")
+        return
     finally:
         token = None
     HubCredential.drop(model_id)
@@ -168,8 +173,10 @@ def _files_fetch(row: Model, token: str | None) -> tuple[repo.Preflight, Path]:
         token=token,
         endpoint=settings.HF_ENDPOINT,
         cache_dir=settings.MODELS_CACHE_DIR,
+        stall_s=settings.HUB_STALL_SECONDS,
         on_bytes=tracker,
         should_cancel=lambda: Model.cancel_requested(row.pk),
     )
     tracker.flush()
+    snapshot_check(snapshot)  # headers and JSON files only: bounded, before any GPU step
     return pre, snapshot

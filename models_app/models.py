@@ -9,6 +9,7 @@ from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 
+from mistudio import limits
 from mistudio.jobs import ByteCounts, Job
 from mistudio.secretbox import SealedToken
 
@@ -156,10 +157,18 @@ class ExtractionJob(Job):
     dataset_name = models.CharField(max_length=255, blank=True)
     layers = models.JSONField()
     hook_types = models.JSONField()
+    # advanced sites: [{"path": "model.layers.3.mlp.down_proj", "io": "output"}, …]
+    module_sites = models.JSONField(default=list, blank=True)
     batch_size = models.PositiveIntegerField()
     batch_size_used = models.PositiveIntegerField(null=True, blank=True)
     max_samples = models.PositiveIntegerField()
     context_size = models.PositiveIntegerField()
+    # Special-token strings in the texts: plain text or parsed (limits.SPECIAL_TOKENS)
+    special_tokens = models.CharField(
+        max_length=8,
+        choices=[(v, v) for v in limits.SPECIAL_TOKENS],
+        default=limits.DEFAULT_SPECIAL_TOKENS,
+    )
 
     status = models.CharField(
         max_length=16,

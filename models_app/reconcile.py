@@ -29,11 +29,15 @@ from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
 
 log = logging.getLogger(__name__)
 
+# What the reconciler knows is only that the job's heartbeat stopped: the worker died or was
+# restarted, or could not reach the database. It never guesses a cause it did not see (a worker
+# that catches its own error, out of memory included, ends the row itself with that error).
 STALE_MESSAGES = {
-    ModelStatus.DOWNLOADING: "The download worker stopped during the download (it crashed or was"
-    " restarted). Partial files were removed; delete this entry and download again.",
-    ModelStatus.QUANTIZING: "The GPU worker stopped while loading the model (it crashed, possibly"
-    " out of memory). Try a smaller quantization, or delete this entry and download again.",
+    ModelStatus.DOWNLOADING: "The download worker stopped sending signs of life during the"
+    " download (it was stopped or restarted, or lost the database). Partial files were removed;"
+    " retry the download.",
+    ModelStatus.QUANTIZING: "The GPU worker stopped sending signs of life while loading the model"
+    " (it was stopped or restarted, or lost the database). Retry, or delete this entry.",
 }
 
 
@@ -45,9 +49,8 @@ def _stale_rows(cutoff):
 
 
 EXTRACTION_STALE = (
-    "The GPU worker stopped during this extraction (it crashed or was restarted,"
-    " possibly out of memory). Partial files were removed; start it again, perhaps"
-    " with a smaller batch size."
+    "The GPU worker stopped sending signs of life during this extraction (it was stopped or"
+    " restarted, or lost the database). Partial files were removed; start it again."
 )
 
 

@@ -7,7 +7,6 @@ No Django here: callers pass endpoint, token and cache dir explicitly (see mistu
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from mistudio.hub import (
     files_fetch,
     repo_listing,
 )
+from mistudio.jsonparse import JSONRefused, json_loads
 
 # Besides its weights, what a model needs to load: config, generation defaults, tokenizer.
 SUPPORT_FILES = frozenset({
@@ -166,31 +166,47 @@ def repo_preflight(
 def _json_file(
     listing: Listing, name: str, token: str | None, endpoint: str, cache_dir: Path, limit: int
 ) -> object:
-    size = next(f.size for f in listing.files if f.name == name)
-    if size > limit:
-        raise HubError(f"{name} is {size} bytes; that is not a JSON file we read.", code="bad_file")
     path = file_fetch(
-        listing.repo_id, name, revision=listing.commit_sha, token=token, endpoint=endpoint,
-        cache_dir=cache_dir,
-    )  # fmt: skip
+        listing, name, token=token, endpoint=endpoint, cache_dir=cache_dir, limit=limit
+    )
     try:
-        return json.loads(path.read_bytes()[: limit + 1])
+        return json_loads(path.read_bytes()[: limit + 1])
     except (OSError, ValueError):
         raise HubError(f"{name} is not valid JSON.", code="bad_file") from None
 
 
+CONFIG_MAX_BYTES = 4 * 1024 * 1024  # a config.json is a few KB
+
+
 def config_fetch(
-    repo_id: str, *, revision: str, token: str | None, endpoint: str, cache_dir: Path
+    repo_id: str,
+    *,
+    revision: str,
+    token: str | None,
+    endpoint: str,
+    cache_dir: Path,
+    listing: Listing | None = None,
 ) -> dict:
-    """Download config.json alone (a few KB) and return it parsed."""
+    """Download config.json alone (a few KB, at most CONFIG_MAX_BYTES) at the commit `listing`
+    pins (listed first when not given) and return it parsed. HubError when the repo has no
+    config.json or it is not a JSON object."""
+    if listing is None:
+        listing = repo_listing(
+            repo_id, repo_type="model", revision=revision, token=token, endpoint=endpoint
+        )
     path = file_fetch(
-        repo_id, "config.json", revision=revision, token=token, endpoint=endpoint,
-        cache_dir=cache_dir,
+        listing, "config.json", token=token, endpoint=endpoint, cache_dir=cache_dir,
+        limit=CONFIG_MAX_BYTES,
     )  # fmt: skip
     try:
-        return json.loads(path.read_text())
+        config = json_loads(path.read_bytes()[: CONFIG_MAX_BYTES + 1])
+    except JSONRefused as exc:
+        raise HubError(f"config.json is refused: {exc}.", code="bad_config") from None
     except (OSError, ValueError):
         raise HubError("config.json is not valid JSON.", code="bad_config") from None
+    if not isinstance(config, dict):
+        raise HubError("config.json is not a JSON object.", code="bad_config")
+    return config
 
 
 def files_download(preflight: Preflight, **fetch) -> Path:
@@ -239,7 +255,7 @@ def _complete_snapshot(repo_id: str, revision) -> CachedSnapshot | None:
     index = None
     if name := _index_name(files, allow_pickle=False):
         try:
-            index = json.loads((path / name).read_bytes()[: INDEX_MAX_BYTES + 1])
+            index = json_loads((path / name).read_bytes()[: INDEX_MAX_BYTES + 1])
         except (OSError, ValueError):
             return None
     try:

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, Field
 
 from mistudio import limits
 from mistudio.apischema import ByteCountsOut, JobOut
-from mistudio.validation import AccessToken, RepoId, Revision
+from mistudio.validation import AccessToken, ModuleSites, RepoId, Revision
 
 QuantizationName = Literal["FP16", "Q8", "Q4", "Q2"]
 
@@ -117,7 +117,8 @@ def _printable_id(value: str) -> str:
 
 
 LayerIndex = Annotated[int, Field(ge=0, le=limits.LAYER_INDEX_MAX)]
-HookType = Literal["residual", "mlp", "attention"]
+HookType = Literal[limits.HOOK_TYPES]  # type: ignore[valid-type]
+SpecialTokens = Literal[limits.SPECIAL_TOKENS]  # type: ignore[valid-type]
 
 
 class ExtractionSettings(Schema):
@@ -130,8 +131,11 @@ class ExtractionSettings(Schema):
         AfterValidator(_unique_sorted),
     ]
     hook_types: Annotated[
-        list[HookType], Field(min_length=1, max_length=3), AfterValidator(_unique_sorted)
+        list[HookType],
+        Field(min_length=1, max_length=len(limits.HOOK_TYPES)),
+        AfterValidator(_unique_sorted),
     ]
+    module_sites: ModuleSites = []  # advanced: module paths of the model, input or output
     batch_size: int = Field(
         default=limits.DEFAULT_BATCH_SIZE, ge=limits.BATCH_SIZE_MIN, le=limits.BATCH_SIZE_MAX
     )
@@ -141,6 +145,8 @@ class ExtractionSettings(Schema):
     context_size: int | None = Field(
         default=None, ge=limits.CONTEXT_SIZE_MIN, le=limits.CONTEXT_SIZE_MAX
     )
+    # "text": special-token strings in the data are plain text; "parse": they are special tokens
+    special_tokens: SpecialTokens = limits.DEFAULT_SPECIAL_TOKENS
 
 
 class ExtractionIn(ExtractionSettings):
@@ -156,10 +162,12 @@ class ExtractionOut(JobOut):
     dataset_name: str
     layers: list[int]
     hook_types: list[str]
+    module_sites: list[dict]
     batch_size: int
     batch_size_used: int | None
     max_samples: int
     context_size: int
+    special_tokens: str
     tokens_done: int
     tokens_total: int
     tokens_per_second: float
@@ -172,3 +180,26 @@ class ExtractionOut(JobOut):
 class ExtractionStarted(Schema):
     extraction_id: str
     status: str
+
+
+class SiteOut(Schema):
+    name: str
+    module_path: str
+    reads: str
+    shape: list[int] | None
+    d: int | None
+
+
+class SitesIn(Schema):
+    """Sites to check against a model (POST /api/models/{id}/sites): the same fields as an
+    extraction request, all optional."""
+
+    layers: Annotated[
+        list[LayerIndex],
+        Field(max_length=limits.LAYERS_PER_JOB_MAX),
+        AfterValidator(_unique_sorted),
+    ] = []
+    hook_types: Annotated[
+        list[HookType], Field(max_length=len(limits.HOOK_TYPES)), AfterValidator(_unique_sorted)
+    ] = []
+    module_sites: ModuleSites = []

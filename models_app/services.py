@@ -43,7 +43,9 @@ def _duplicate_check(repo_id: str, quantization: str) -> None:
         )
 
 
-def _counts_for(repo_id: str, revision: str, token: str | None) -> ParameterCounts:
+def _counts_for(
+    repo_id: str, revision: str, token: str | None, listing: repo.Listing | None = None
+) -> ParameterCounts:
     """The repo's config.json, read and counted the way transformers builds the model (a few KB
     fetched, no weights). Invalid (422) when miStudio cannot load such a model: custom code,
     a type transformers does not know, unreadable or impossible values."""
@@ -53,6 +55,7 @@ def _counts_for(repo_id: str, revision: str, token: str | None) -> ParameterCoun
         token=token,
         endpoint=settings.HF_ENDPOINT,
         cache_dir=settings.MODELS_CACHE_DIR,
+        listing=listing,
     )
     try:
         return count_parameters(config)
@@ -77,7 +80,7 @@ def model_download(
     revision = revision or "main"
     _duplicate_check(hf_repo_id, quantization)
     pre = preflight(hf_repo_id, revision, access_token)
-    counts = _counts_for(hf_repo_id, pre.commit_sha, access_token)
+    counts = _counts_for(hf_repo_id, pre.commit_sha, access_token, pre)
     # config.json and a weight index were fetched just now: ours, unless already cached
     fetched_now = {"config.json", *repo.SAFETENSORS[1:], *repo.PICKLES[1:]} - pre.cached_before
     return Model.create_queued(
@@ -135,7 +138,7 @@ def model_retry(model_id: str, *, access_token: str | None = None) -> Model:
         )
     _duplicate_check(row.hf_repo_id, row.quantization)
     pre = preflight(row.hf_repo_id, row.revision, access_token)
-    _counts_for(row.hf_repo_id, pre.commit_sha, access_token)  # a gated file needs the token
+    _counts_for(row.hf_repo_id, pre.commit_sha, access_token, pre)  # a gated file needs the token
     with transaction.atomic():
         updated = Model.objects.filter(pk=model_id, status__in=FAILED_STATUSES).update(
             status=ModelStatus.QUEUED, phase="waiting for a download worker", progress=0,

@@ -21,11 +21,17 @@ urlpatterns = [
     path("<str:model_id>/architecture", views.model_architecture, name="architecture"),
     path("<str:model_id>/extract", views_extraction.extract_modal, name="extract"),
     path("<str:model_id>/extract/start", views_extraction.extract_start, name="extract_start"),
+    path("<str:model_id>/extract/sites", views_extraction.sites_check, name="sites_check"),
     path("<str:model_id>/extractions", views_extraction.extraction_history, name="extractions"),
     path(
         "extractions/<str:extraction_id>/cancel",
         views_extraction.extraction_cancel,
         name="extraction_cancel",
+    ),
+    path(
+        "extractions/<str:extraction_id>/tokens",
+        views_extraction.extraction_tokens,
+        name="extraction_tokens",
     ),
     path(
         "extractions/<str:extraction_id>/delete",

@@ -10,14 +10,15 @@ from pydantic import ValidationError
 from datasets_app.selectors import dataset_options
 from mistudio import limits
 from mistudio.errors import Conflict, ServiceError
-from mistudio.validation import validation_message
+from mistudio.validation import module_sites_from_text, module_sites_text, validation_message
 from templates_app.selectors import section_context, template_get
 
-from . import extraction, selectors
+from . import extraction, inspection, selectors, sites
 from .models import Model
-from .schemas import ExtractionIn
+from .schemas import ExtractionIn, SitesIn
 
 MODAL = "models_app/extract.html"
+TOKENS = "models_app/tokens.html"
 HISTORY = "models_app/extractions.html"
 
 
@@ -27,9 +28,11 @@ def _default_form(model: Model) -> dict:
         "dataset_id": "",
         "layers": sorted({0, n // 2, n - 1}),
         "hook_types": ["residual"],
+        "module_sites": [],
         "batch_size": limits.DEFAULT_BATCH_SIZE,
         "max_samples": limits.DEFAULT_MAX_SAMPLES,
         "context_size": extraction.default_context_size(model),
+        "special_tokens": limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
@@ -70,9 +73,11 @@ def _posted_form(request: HttpRequest) -> dict:
         "dataset_id": post.get("dataset_id", ""),
         "layers": post.getlist("layers"),
         "hook_types": post.getlist("hook_types"),
+        "module_sites": module_sites_from_text(post.get("module_sites")),
         "batch_size": post.get("batch_size") or limits.DEFAULT_BATCH_SIZE,
         "max_samples": post.get("max_samples") or limits.DEFAULT_MAX_SAMPLES,
         "context_size": post.get("context_size") or None,
+        "special_tokens": post.get("special_tokens") or limits.DEFAULT_SPECIAL_TOKENS,
     }
 
 
@@ -81,8 +86,12 @@ def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **
         "model": model,
         "model_id": model.pk,
         "form": form,
+        "module_sites_text": module_sites_text(
+            [s for s in form.get("module_sites") or [] if isinstance(s, dict)]
+        ),
         "layer_range": range(model.num_layers or 0),
         "hook_choices": list(limits.HOOK_LABELS.items()),
+        "special_token_choices": list(limits.SPECIAL_TOKENS_LABELS.items()),
         "datasets": dataset_options(),
         "limits": limits,
         "template_section": section_context(open=templates_open),
@@ -184,3 +193,33 @@ def _job_action(action):
 
 extraction_cancel = _job_action(extraction.extraction_cancel)
 extraction_delete = _job_action(extraction.extraction_delete)
+
+
+@require_GET
+def extraction_tokens(request: HttpRequest, extraction_id: str) -> HttpResponse:
+    """The token view: the first sequences shaded by their activation norm at ?site=."""
+    try:
+        job = selectors.extraction_get(extraction_id)
+        view = inspection.extraction_token_view(extraction_id, request.GET.get("site") or None)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    context = {"job": job, "model": job.model, "view": view}
+    if request.htmx:
+        return render(request, f"{TOKENS}#tokens", context)
+    return render(request, TOKENS, context)
+
+
+@require_POST
+def sites_check(request: HttpRequest, model_id: str) -> HttpResponse:
+    """The modal's "Check sites": every site of the form with its module and shape, or why not."""
+    form = _posted_form(request)
+    try:
+        data = SitesIn.model_validate(
+            {k: form[k] for k in ("layers", "hook_types", "module_sites")}
+        )
+        found = sites.sites_check(model_id, **data.model_dump())
+    except ValidationError as exc:
+        return render(request, f"{MODAL}#sites", {"error": validation_message(exc)}, status=422)
+    except ServiceError as exc:
+        return render(request, f"{MODAL}#sites", {"error": exc.message}, status=exc.status)
+    return render(request, f"{MODAL}#sites", {"sites": found})

@@ -258,3 +258,36 @@ def test_malformed_requests_never_5xx_and_refusals_change_nothing(
     FIGURES["API 5xx answers"] += errors
     FIGURES["API unsafe routes fuzzed"] += 1
     assert tried >= EXAMPLES and errors == 0
+
+
+NESTED_BODIES = {
+    "brackets": b"[" * 100_000,
+    "objects": b'{"a":' * 100_000,
+    "closed": b"[" * 5_000 + b"]" * 5_000,
+    "in-a-field": b'{"hf_repo_id": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    "float-overflow": b'{"hf_repo_id": "tiny/llama", "quantization": "Q4", "x": 1e400}',
+    "nan": b'{"hf_repo_id": "tiny/llama", "quantization": NaN}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NESTED_BODIES))
+def test_deeply_nested_json_is_a_4xx_on_every_json_route(hub, kind):
+    """One JSON parser for every route (mistudio.jsonparse): `[` × 100,000 was a 500
+    (RecursionError) on POST /api/datasets (issue 13)."""
+    seed()
+    before = {t.__name__: t.objects.count() for t in TABLES}
+    client = Client()
+    routes = [(m, p) for m, p in unsafe_routes() if m != "delete"]  # DELETE reads no body
+    for method, path in routes:
+        concrete = path
+        for kind_name, ids in IDS.items():
+            concrete = concrete.replace("{" + kind_name + "_id}", ids[0])
+        answer = getattr(client, method)(
+            concrete, NESTED_BODIES[kind], content_type="application/json"
+        )
+        assert answer.status_code < 500, (method, concrete, answer.status_code)
+    for path in ("/models/download", "/models/estimate", "/datasets/import"):
+        answer = client.post(path, NESTED_BODIES[kind], content_type="application/json")
+        assert answer.status_code < 500, (path, answer.status_code)
+    assert {t.__name__: t.objects.count() for t in TABLES} == before
+    FIGURES["deeply nested or non-finite JSON bodies, all < 500"] += len(routes) + 3

@@ -11,7 +11,10 @@ import subprocess
 import sys
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
@@ -89,9 +92,14 @@ def test_every_unsafe_route_without_a_csrf_token_is_refused(hub):
     FIGURES["unsafe requests without a CSRF token, all refused (403, or 405)"] += len(refused)
 
 
-async def _ws_accepted(path: str, origin: bytes | None) -> bool:
-    headers = [(b"origin", origin)] if origin else []
+async def _ws_accepted(
+    path: str, origin: bytes | None, host: bytes = b"127.0.0.1:8000", scheme: str = "ws",
+    cookie: bytes | None = None,
+) -> bool:  # fmt: skip
+    headers = [(b"host", host), *([(b"origin", origin)] if origin else [])]
+    headers += [(b"cookie", cookie)] if cookie else []
     comm = WebsocketCommunicator(application, path, headers=headers)
+    comm.scope["scheme"] = scheme
     connected, _ = await comm.connect()
     await comm.disconnect()
     return connected
@@ -105,6 +113,59 @@ async def test_every_websocket_refuses_a_foreign_or_missing_origin():
         assert not await _ws_accepted(path, b"http://evil.example"), path
         assert not await _ws_accepted(path, b"http://127.0.0.1.evil.example"), path
         assert not await _ws_accepted(path, None), path
+
+
+FOREIGN_ORIGINS = [
+    b"http://127.0.0.1:9999",  # the port differs (issue 13)
+    b"http://127.0.0.1",  # port 80, not 8000
+    b"https://127.0.0.1:8000",  # the scheme differs
+    b"http://localhost:8000",  # another allowed host, but not this page's
+    b"http://127.0.0.1:8000/path",  # not an origin
+    b"http://user@127.0.0.1:8000",
+    b"null",
+    b"http://127.0.0.1:80000",
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
+async def test_the_websocket_origin_must_match_in_scheme_host_and_port(origin):
+    for route in websocket_urlpatterns:
+        path = "/" + str(route.pattern)
+        assert not await _ws_accepted(path, origin), (path, origin)
+    FIGURES["foreign websocket origins tried, all refused"] += 1
+
+
+@pytest.mark.asyncio
+async def test_secure_sockets_and_trusted_origins_match_exactly(settings):
+    path = "/" + str(websocket_urlpatterns[0].pattern)
+    assert await _ws_accepted(path, b"https://127.0.0.1:8443", b"127.0.0.1:8443", "wss")
+    assert await _ws_accepted(path, b"https://127.0.0.1", b"127.0.0.1", "wss")  # 443 both
+    assert not await _ws_accepted(path, b"http://127.0.0.1:8443", b"127.0.0.1:8443", "wss")
+    assert not await _ws_accepted(path, b"http://evil.example:8000", b"evil.example:8000")
+    settings.CSRF_TRUSTED_ORIGINS = ["https://lab.example.org"]
+    assert await _ws_accepted(path, b"https://lab.example.org")
+    assert await _ws_accepted(path, b"https://lab.example.org:443")
+    assert not await _ws_accepted(path, b"https://lab.example.org:8443")
+    assert not await _ws_accepted(path, b"http://lab.example.org")
+
+
+@pytest.mark.asyncio
+async def test_with_login_a_signed_in_user_on_a_foreign_port_is_refused(settings):
+    settings.LOGIN_REQUIRED = True
+    cookie = await sync_to_async(_session_cookie)()
+    for route in websocket_urlpatterns:
+        path = "/" + str(route.pattern)
+        assert await _ws_accepted(path, b"http://127.0.0.1:8000", cookie=cookie), path
+        assert not await _ws_accepted(path, b"http://127.0.0.1:9999", cookie=cookie), path
+
+
+def _session_cookie() -> bytes:
+    user = get_user_model().objects.create_user("ws-user", password="pw-123456789")
+    client = Client()
+    client.force_login(user)
+    name = django_settings.SESSION_COOKIE_NAME
+    return f"{name}={client.cookies[name].value}".encode()
 
 
 def _manage(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -56,3 +56,15 @@ def test_production_without_login_is_refused(tmp_path):
 def test_the_embedded_default_passes_the_plain_check(tmp_path):
     r = check(tmp_path, "--fail-level", "WARNING")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_serve_on_a_database_without_its_tables_says_to_migrate(tmp_path):
+    """A fresh data dir served with manage.py serve (not scripts/run) used to answer every API call
+    with a 500 ('no such table'); it is refused at start-up with the command that fixes it."""
+    base = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env = {**base, "MISTUDIO_DATA_DIR": str(tmp_path)}
+    cmd = [sys.executable, "manage.py", "serve", "--port", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "manage.py migrate" in r.stderr, r.stderr[-2000:]
+    assert "lacks" in r.stderr and "0001_initial" in r.stderr
+    assert "Traceback" not in r.stderr

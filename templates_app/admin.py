@@ -20,7 +20,7 @@ from .schemas import ON_CONFLICT, ON_CONFLICT_LABELS, TemplateIn, errors_message
 from .views import export_response
 
 SETTINGS = list(TemplateIn.model_fields)
-LIST_FIELDS = ("layers", "hook_types")
+LIST_FIELDS = ("layers", "hook_types", "module_sites")
 MAX_ERROR_MESSAGES = 20
 
 
@@ -33,6 +33,7 @@ class TemplateAdminForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         for name in LIST_FIELDS:  # an empty list gets the schema's message, not "required"
             self.fields[name].required = False
+        self.fields["special_tokens"].required = False  # left out: the schema's default
 
     def clean(self) -> dict:
         data = super().clean()
@@ -40,6 +41,8 @@ class TemplateAdminForm(forms.ModelForm):
             return data
         values = {f: data.get(f) for f in SETTINGS}
         values.update({f: values[f] if values[f] is not None else [] for f in LIST_FIELDS})
+        if not values["special_tokens"]:
+            del values["special_tokens"]
         try:
             valid = TemplateIn.model_validate(values)
         except PydanticValidationError as exc:

@@ -57,11 +57,24 @@ class ExtractionTemplate(models.Model):
     name = models.CharField(max_length=limits.NAME_MAX, unique=True)
     description = models.CharField(max_length=limits.DESCRIPTION_MAX, blank=True, default="")
     layers = models.JSONField(help_text="Sorted distinct block indices, e.g. [0, 6, 11].")
-    hook_types = models.JSONField(help_text="A non-empty subset of residual, mlp, attention.")
+    hook_types = models.JSONField(
+        help_text="A non-empty subset of residual, mlp, attention, resid_pre, z, ln_final."
+    )
+    module_sites = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Module paths read as is: [{"path": "model.layers.3.mlp", "io": "output"}].',
+    )
     max_samples = models.IntegerField(default=limits.DEFAULT_MAX_SAMPLES)
     batch_size = models.IntegerField(default=limits.DEFAULT_BATCH_SIZE)
     context_size = models.IntegerField(default=limits.DEFAULT_CONTEXT_SIZE)
     top_k_examples = models.IntegerField(default=limits.DEFAULT_TOP_K)
+    # Special-token strings in the data: plain text or parsed (limits.SPECIAL_TOKENS)
+    special_tokens = models.CharField(
+        max_length=8,
+        choices=list(limits.SPECIAL_TOKENS_LABELS.items()),
+        default=limits.DEFAULT_SPECIAL_TOKENS,
+    )
     is_favorite = models.BooleanField(default=False, db_index=True)
     # Not auto_now_add: an import restores the exported creation time.
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -83,6 +96,10 @@ class ExtractionTemplate(models.Model):
             _json_list("layers", limits.LAYERS_PER_JOB_MAX),
             _json_list("hook_types", len(limits.HOOK_TYPES)),
             *(_range(field) for field in NUMBER_BOUNDS),
+            models.CheckConstraint(
+                condition=Q(special_tokens__in=limits.SPECIAL_TOKENS),
+                name="extraction_template_special_tokens_choice",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -93,14 +110,17 @@ class ExtractionTemplate(models.Model):
         return {
             "layers": list(self.layers),
             "hook_types": list(self.hook_types),
+            "module_sites": [dict(site) for site in self.module_sites],
             "batch_size": self.batch_size,
             "max_samples": self.max_samples,
             "context_size": self.context_size,
+            "special_tokens": self.special_tokens,
         }
 
     @property
     def hooks_display(self) -> str:
-        return ", ".join(self.hook_types)
+        paths = [f"{site['path']} ({site['io']})" for site in self.module_sites]
+        return ", ".join([*self.hook_types, *paths])
 
     @property
     def layers_display(self) -> str:

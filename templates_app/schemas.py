@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 
 from mistudio import limits
+from mistudio.validation import ModuleSites, module_sites_from_text
 
 EXPORT_VERSION = 1
 IMPORT_MAX_BYTES = 1024 * 1024  # the cap is checked before any parsing
@@ -39,10 +40,14 @@ LABELS = {
     "description": "Description",
     "layers": "Layers",
     "hook_types": "Hook types",
+    "module_sites": "Module paths",
+    "path": "Module path",
+    "io": "Input or output",
     "max_samples": "Max samples",
     "batch_size": "Batch size",
     "context_size": "Context size",
     "top_k_examples": "Top-k examples",
+    "special_tokens": "Special tokens",
     "is_favorite": "Favourite",
     "id": "Id",
     "created_at": "Created at",
@@ -96,7 +101,7 @@ def _layers_clean(value: list[int]) -> list[int]:
 
 def _hooks_clean(value: list[str]) -> list[str]:
     if not value:
-        raise ValueError("Pick at least one hook type (residual, mlp or attention).")
+        raise ValueError(f"Pick at least one hook type ({', '.join(limits.HOOK_TYPES)}).")
     return [h for h in limits.HOOK_TYPES if h in value]
 
 
@@ -124,6 +129,7 @@ Description = Annotated[
 ]
 LayerIndex = _number("A layer index", 0, limits.LAYER_INDEX_MAX)
 HookType = Literal[limits.HOOK_TYPES]  # type: ignore[valid-type]
+SpecialTokens = Literal[limits.SPECIAL_TOKENS]  # type: ignore[valid-type]
 Layers = Annotated[
     list[LayerIndex], Field(max_length=limits.LAYERS_PER_JOB_MAX), AfterValidator(_layers_clean)
 ]
@@ -149,6 +155,7 @@ class TemplateIn(Schema):
     description: Description = ""
     layers: Layers
     hook_types: HookTypes
+    module_sites: ModuleSites = []  # absent in files exported before module paths existed
     max_samples: _number("Max samples", limits.MAX_SAMPLES_MIN, limits.MAX_SAMPLES_MAX) = (
         limits.DEFAULT_MAX_SAMPLES
     )
@@ -161,6 +168,8 @@ class TemplateIn(Schema):
     top_k_examples: _number("Top-k examples", limits.TOP_K_MIN, limits.TOP_K_MAX) = (
         limits.DEFAULT_TOP_K
     )
+    # Absent from files exported before it existed: those import with the default.
+    special_tokens: SpecialTokens = limits.DEFAULT_SPECIAL_TOKENS
     is_favorite: bool = False
 
 
@@ -193,7 +202,11 @@ class TemplateSaveIn(TemplateIn):
 def form_fields(post: Any) -> dict:
     """A posted form (QueryDict) as TemplateIn input: the list fields as lists."""
     data = {key: post.get(key) for key in post}
-    data.update(layers=post.getlist("layers"), hook_types=post.getlist("hook_types"))
+    data.update(
+        layers=post.getlist("layers"),
+        hook_types=post.getlist("hook_types"),
+        module_sites=module_sites_from_text(post.get("module_sites")),
+    )
     return data
 
 
@@ -224,10 +237,12 @@ class TemplateOut(Schema):
     description: str
     layers: list[int]
     hook_types: list[str]
+    module_sites: list[dict]
     max_samples: int
     batch_size: int
     context_size: int
     top_k_examples: int
+    special_tokens: str
     is_favorite: bool
     created_at: StampOut
     updated_at: StampOut

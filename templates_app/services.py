@@ -4,7 +4,6 @@ validated by `schemas.TemplateIn` (or, for imports, here, item by item)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from mistudio import limits
 from mistudio.errors import Conflict, Invalid, ServiceError
+from mistudio.jsonparse import json_loads
 
 from .models import ExtractionTemplate
 from .schemas import (
@@ -126,8 +126,8 @@ def import_size_check(size: int) -> None:
 def _parse_file(raw: bytes) -> ImportFile:
     import_size_check(len(raw))
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):  # bad JSON or text, digits over Python's limit, nesting
+        data = json_loads(raw)
+    except ValueError:  # bad JSON or text, digits over Python's limit, nesting
         raise ServiceError(
             "The file is not valid JSON; choose a file exported by miStudio.",
             code="bad_json",

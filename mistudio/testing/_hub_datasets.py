@@ -38,6 +38,7 @@ class DatasetRepos:
             sha = repo.commit(files)
             lfs = {f.sha256: f for f in repo.commits[sha].values() if f.is_lfs}
             self._blobs.update(lfs)  # type: ignore[attr-defined]
+            self._blob_repos.update({k: repo_id for k in lfs})  # type: ignore[attr-defined]
             self.dataset_repos[repo_id] = repo
         return sha
 
@@ -75,4 +76,6 @@ class HubWithDatasetsHandler(HubHandler):
         sha = self._commit_or_error(repo, revision)
         if sha is not None:
             blobs = self.query.get("blobs", ["false"])[0].lower() == "true"
-            self.send_json(dataset_info(repo, sha, blobs=blobs))
+            info = dataset_info(repo, sha, blobs=blobs)
+            lie = self.hub.lie_for(repo.repo_id)
+            self.send_json(lie.listing(info) if lie else info)

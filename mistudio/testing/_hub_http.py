@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from mistudio.testing._hub_lies import Lie
 from mistudio.testing._hub_repos import HubFile, HubRepo, model_info, tree_listing
 
 
@@ -33,6 +34,10 @@ class HubState(Protocol):
     def record(self, *args: Any) -> None: ...
 
     def blob(self, sha256: str) -> HubFile | None: ...
+
+    def lie_for(self, repo_id: str) -> Lie | None: ...
+
+    def lie_for_blob(self, sha256: str) -> Lie | None: ...
 
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
@@ -196,11 +201,14 @@ class _Handler(BaseHTTPRequestHandler):
             body, status, {"Content-Type": "application/json", **extra, **(headers or {})}
         )
 
-    def send_file_body(self, f: HubFile, headers: dict[str, str]) -> None:
+    def send_file_body(self, f: HubFile, headers: dict[str, str], lie: Lie | None = None) -> None:
         """Send `f` (or the byte range asked for) through the hub's throttle/pause valve."""
         start, end = 0, f.size
         status = 200
         range_header = self.headers.get("Range")
+        if lie is not None:
+            headers = lie.headers(headers)
+            range_header = None if lie.ignore_range else range_header
         if range_header:
             parsed = _parse_range(range_header, f.size)
             if parsed is None:
@@ -214,20 +222,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if self.method != "HEAD":
-            self._stream(f.data, start, end)
+            self._stream(f.data, start, end, lie)
 
-    def _stream(self, data: bytes, start: int, end: int) -> None:
+    def _stream(self, data: bytes, start: int, end: int, lie: Lie | None = None) -> None:
         valve, sent, released = self.hub.valve, 0, False
         try:
             while start + sent < end:
                 released = valve.before_chunk(sent, released)
                 n = min(valve.chunk_size(sent), end - start - sent)
+                if lie is not None and (n := self._lie_limit(lie, sent, n)) == 0:
+                    break
                 self.wfile.write(data[start + sent : start + sent + n])
                 self.wfile.flush()
                 sent += n
                 valve.after_chunk(n)
         except (StreamStopped, OSError):
             self.close_connection = True  # the client sees a short body, as on a dropped link
+
+    def _lie_limit(self, lie: Lie, sent: int, n: int) -> int:
+        """Bytes to send next under `lie` (0: hang up now); blocks where the body stalls."""
+        for mark in (lie.drop_after, lie.stall_after):
+            if mark is not None and sent < mark:
+                n = min(n, mark - sent)
+        if lie.stall_after is not None and sent >= lie.stall_after:
+            self.wfile.flush()
+            lie.hold(self.hub.stopped_event)
+            raise StreamStopped
+        if lie.drop_after is not None and sent >= lie.drop_after:
+            self.close_connection = True
+            return 0
+        return n
 
 
 class HubHandler(_Handler):
@@ -350,7 +374,9 @@ class HubHandler(_Handler):
         if sha is None:
             return
         blobs = self.query.get("blobs", ["false"])[0].lower() == "true"
-        self.send_json(model_info(repo, sha, blobs=blobs))
+        info = model_info(repo, sha, blobs=blobs)
+        lie = self.hub.lie_for(repo.repo_id)
+        self.send_json(lie.listing(info) if lie else info)
 
     def _tree(self, repo: HubRepo, revision: str, path: str) -> None:
         sha = self._commit_or_error(repo, revision)
@@ -378,20 +404,25 @@ class HubHandler(_Handler):
         sha = self._commit_or_error(repo, revision)
         if sha is None:
             return
+        lie = self.hub.lie_for(repo_id)
+        path = lie.real_name(path) if lie else path
         f = repo.commits[sha].get(path)
         if f is None:
             self.send_hub_error(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
             return
+        if lie and path in lie.bodies:
+            f = HubFile(path, lie.bodies[path], f.sha256, False, f.pointer_size, f.oid)
         headers = {
             "X-Repo-Commit": sha,
             "Accept-Ranges": "bytes",
             "Content-Disposition": _disposition(path),
         }
         if f.is_lfs:
-            self._redirect_to_cdn(f, headers)
+            self._redirect_to_cdn(f, lie.headers(headers) if lie else headers)
         else:
             content_type = "application/json" if path.endswith(".json") else "text/plain"
-            self.send_file_body(f, {**headers, "ETag": f'"{f.oid}"', "Content-Type": content_type})
+            headers = {**headers, "ETag": f'"{f.oid}"', "Content-Type": content_type}
+            self.send_file_body(f, headers, lie)
 
     def _redirect_to_cdn(self, f: HubFile, headers: dict[str, str]) -> None:
         name = quote(f.path.rsplit("/", 1)[-1])
@@ -420,7 +451,7 @@ class CdnHandler(_Handler):
             "Content-Type": "application/octet-stream",
             "Content-Disposition": _disposition(name),
         }
-        self.send_file_body(f, headers)
+        self.send_file_body(f, headers, self.hub.lie_for_blob(sha256))
 
 
 def _parse_resolve(path: str) -> tuple[str, str, str] | None:

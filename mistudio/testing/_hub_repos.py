@@ -181,7 +181,7 @@ def _tags(files: dict[str, HubFile], config: dict) -> list[str]:
 def _json_or_empty(f: HubFile | None) -> dict:
     try:
         data = json.loads(f.data) if f is not None else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # a hostile config.json of a test repo
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -192,13 +192,16 @@ def _safetensors_parameters(files: dict[str, HubFile]) -> dict[str, int]:
     for f in files.values():
         if not f.path.endswith(".safetensors") or f.size < 8:
             continue
-        (header_len,) = struct.unpack("<Q", f.data[:8])
-        header = json.loads(f.data[8 : 8 + header_len])
-        for name, tensor in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for dim in tensor["shape"]:
-                numel *= dim
-            counts[tensor["dtype"]] = counts.get(tensor["dtype"], 0) + numel
+        try:  # a test repo's hostile header is not counted (the real Hub skips it too)
+            (header_len,) = struct.unpack("<Q", f.data[:8])
+            header = json.loads(f.data[8 : 8 + min(header_len, f.size)])
+            for name, tensor in header.items():
+                if name == "__metadata__":
+                    continue
+                numel = 1
+                for dim in tensor["shape"]:
+                    numel *= dim
+                counts[tensor["dtype"]] = counts.get(tensor["dtype"], 0) + numel
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            continue
     return counts

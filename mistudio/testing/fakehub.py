@@ -29,6 +29,7 @@ from types import TracebackType
 
 from mistudio.testing._hub_datasets import DatasetRepos, HubWithDatasetsHandler
 from mistudio.testing._hub_http import CdnHandler, Valve
+from mistudio.testing._hub_lies import Lie
 from mistudio.testing._hub_repos import HubFile, HubRepo, read_files
 from mistudio.testing.hub_shapes import SHAPES, build_shape
 from mistudio.testing.tiny_models import build_catalogue
@@ -84,6 +85,9 @@ class FakeHub(DatasetRepos):
         self.requests: list[HubRequest] = []
         self.valve = Valve()
         self._blobs: dict[str, HubFile] = {}
+        self._blob_repos: dict[str, str] = {}  # LFS sha256 → repo id (for lies on the CDN)
+        self.lies: dict[str, Lie] = {}  # repo id → its lie (see _hub_lies)
+        self.stopped_event = threading.Event()
         self._lock = threading.Lock()
         self._stopped = False
         self._hub = self._serve(HubWithDatasetsHandler, host, port)
@@ -131,6 +135,7 @@ class FakeHub(DatasetRepos):
             repo.gated, repo.private = gated, private
             sha = repo.commit(files)
             self._blobs.update({f.sha256: f for f in repo.commits[sha].values() if f.is_lfs})
+            self._blob_repos.update({f.sha256: repo_id for f in repo.commits[sha].values()})
             self.repos[repo_id] = repo
         return sha
 
@@ -144,6 +149,25 @@ class FakeHub(DatasetRepos):
     def blob(self, sha256: str) -> HubFile | None:
         """The LFS file with this sha256, as the CDN serves it."""
         return self._blobs.get(sha256)
+
+    # -- lies (see _hub_lies) -------------------------------------------------------------------
+
+    def lie(self, repo_id: str, lie: Lie) -> Lie:
+        """Serve `repo_id` (model or dataset) with `lie` until truth(); returns it."""
+        self.lies[repo_id] = lie
+        return lie
+
+    def truth(self) -> None:
+        """End every lie and let bodies stalled by one go (they hang up)."""
+        for lie in self.lies.values():
+            lie.released.set()
+        self.lies.clear()
+
+    def lie_for(self, repo_id: str) -> Lie | None:
+        return self.lies.get(repo_id)
+
+    def lie_for_blob(self, sha256: str) -> Lie | None:
+        return self.lies.get(self._blob_repos.get(sha256, ""))
 
     # -- transfer control ---------------------------------------------------------------------
 
@@ -218,6 +242,8 @@ class FakeHub(DatasetRepos):
         if self._stopped:
             return
         self._stopped = True
+        self.stopped_event.set()
+        self.truth()
         self.valve.stop()
         for server in (self._hub, self._cdn):
             server.shutdown()

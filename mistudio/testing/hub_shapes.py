@@ -4,8 +4,8 @@ Each builder writes a loadable (or deliberately unloadable) repo folder with a t
 fake Hub. Shapes: sharded weights beside a second copy in another layout (Mistral's
 `consolidated.safetensors`), mixture-of-experts models (Mixtral, Qwen2-MoE with a shared expert,
 OLMoE), multimodal configs that nest the language model (Gemma 3, Mistral 3, Llava), configs
-whose sizes are null or named otherwise (NemotronH's block pattern, Falcon's legacy names), and
-repos that need custom code.
+whose sizes are null or named otherwise (NemotronH's block pattern, Falcon's legacy names),
+repos that need custom code, and block layouts for the hook sites (Gemma-2, OLMo-2, Falcon).
 """
 
 from __future__ import annotations
@@ -204,6 +204,13 @@ def custom_code(out: Path, *, model_type: str | None = "mistudio_custom_lm") -> 
     return out
 
 
+def post_norm_and_parallel(arch: str) -> Callable[[Path], Path]:
+    """Block layouts the hook sites must handle: Gemma-2 and OLMo-2 (a norm after each branch;
+    Gemma-2's heads are wider than the stream), Falcon-7B (adds attention into the MLP output
+    in place)."""
+    return lambda out: build_tiny_model(arch, out)
+
+
 SHAPES: dict[str, Callable[[Path], Path]] = {
     "shapes/sharded-consolidated": sharded_with_consolidated,
     "shapes/single-consolidated": single_with_consolidated,
@@ -219,6 +226,9 @@ SHAPES: dict[str, Callable[[Path], Path]] = {
     "shapes/llama-null-fields": llama_null_fields,
     "shapes/custom-code": custom_code,
     "shapes/custom-code-no-type": lambda out: custom_code(out, model_type=None),
+    "shapes/gemma2": post_norm_and_parallel("gemma2"),
+    "shapes/olmo2": post_norm_and_parallel("olmo2"),
+    "shapes/falcon": post_norm_and_parallel("falcon"),
 }
 
 

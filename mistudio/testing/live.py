@@ -38,7 +38,10 @@ def _db_env() -> dict[str, str]:
 class LiveStack:
     """Start with `with LiveStack(hub_endpoint) as live:`; `live.url` is the base URL."""
 
-    def __init__(self, hf_endpoint: str, *, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self, hf_endpoint: str, *, extra_env: dict[str, str] | None = None, clusters: bool = True
+    ):
+        self.clusters = clusters  # False: the web server alone (request-handling tests)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -85,7 +88,7 @@ class LiveStack:
             [
                 sys.executable,
                 "-m",
-                "daphne",
+                "mistudio.webserver",  # daphne with request bodies bounded
                 "-b",
                 "127.0.0.1",
                 "-p",
@@ -93,8 +96,9 @@ class LiveStack:
                 "mistudio.asgi:application",
             ],
         )
-        self.start_cluster("downloads")
-        self.start_cluster("gpu")
+        if self.clusters:
+            self.start_cluster("downloads")
+            self.start_cluster("gpu")
         self._wait_http()
         return self
 

@@ -22,9 +22,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
+    Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
     PhiConfig,
     PretrainedConfig,
     Qwen2Config,
@@ -39,7 +43,10 @@ VOCAB_SIZE = 384  # 256 byte symbols + 2 specials + 126 merges; a multiple of 12
 MAX_POSITIONS = 256
 
 ARCHES = ("llama", "gpt2", "gpt_neox", "qwen2", "phi")
-LLAMA_LIKE = frozenset({"llama", "qwen2"})  # tokenizers of these families prepend BOS
+# More layouts, for the hook-site tests: post-norm blocks (Gemma 2, OLMo-2), Falcon's parallel
+# block that adds attention into the MLP output in place (7B layout, and 40B's new architecture).
+MORE_ARCHES = ("gemma2", "olmo2", "falcon", "falcon_new", "mistral")
+LLAMA_LIKE = frozenset({"llama", "qwen2", "gemma2", "mistral"})  # tokenizers that prepend BOS
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.
@@ -156,19 +163,81 @@ def _phi_config(layers: int, hidden: int) -> PretrainedConfig:
     )
 
 
+def _gemma2_config(layers: int, hidden: int) -> PretrainedConfig:
+    return Gemma2Config(  # head_dim × heads != hidden, like Gemma-2-2B (8 × 256 vs 2304)
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 2,
+        sliding_window=8,
+    )
+
+
+def _olmo2_config(layers: int, hidden: int) -> PretrainedConfig:
+    return Olmo2Config(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        tie_word_embeddings=False,
+    )
+
+
+def _falcon_config(layers: int, hidden: int) -> PretrainedConfig:
+    return FalconConfig(  # Falcon-7B: parallel attention + MLP, multi-query attention
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        parallel_attn=True,
+        multi_query=True,
+        new_decoder_architecture=False,
+        bias=False,
+    )
+
+
+def _falcon_new_config(layers: int, hidden: int) -> PretrainedConfig:
+    return FalconConfig(  # Falcon-40B: two layernorms, grouped KV heads
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        bias=False,
+    )
+
+
+def _mistral_config(layers: int, hidden: int) -> PretrainedConfig:
+    return MistralConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    )
+
+
 _CONFIGS: dict[str, Callable[[int, int], PretrainedConfig]] = {
     "llama": _llama_config,
     "gpt2": _gpt2_config,
     "gpt_neox": _gpt_neox_config,
     "qwen2": _qwen2_config,
     "phi": _phi_config,
+    "gemma2": _gemma2_config,
+    "olmo2": _olmo2_config,
+    "falcon": _falcon_config,
+    "falcon_new": _falcon_new_config,
+    "mistral": _mistral_config,
 }
 
 
 def tiny_config(arch: str, *, layers: int = 2, hidden: int = 128) -> PretrainedConfig:
     """Return the config of a tiny `arch` model whose vocab and special ids match our tokenizer."""
     if arch not in _CONFIGS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHES)}")
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_CONFIGS)}")
     config = _CONFIGS[arch](layers, hidden)
     config.vocab_size = VOCAB_SIZE
     config.bos_token_id = BOS_ID

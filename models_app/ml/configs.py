@@ -176,7 +176,10 @@ def check_bounds(config: PretrainedConfig) -> None:
             value = getattr(part, name, None)
             if value is None or isinstance(value, bool):
                 continue
-            if not isinstance(value, int | float) or not math.isfinite(value):
+            finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+            if not finite:
                 raise ConfigError(f"config.json: {name} is not a number ({value!r}).")
             if not 0 < value <= limit:
-                raise ConfigError(f"config.json: {name} = {value} is outside 1…{limit}.")
+                digits = len(str(value))
+                shown = value if digits < 30 else f"{str(value)[:12]}… ({digits} digits)"
+                raise ConfigError(f"config.json: {name} = {shown} is outside 1…{limit}.")

@@ -37,6 +37,7 @@ EXPERT_BYTES = {
     "cpu": {"FP16": 4.0, "Q8": 1.06, "Q4": 0.56, "Q2": 0.32},
 }
 OTHER_BYTES = {"cuda": 2, "cpu": 4}  # embeddings, lm_head, norms, biases
+PARAMS_MAX = 10**15  # a quadrillion: far beyond any model; keeps byte counts inside int64
 RUNTIME_OVERHEAD = 0.20  # activations, KV cache, allocator slack on top of the weights
 FIT_MARGIN = 0.10  # "tight" when the need is within 10% of the free memory
 
@@ -122,6 +123,8 @@ def count_parameters(config: dict) -> ParameterCounts:
     Raises ConfigError (a ValueError) when transformers cannot build it (see configs.py)."""
     config_json = json.dumps(config, sort_keys=True, default=str)
     total, linear, experts, other, language = _meta_counts(config_json)
+    if total > PARAMS_MAX:
+        raise ConfigError(f"config.json describes {total:.3g} parameters; more than any model.")
     shape = model_shape(config_from_dict(config))
     active = total
     if experts and shape.num_experts and shape.experts_per_token:

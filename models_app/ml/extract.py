@@ -16,6 +16,7 @@ tokens through `on_progress(done, total)`; cancellation is polled between batche
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,16 +27,23 @@ import torch
 from torch import nn
 
 from .configs import num_layers, text_config
+from .errors import ExtractionCancelled, ExtractionError
 from .hooks import (
     BRANCH_HOOK_TYPES,
     HOOK_TYPES,
+    LAYER_HOOK_TYPES,
+    SUM_HOOK_TYPES,
     HookSiteError,
     Site,
     canonical_hook_type,
     capture,
+    known_shape,
+    probe_shapes,
+    resolve_module_site,
     resolve_sites,
 )
-from .stats import SiteStats, StatsBank
+from .snapshot import SiteSnapshots
+from .stats import SiteStats
 from .storage import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -51,24 +59,23 @@ from .storage import (
     storage_dtype,
     write_manifest,
 )
-from .tokens import batched, bos_policy, pack_documents, prefetch, token_budget
+from .sumcheck import SumCheck, compute_dtype, refuse_branch_sites, self_check
+from .tokens import (
+    DEFAULT_SPECIAL_TOKENS,
+    SPECIAL_TOKENS,
+    Document,
+    batched,
+    bos_policy,
+    pack_documents,
+    prefetch,
+    token_budget,
+)
+
+__all__ = ["ExtractionCancelled", "ExtractionError", "ExtractionSpec", "run_extraction",
+           "self_check"]  # fmt: skip
 
 SELF_CHECK_SEQUENCES = 2  # sequences of the first batch the sum check runs on
 POOL_SLOTS = 3  # staged batches in flight: one being filled, two queued for the writer
-# Relative tolerance of the sum check, by compute dtype: fp32 adds are exact up to rounding;
-# fp16/bf16 round the residual stream at every add (errors of eps·‖resid‖/‖Δ‖, up to a few %).
-# Architectures whose branch outputs are not what the block adds fail at ~100% (measured:
-# Gemma-2/3 and OLMo-2 99%, BLOOM 7000%, MPT 130%).
-SUM_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
-SUM_CHECK_TOLERANCE_HALF = 0.1
-
-
-class ExtractionError(RuntimeError):
-    """An extraction that cannot run or failed; the message is meant for the user."""
-
-
-class ExtractionCancelled(Exception):  # noqa: N818 - an outcome, not an error
-    """The caller asked to stop; partial files were removed."""
 
 
 @dataclass
@@ -76,7 +83,8 @@ class ExtractionSpec:
     """What to extract. Sizes are counts of sequences or tokens."""
 
     layers: list[int]  # block indices, 0-based
-    hook_types: list[str]  # residual/mlp/attention or resid_post/mlp_out/attn_out/resid_pre
+    # residual/mlp/attention, or resid_pre/resid_post/attn_out/mlp_out/z (per layer), ln_final
+    hook_types: list[str]
     context_size: int  # tokens per sequence (T)
     batch_size: int  # sequences per forward (B)
     max_samples: int  # sequences to extract at most
@@ -84,6 +92,10 @@ class ExtractionSpec:
     shard_bytes: int | None = None  # bytes per shard and hook; None: storage.DEFAULT_SHARD_BYTES
     dtype: str | None = None  # storage dtype float32|bfloat16; None: see storage.storage_dtype
     include_resid_pre: bool = False  # also store blocks.{i}.hook_resid_pre
+    # Special-token strings in the texts: "text" (plain characters) or "parse" (see tokens.py)
+    special_tokens: str = DEFAULT_SPECIAL_TOKENS
+    # any module's input or output: [{"path": "model.layers.3.mlp.down_proj", "io": "output"}]
+    module_sites: list[dict] = field(default_factory=list)
 
     def validate(self, model: nn.Module) -> None:
         """Raise ExtractionError with a readable message when the spec cannot run on `model`."""
@@ -94,11 +106,17 @@ class ExtractionSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ExtractionError(f"{name} must be at least 1, got {value}")
-        if not self.layers or not self.hook_types:
+        per_layer = set(self.canonical_hook_types()) & set(LAYER_HOOK_TYPES)
+        if (per_layer and not self.layers) or not (self.hook_types or self.module_sites):
             raise ExtractionError("choose at least one layer and one hook type")
         limit = max_positions(model.config)
         if limit is not None and self.context_size > limit:
             raise ExtractionError(f"context_size {self.context_size} exceeds the model's {limit}")
+        if self.special_tokens not in SPECIAL_TOKENS:
+            raise ExtractionError(
+                f"special_tokens must be one of {', '.join(SPECIAL_TOKENS)}, "
+                f"not {self.special_tokens!r}"
+            )
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise ExtractionError(
                 f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype}"
@@ -116,11 +134,15 @@ class ExtractionSpec:
         return sorted(types, key=HOOK_TYPES.index)
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """The sites this spec captures on `model` (ExtractionError when one does not exist)."""
+        """The sites this spec captures on `model`: the named sites, then the module paths
+        (each once). ExtractionError when one does not exist."""
         try:
-            return resolve_sites(model, self.layers, self.canonical_hook_types())
+            sites = resolve_sites(model, self.layers, self.canonical_hook_types())
+            for entry in self.module_sites:
+                sites.append(resolve_module_site(model, entry["path"], entry.get("io", "output")))
         except HookSiteError as exc:
             raise ExtractionError(str(exc)) from exc
+        return list({site.name: site for site in sites}.values())
 
     def storage_dtype(self, device: torch.device) -> torch.dtype:
         return storage_dtype(device, self.dtype)
@@ -152,80 +174,6 @@ def model_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _compute_dtype(model: nn.Module) -> torch.dtype:
-    return getattr(model, "dtype", torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Self-check: resid_post − resid_pre ≈ attn_out + mlp_out
-
-
-class _SumCheck:
-    """Sink that scores each layer as soon as its four sites arrived, then drops them."""
-
-    def __init__(self):
-        self.pending: dict[int, dict[str, torch.Tensor]] = {}
-        self.errors: dict[int, float] = {}
-        self.nonfinite: list[str] = []
-
-    def __call__(self, site: Site, t: torch.Tensor) -> None:
-        if not torch.isfinite(t).all():
-            self.nonfinite.append(site.name)
-        g = self.pending.setdefault(site.layer, {})
-        g[site.hook_type] = t.to(torch.float64, copy=True)  # (B, T, d)
-        if len(g) == len(HOOK_TYPES):
-            delta = g["resid_post"] - g["resid_pre"]  # (B, T, d)
-            residue = delta - (g["attn_out"] + g["mlp_out"])  # (B, T, d)
-            self.errors[site.layer] = float(residue.norm() / delta.norm().clamp_min(1e-30))
-            del self.pending[site.layer]
-
-    def result(self, model: nn.Module) -> dict:
-        """The self_check dict (see `self_check`) of what this sink has seen."""
-        errors = self.errors
-        tol = SUM_CHECK_TOLERANCE.get(_compute_dtype(model), SUM_CHECK_TOLERANCE_HALF)
-        return {
-            "passed": not self.nonfinite and all(e <= tol for e in errors.values()),
-            "nonfinite": self.nonfinite,
-            "tolerance": tol,
-            "max_rel_error": {str(k): v for k, v in errors.items()},
-            "worst_layer": max(errors, key=lambda k: (math.isnan(errors[k]), errors[k])),
-        }
-
-
-def self_check(model: nn.Module, batch: torch.Tensor, layers: Iterable[int]) -> dict:
-    """Check, per layer, that the branch module outputs add up to the block's residual update.
-
-    batch: (B, T) token ids on the model's device. Returns {"passed", "nonfinite": [site names
-    with inf/NaN], "tolerance", "max_rel_error": {layer: ‖Δ − (attn + mlp)‖ / ‖Δ‖},
-    "worst_layer"} with Δ = resid_post − resid_pre, in float64. A layer fails when its error
-    exceeds the compute dtype's tolerance. Holds one layer's four sites at a time.
-    """
-    sites = resolve_sites(model, list(layers), HOOK_TYPES)
-    check = _SumCheck()
-    model.eval()
-    with capture(model, sites, check) as cap:
-        cap.forward(batch)
-    return check.result(model)
-
-
-def refuse_branch_sites(check: dict, model: nn.Module) -> None:
-    """Raise ExtractionError when a failed self-check makes attention/MLP sites untrustworthy."""
-    if check["passed"]:
-        return
-    if check["nonfinite"]:
-        names = ", ".join(check["nonfinite"])
-        raise ExtractionError(f"inf/NaN values in {names}: activations are not finite")
-    layer = check["worst_layer"]
-    err = check["max_rel_error"][str(layer)]
-    raise ExtractionError(
-        f"attention/mlp sites are refused for {type(model).__name__}: at layer {layer}, "
-        f"resid_post - resid_pre differs from attn_out + mlp_out by {err:.1%} "
-        f"(tolerance {check['tolerance']:.1%}). This architecture changes its branch outputs "
-        "after the attention/MLP modules (e.g. norms after each branch), so those modules' outputs "
-        "are not what the block adds to the residual stream. Extract 'residual' only."
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # The batch loop
 
@@ -236,6 +184,7 @@ class _Plan:
     device: torch.device
     dtype: torch.dtype  # storage dtype
     d: int
+    shapes: dict[str, tuple[int, ...]]  # site name -> shape of one token's tensor
     context_size: int
     batch_size: int
     shard_sequences: int
@@ -247,30 +196,39 @@ class _Run:
     """State of one extraction: staging pool, writer thread, statistics, the hook sink.
 
     With `check_layers`, the self-check rides on the first batch: its forward also feeds the
-    first SELF_CHECK_SEQUENCES sequences of every site of those layers to a _SumCheck, which is
+    first SELF_CHECK_SEQUENCES sequences of every site of those layers to a SumCheck, which is
     scored before that batch reaches the writer, so a refused extraction writes nothing and no
     forward pass is spent on the check alone.
+
+    Every planned site is snapshotted on the device at hook time (see snapshot.py): the staging
+    copy and the statistics read the snapshot, so a block that modifies a hooked tensor in place
+    afterwards changes neither. On CUDA the next batch's snapshots wait (on the GPU, not the
+    host) for the side stream to have read the previous ones.
     """
 
     def __init__(self, plan: _Plan, out_dir: Path, model: nn.Module, check_layers=None):
         self.plan = plan
         self.model = model
         self.planned = {s.name for s in plan.sites}
-        self.check_sites = resolve_sites(model, check_layers, HOOK_TYPES) if check_layers else []
+        self.check_sites = (
+            resolve_sites(model, check_layers, SUM_HOOK_TYPES) if check_layers else []
+        )
         self.check_names = {s.name for s in self.check_sites}
-        self.check: _SumCheck | None = None  # the sum check of the batch in flight, if any
+        self.check: SumCheck | None = None  # the sum check of the batch in flight, if any
         self.check_result: dict | None = None
         self.cuda = plan.device.type == "cuda"
         # CUDA: device->host copies run on a side stream, so the forward never waits for them.
         self.copy_stream = torch.cuda.Stream(plan.device) if self.cuda else None
-        self.bank = StatsBank(len(plan.sites))  # every site's statistics, updated together
-        self.stats = dict(zip([s.name for s in plan.sites], self.bank.sites(), strict=True))
-        shape = (plan.batch_size, plan.context_size, plan.d)  # (B, T, d)
         names = [s.name for s in plan.sites]
-        self.pool = StagingPool(POOL_SLOTS, dict.fromkeys(names, shape), plan.dtype, self.cuda)
+        self.snaps = SiteSnapshots(
+            names, plan.shapes, plan.batch_size, plan.context_size, plan.device
+        )
+        self.stats: dict[str, SiteStats] = self.snaps.stats
+        shapes = {n: (plan.batch_size, plan.context_size, *plan.shapes[n]) for n in names}
+        self.pool = StagingPool(POOL_SLOTS, shapes, plan.dtype, self.cuda)  # (B, T, *shape)
         self.writer = ShardWriter(
             out_dir,
-            dict.fromkeys(names, plan.d),
+            plan.shapes,
             plan.context_size,
             plan.shard_sequences,
             plan.dtype,
@@ -279,8 +237,8 @@ class _Run:
             max_pending=POOL_SLOTS,
         ).start()
         self.slot: Slot | None = None
-        self.expected: tuple[int, int, int] = (0, 0, 0)  # (b, T, d) of the batch in flight
-        self.fired: dict[str, torch.Tensor] = {}
+        self.b = 0  # sequences in the batch in flight
+        self.fired: set[str] = set()
 
     @property
     def capture_sites(self) -> list[Site]:
@@ -295,20 +253,29 @@ class _Run:
             self._stage(site, t)
 
     def _stage(self, site: Site, t: torch.Tensor) -> None:
-        if tuple(t.shape) != self.expected:
-            raise ExtractionError(f"{site.name}: got shape {tuple(t.shape)}, want {self.expected}")
-        dst = self.slot.buffers[site.name][: t.shape[0]]  # (b, T, d), pinned on CUDA
-        if self.cuda and t.device == self.plan.device:
-            copy_on_stream(self.copy_stream, dst, t)
-        else:  # CPU, or a tensor on another device (a model split over GPUs): synchronous
-            dst.copy_(t)
-        self.fired[site.name] = t
+        want = (self.b, self.plan.context_size, *self.plan.shapes[site.name])  # (b, T, *shape)
+        if tuple(t.shape) != want:
+            raise ExtractionError(f"{site.name}: got shape {tuple(t.shape)}, want {want}")
+        if site.name in self.fired:
+            raise ExtractionError(
+                f"{site.name}: {site.module_path} runs more than once per forward pass; "
+                "choose a module that runs once"
+            )
+        snap = self.snaps.take(site.name, t)  # (b, T, *shape) on plan.device, taken now
+        dst = self.slot.buffers[site.name][: self.b]  # (b, T, *shape), pinned on CUDA
+        if self.cuda:
+            copy_on_stream(self.copy_stream, dst, snap)
+        else:
+            dst.copy_(snap)
+        self.fired.add(site.name)
 
     def run_batch(self, cap, ids: torch.Tensor) -> None:
         """Forward one batch (b, T) and hand its staged activations to the writer."""
         slot = self.slot = self.pool.acquire()
-        self.expected = (ids.shape[0], self.plan.context_size, self.plan.d)  # (b, T, d)
-        self.check = _SumCheck() if self._check_pending else None  # fresh after an OOM retry
+        self.b = ids.shape[0]
+        self.check = SumCheck() if self._check_pending else None  # fresh after an OOM retry
+        if self.cuda:  # the snapshots are reused: the previous batch's copies must have read them
+            torch.cuda.current_stream(self.plan.device).wait_stream(self.copy_stream)
         try:
             cap.forward(self._to_device(ids))
             self._score_check()
@@ -343,11 +310,10 @@ class _Run:
         missing = [s.name for s in self.plan.sites if s.name not in self.fired]
         if missing:
             raise ExtractionError(f"hooks did not fire for {missing}")
-        # One stacked update for all sites, where they were computed (no GPU synchronisation).
-        fired = [self.fired[s.name].to(self.plan.device) for s in self.plan.sites]
-        self.bank.update(torch.stack(fired))  # (S, b, T, d)
+        # One stacked update per width group, from the snapshots (no GPU synchronisation).
+        self.snaps.update_stats(self.b)
         if self.cuda:  # the inf/NaN counts travel with the batch: the writer never syncs the GPU
-            copy_on_stream(self.copy_stream, slot.nonfinite, self.bank.nonfinite_tensor())  # (S,)
+            copy_on_stream(self.copy_stream, slot.nonfinite, self.snaps.nonfinite_tensor())  # (S,)
             slot.event = torch.cuda.Event()  # the writer waits on it: all copies have landed
             slot.event.record(self.copy_stream)
         slot.n, slot.token_ids = ids.shape[0], ids.to(torch.int32)  # (b, T)
@@ -414,15 +380,32 @@ def _plan(model: nn.Module, spec: ExtractionSpec) -> _Plan:
     device = model_device(model)
     dtype = spec.storage_dtype(device)
     d = hidden_size(model.config)
+    sites = spec.sites(model)
+    shapes = site_shapes(model, sites, d)
+    widest = max(math.prod(shape) for shape in shapes.values())  # shard bytes follow the widest
     shard = min(
         spec.shard_sequences
         or shard_sequences_for(
-            d, spec.context_size, dtype, max_samples=spec.max_samples, shard_bytes=spec.shard_bytes
+            widest, spec.context_size, dtype, max_samples=spec.max_samples,
+            shard_bytes=spec.shard_bytes,
         ),
         spec.max_samples,
-    )
+    )  # fmt: skip
     batch = min(spec.batch_size, spec.max_samples)
-    return _Plan(spec.sites(model), device, dtype, d, spec.context_size, batch, shard, batch)
+    return _Plan(sites, device, dtype, d, shapes, spec.context_size, batch, shard, batch)
+
+
+def site_shapes(model: nn.Module, sites: list[Site], d: int) -> dict[str, tuple[int, ...]]:
+    """{site name: shape of one token's tensor}: known for the named sites, probed with one
+    forward on 3 tokens for module paths. ExtractionError when a module's tensor is unusable."""
+    try:
+        shapes = {site.name: known_shape(model, site, d) for site in sites}
+        unknown = [site for site in sites if shapes[site.name] is None]
+        if unknown:
+            shapes.update(probe_shapes(model, unknown))
+    except HookSiteError as exc:
+        raise ExtractionError(str(exc)) from exc
+    return shapes
 
 
 def _prepare_dir(out_dir: Path) -> None:
@@ -435,7 +418,7 @@ def _prepare_dir(out_dir: Path) -> None:
 def run_extraction(
     model: nn.Module,
     tokenizer,
-    texts: Iterable[str],
+    texts: Iterable[Document],
     spec: ExtractionSpec,
     out_dir: Path,
     *,
@@ -497,7 +480,9 @@ def _extract(model, tokenizer, texts, spec, plan, out_dir, meta, report, should_
 
 def _batches(tokenizer, texts, spec: ExtractionSpec, plan: _Plan) -> Iterator[torch.Tensor]:
     """(B, T) int64 batches of packed tokens; on CUDA made ahead on a thread, in pinned memory."""
-    seqs = pack_documents(tokenizer, texts, spec.context_size, spec.max_samples)
+    seqs = pack_documents(
+        tokenizer, texts, spec.context_size, spec.max_samples, special_tokens=spec.special_tokens
+    )
     batches = batched(seqs, plan.batch_size)
     if plan.device.type == "cuda":
         batches = prefetch(b.pin_memory() for b in batches)
@@ -519,17 +504,37 @@ def _never() -> bool:
 # Manifest
 
 
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes",
+             "optimum-quanto")  # fmt: skip
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a result depends on (None: not installed)."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def _tokenizer_info(tokenizer, meta: dict) -> dict:
     return {
+        # a Hub repo id and the commit (a local path only when the caller gives no repo)
         "name": meta.get("tokenizer") or getattr(tokenizer, "name_or_path", None) or None,
+        "revision": meta.get("tokenizer_revision"),
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "special_token_ids": sorted(int(i) for i in tokenizer.all_special_ids),
     }
 
 
-_META_KEYS = frozenset({"model_id", "repo", "commit", "quantization", "dataset_id", "tokenizer"})
+_META_KEYS = frozenset({"model_id", "repo", "revision", "commit", "quantization", "dataset_id",
+                        "dataset", "tokenizer", "tokenizer_revision"})  # fmt: skip
 
 
 def _model_info(model: nn.Module, meta: dict) -> dict:
@@ -537,9 +542,10 @@ def _model_info(model: nn.Module, meta: dict) -> dict:
     return {
         "id": meta.get("model_id"),
         "repo": meta.get("repo"),
+        "revision": meta.get("revision"),
         "commit": meta.get("commit"),
         "quantization": meta.get("quantization"),
-        "dtype": dtype_name(_compute_dtype(model)),
+        "dtype": dtype_name(compute_dtype(model)),
         "architecture": getattr(config, "model_type", None),
         "num_layers": num_layers(config),
         "hidden_size": hidden_size(config),
@@ -554,10 +560,11 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": _model_info(model, meta),
         "tokenizer": _tokenizer_info(tokenizer, meta),
-        "dataset": {"id": meta.get("dataset_id")},
+        "dataset": {"id": meta.get("dataset_id"), **(meta.get("dataset") or {})},
         "meta": {k: v for k, v in meta.items() if k not in _META_KEYS},
         "context_size": context,
         "bos_policy": bos_policy(tokenizer),
+        "special_tokens": spec.special_tokens,
         "document_separator": "eos",
         "n_sequences": done // context,
         "n_tokens": done,
@@ -565,6 +572,7 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
         "shard_sequences": plan.shard_sequences,
         "spec": asdict(spec),
         "self_check": check,
+        "environment": {"python_libraries": library_versions(), "device": str(model_device(model))},
         "notes": plan.notes,
         "hooks": [
             _hook_entry(site, plan, records[site.name], stats[site.name]) for site in plan.sites
@@ -573,12 +581,15 @@ def build_manifest(model, tokenizer, spec, plan, records, stats, check, meta, do
 
 
 def _hook_entry(site: Site, plan: _Plan, shards: list[dict], stats: SiteStats) -> dict:
+    shape = plan.shapes[site.name]  # one token's tensor: (d,), (H, d_head), …
     return {
         "name": site.name,
         "layer": site.layer,
         "hook_type": site.hook_type,
         "module_path": site.module_path,
-        "d": plan.d,
+        "reads": site.reads,
+        "d": math.prod(shape),
+        "shape": list(shape),
         "dtype": dtype_name(plan.dtype),
         "shards": shards,
         "statistics": _finite(stats.to_dict()),

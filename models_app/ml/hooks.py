@@ -1,135 +1,83 @@
-"""Named hook sites on any Hugging Face decoder, and a context manager that captures them.
+"""A context manager that captures named sites (see sites.py) with forward hooks.
 
-Site names follow TransformerLens/SAELens: ``blocks.{i}.hook_resid_pre`` (block input),
-``blocks.{i}.hook_resid_post`` (block output), ``blocks.{i}.hook_attn_out`` (output of the
-block's self-attention module) and ``blocks.{i}.hook_mlp_out`` (output of the block's MLP module).
-The seed's names are aliases: residual -> resid_post, mlp -> mlp_out, attention -> attn_out.
-
-Every site resolves to a real module path of the Hugging Face model by introspection: the blocks
-come from `layers.find_blocks`, the branch modules are the block children with a conventional name.
+The hooks hand each hooked tensor to a sink at the moment the module produced (or received) it.
+A block may change that very tensor in place later (Falcon's parallel block does
+`mlp_output += attention_output` after the MLP returned), so a sink that keeps a tensor beyond
+the call must copy it there (extract.py snapshots every site on the device at hook time).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .layers import find_blocks
+from .sites import (
+    BRANCH_HOOK_TYPES,
+    HOOK_ALIASES,
+    HOOK_TYPES,
+    LAYER_HOOK_TYPES,
+    SUM_HOOK_TYPES,
+    HookSiteError,
+    Site,
+    branch_child_names,
+    branch_term_names,
+    canonical_hook_type,
+    find_final_norm,
+    known_shape,
+    parse_site_name,
+    resolve_module_site,
+    resolve_sites,
+    site_name,
+    stop_module,
+)
 
-HOOK_TYPES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-HOOK_ALIASES: dict[str, str] = {"residual": "resid_post", "mlp": "mlp_out", "attention": "attn_out"}
-BRANCH_HOOK_TYPES: frozenset[str] = frozenset({"attn_out", "mlp_out"})
+__all__ = [
+    "BRANCH_HOOK_TYPES", "HOOK_ALIASES", "HOOK_TYPES", "LAYER_HOOK_TYPES", "SUM_HOOK_TYPES",
+    "HookSiteError", "Site", "branch_child_names", "branch_term_names", "canonical_hook_type",
+    "capture", "find_final_norm", "known_shape", "parse_site_name", "probe_shapes",
+    "resolve_module_site", "resolve_sites", "site_name", "stop_module",
+]  # fmt: skip
 
-# Block children that are the self-attention / the MLP, in order of preference.
-ATTN_CHILD_NAMES: tuple[str, ...] = ("self_attn", "attn", "attention", "self_attention")
-MLP_CHILD_NAMES: tuple[str, ...] = ("mlp", "feed_forward", "ffn", "ff", "block_sparse_moe")
-
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
-
-Sink = Callable[["Site", torch.Tensor], None]
-
-
-class HookSiteError(ValueError):
-    """A hook type, layer or site that does not exist on this model."""
+Sink = Callable[[Site, torch.Tensor], None]
 
 
 class _StopForward(Exception):  # noqa: N818 - control flow, not an error
     """Raised by the last needed hook so that no later block, final norm or lm_head runs."""
 
 
-@dataclass(frozen=True)
-class Site:
-    """One capture point: `name` as stored on disk, `module_path` the HF module it is read from."""
-
-    name: str  # blocks.3.hook_mlp_out
-    layer: int
-    hook_type: str  # one of HOOK_TYPES
-    module_path: str  # model.layers.3.mlp
-
-
-def canonical_hook_type(name: str) -> str:
-    """Map 'residual', 'resid_post', 'hook_resid_post' … to the canonical 'resid_post'."""
-    key = name.strip().lower().removeprefix("hook_")
-    key = HOOK_ALIASES.get(key, key)
-    if key not in HOOK_TYPES:
-        known = ", ".join([*HOOK_TYPES, *HOOK_ALIASES])
-        raise HookSiteError(f"unknown hook type {name!r}; known: {known}")
-    return key
-
-
-def site_name(layer: int, hook_type: str) -> str:
-    """The on-disk name of a site, e.g. site_name(3, 'mlp') == 'blocks.3.hook_mlp_out'."""
-    return f"blocks.{layer}.hook_{canonical_hook_type(hook_type)}"
-
-
-def parse_site_name(name: str) -> tuple[int, str]:
-    """Inverse of `site_name`: 'blocks.3.hook_mlp_out' -> (3, 'mlp_out')."""
-    match = _SITE_RE.match(name)
-    if not match:
-        raise HookSiteError(f"not a site name: {name!r} (expected blocks.<i>.hook_<type>)")
-    return int(match.group(1)), canonical_hook_type(match.group(2))
-
-
-def _find_child(block: nn.Module, names: Sequence[str], what: str) -> str:
-    children = dict(block.named_children())
-    for name in names:
-        if name in children:
-            return name
-    raise HookSiteError(
-        f"cannot find the {what} module of {type(block).__name__}: tried {list(names)}, "
-        f"children are {sorted(children)}"
-    )
-
-
-def branch_child_names(block: nn.Module) -> tuple[str, str]:
-    """(attention child name, MLP child name) of one transformer block, found by convention."""
-    return (
-        _find_child(block, ATTN_CHILD_NAMES, "self-attention"),
-        _find_child(block, MLP_CHILD_NAMES, "MLP"),
-    )
-
-
-def resolve_sites(model: nn.Module, layers: Sequence[int], hook_types: Sequence[str]) -> list[Site]:
-    """Sites for every (layer, hook type) pair, ordered by layer then by HOOK_TYPES order.
-
-    Raises HookSiteError for an unknown hook type, a layer out of range or a block without a
-    recognisable attention/MLP child (only when a branch site is asked for).
-    """
-    path, blocks = find_blocks(model)
-    types = sorted({canonical_hook_type(t) for t in hook_types}, key=HOOK_TYPES.index)
-    sites = []
-    for layer in sorted(set(layers)):
-        if not 0 <= layer < len(blocks):
-            raise HookSiteError(f"layer {layer} out of range: the model has {len(blocks)} blocks")
-        block_path = f"{path}.{layer}"
-        for hook_type in types:
-            module_path = block_path
-            if hook_type in BRANCH_HOOK_TYPES:
-                attn, mlp = branch_child_names(blocks[layer])
-                module_path += "." + (attn if hook_type == "attn_out" else mlp)
-            sites.append(Site(site_name(layer, hook_type), layer, hook_type, module_path))
-    return sites
-
-
 def _unwrap(output: object, site: Site) -> torch.Tensor:
+    """The hooked tensor (B, T, …); hook_z's (B, T, H·d_head) is viewed as (B, T, H, d_head)."""
     # Unwrap ONLY tuples: transformers 5 blocks may return a bare (B, T, d) tensor, where [0]
     # would silently take batch element 0.
-    if isinstance(output, tuple):
+    if isinstance(output, tuple) and output:
         output = output[0]
     if not isinstance(output, torch.Tensor):
-        raise HookSiteError(f"{site.name}: {site.module_path} returned {type(output).__name__}")
+        what = f"{site.reads} of {site.module_path}"
+        raise HookSiteError(f"{site.name}: the {what} is a {type(output).__name__}, not a tensor")
+    if site.heads is not None:
+        *lead, width = output.shape
+        if width % site.heads:
+            raise HookSiteError(f"{site.name}: width {width} is not a multiple of {site.heads}")
+        output = output.view(*lead, site.heads, width // site.heads)  # (B, T, H, d_head)
     return output
+
+
+def _first_input(args: tuple, kwargs: dict) -> object:
+    """A module's main input: its first positional argument, else hidden_states, else the first
+    tensor keyword argument (HF blocks and attention modules are often called by keyword)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
 def _pre_hook(site: Site, sink: Sink) -> Callable:
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        sink(site, _unwrap(hidden, site))
+        sink(site, _unwrap(_first_input(args, kwargs), site))
 
     return hook
 
@@ -154,38 +102,39 @@ class Capture:
     # no_grad, not inference_mode: optimum-quanto's packed int2 weights fail inside
     # inference_mode ("Cannot set version_counter for inference tensor").
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> None:
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> None:
         """Run `model` on input_ids (B, T) up to the deepest hooked block; nothing is returned."""
         with suppress(_StopForward):
-            self.model(input_ids=input_ids, use_cache=False)
+            self.model(input_ids=input_ids, use_cache=False, **kwargs)
 
 
 def _register(model: nn.Module, sites: Sequence[Site], sink: Sink, stop: bool, handles: list):
     """Register the capture hooks (and the early stop) on `model`, appending to `handles`."""
     for site in sites:
         module = model.get_submodule(site.module_path)
-        if site.hook_type == "resid_pre":
+        if site.reads == "input":
             hook = _pre_hook(site, sink)
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         else:
             handles.append(module.register_forward_hook(_post_hook(site, sink)))
-    if stop and sites:
-        # Registered last, so it fires after every capture hook on the deepest block.
-        _, blocks = find_blocks(model)
-        handles.append(blocks[max(s.layer for s in sites)].register_forward_hook(_stop_hook))
+    last = stop_module(model, sites) if stop and sites else None
+    if last is not None:
+        # Registered last, so it fires after every capture hook on that module.
+        handles.append(model.get_submodule(last).register_forward_hook(_stop_hook))
 
 
 @contextmanager
 def capture(
     model: nn.Module, sites: Sequence[Site], sink: Sink, *, stop_after_deepest: bool = True
 ) -> Iterator[Capture]:
-    """Register forward hooks for `sites`; each hooked tensor (B, T, d) goes to sink(site, tensor).
+    """Register forward hooks for `sites`; each hooked tensor (B, T, …) goes to sink(site, tensor).
 
-    The hooks do nothing but call the sink (the sink decides whether to copy). With
-    `stop_after_deepest`, the forward stops after the deepest hooked block: later blocks, the final
-    norm and lm_head never run. Use the yielded `Capture.forward`, or call the model directly in
-    the body (the early stop is then swallowed on leaving the block). Hooks are removed in
-    `finally`.
+    The hooks do nothing but call the sink (the sink decides whether to copy; the tensor may be
+    modified in place by the model after the sink returned). With `stop_after_deepest`, the
+    forward stops after the deepest hooked block (or the final norm): later blocks, the final
+    norm and lm_head never run (no early stop when a module site lies elsewhere). Use the
+    yielded `Capture.forward`, or call the model directly in the body (the early stop is then
+    swallowed on leaving the block). Hooks are removed in `finally`.
     """
     handles: list = []
     try:
@@ -196,3 +145,39 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+
+
+PROBE_TOKENS = 3
+
+
+def probe_shapes(model: nn.Module, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
+    """{site name: shape of one token's tensor} (e.g. (d,), (H, d_head)), from one forward on
+    1 × PROBE_TOKENS token ids. Works on a meta-device model (shapes only, no compute).
+
+    Raises HookSiteError when a site's tensor is not (batch, tokens, …) floating-point
+    activations (token ids, a flattened (B·T, d) …) or its module never runs in a forward.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def sink(site: Site, t: torch.Tensor) -> None:
+        where = f"the {site.reads} of {site.module_path}"
+        if not t.is_floating_point():
+            raise HookSiteError(f"{site.name}: {where} is {t.dtype}, not activations")
+        if tuple(t.shape[:2]) != (1, PROBE_TOKENS):
+            raise HookSiteError(
+                f"{site.name}: {where} has shape {tuple(t.shape)} for 1 sequence of "
+                f"{PROBE_TOKENS} tokens, not (batch, tokens, …)"
+            )
+        shapes.setdefault(site.name, tuple(t.shape[2:]))
+
+    device = model.get_input_embeddings().weight.device
+    ids = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=device)
+    extra = {}
+    if device.type == "meta":  # a ready-made (B, 1, T, T) mask: building one reads values
+        extra["attention_mask"] = torch.zeros((1, 1, PROBE_TOKENS, PROBE_TOKENS), device=device)
+    with capture(model, sites, sink) as cap:
+        cap.forward(ids, **extra)
+    missing = [s.name for s in sites if s.name not in shapes]
+    if missing:
+        raise HookSiteError(f"{', '.join(missing)}: the module does not run in a forward pass")
+    return shapes

@@ -23,6 +23,7 @@ from torch import nn
 
 from .configs import auto_model_class, config_from_dict
 from .experts import EXPERT_QTYPES, count_quantized_experts, expert_parameters, quantize_experts
+from .filecheck import snapshot_check
 
 QUANTIZATIONS = ("FP16", "Q8", "Q4", "Q2")
 SMOKE_SIZE = 64  # features of the smoke-test layer
@@ -238,6 +239,7 @@ def _check_snapshot(folder: Path) -> Path:
         raise ValueError(f"{folder} is not a model snapshot: config.json is missing")
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"{folder} has no .safetensors weights (pickle weights are not loaded)")
+    snapshot_check(folder)  # a hostile header or tokenizer file ends here, named
     return folder
 
 

@@ -2,7 +2,8 @@
 
     <out>/manifest.json                                  written last, atomically
     <out>/shards/<hook name>/<k:06d>.safetensors
-        activations  [n_seq, context_size, d]   float32 on CPU, bfloat16 by default on GPU
+        activations  [n_seq, context_size, *shape]   float32 on CPU, bfloat16 by default on GPU
+                     (shape = [d] for the residual sites, [n_heads, d_head] for hook_z)
         token_ids    [n_seq, context_size]      int32
 
 Shard k holds the same sequences for every hook. Each shard is written to a hidden temp name,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -140,7 +142,7 @@ def _verify_shard(out_dir: Path, hook: dict, shard: dict, context_size: int) -> 
         problems.append(f"{shard['file']}: sha256 mismatch")
     with safe_open(path, framework="pt") as f:
         acts, toks = f.get_slice("activations"), f.get_slice("token_ids")
-        want = [shard["n_seq"], context_size, hook["d"]]
+        want = [shard["n_seq"], context_size, *hook.get("shape", [hook["d"]])]
         if list(acts.get_shape()) != want or acts.get_dtype() != _st_dtype(hook["dtype"]):
             problems.append(f"{shard['file']}: activations {acts.get_shape()} != {want}")
         if list(toks.get_shape()) != want[:2] or toks.get_dtype() != "I32":
@@ -211,7 +213,7 @@ class StagingPool:
     def __init__(
         self,
         n_slots: int,
-        shapes: dict[str, tuple[int, int, int]],
+        shapes: dict[str, tuple[int, ...]],  # (B, T, d) or (B, T, H, d_head)
         dtype: torch.dtype,
         pin: bool,
     ):
@@ -252,9 +254,10 @@ class ShardFile:
     rewrites its header in place (same length) and is hashed from disk.
     """
 
-    def __init__(self, out_dir: Path, relpath: str, capacity: int, context_size: int, d: int,
-                 dtype: torch.dtype):  # fmt: skip
-        self.relpath, self.capacity, self.shape = relpath, capacity, (context_size, d)
+    def __init__(self, out_dir: Path, relpath: str, capacity: int, context_size: int,
+                 d: int | tuple[int, ...], dtype: torch.dtype):  # fmt: skip
+        trailing = (d,) if isinstance(d, int) else tuple(d)  # one vector: (d,) or (H, d_head)
+        self.relpath, self.capacity, self.shape = relpath, capacity, (context_size, *trailing)
         self.dtype, self.n = dtype, 0
         self.final = out_dir / relpath
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -267,10 +270,10 @@ class ShardFile:
 
     def _header(self, n: int, length: int | None = None) -> bytes:
         """The 8-byte length and the JSON header of a shard of n sequences, padded to `length`."""
-        (t, d), dtype = self.shape, _st_dtype(dtype_name(self.dtype))
-        acts, ids = n * t * d * self.dtype.itemsize, n * t * 4  # bytes
+        (t, *rest), dtype = self.shape, _st_dtype(dtype_name(self.dtype))
+        acts, ids = n * math.prod(self.shape) * self.dtype.itemsize, n * t * 4  # bytes
         head = {
-            "activations": {"dtype": dtype, "shape": [n, t, d], "data_offsets": [0, acts]},
+            "activations": {"dtype": dtype, "shape": [n, t, *rest], "data_offsets": [0, acts]},
             "token_ids": {"dtype": "I32", "shape": [n, t], "data_offsets": [acts, acts + ids]},
         }
         text = json.dumps(head, separators=(",", ":")).encode()
@@ -284,7 +287,7 @@ class ShardFile:
         self.hash.update(data)
 
     def append(self, rows: torch.Tensor) -> None:
-        """Add rows (k, T, d), a contiguous CPU tensor of the shard's dtype."""
+        """Add rows (k, T, *shape), a contiguous CPU tensor of the shard's dtype."""
         self._write(_bytes_of(rows))
         self.n += rows.shape[0]
 
@@ -322,7 +325,7 @@ class ShardWriter:
     def __init__(
         self,
         out_dir: Path,
-        dims: dict[str, int],
+        dims: dict[str, int | tuple[int, ...]],  # hook name -> d, or the shape of one vector
         context_size: int,
         shard_sequences: int,
         dtype: torch.dtype,

@@ -202,3 +202,50 @@ def test_shards_are_capped_so_host_memory_stays_small(hub, settings):
     shards = job.manifest["hooks"][0]["shards"]
     assert [s["n_seq"] for s in shards] == [32, 32, 6]
     assert verify(Path(job.output_path)) == []
+
+
+def test_export_activations_cli_writes_a_saelens_folder_equal_to_the_shards(hub, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from django.core.management import CommandError, call_command
+
+    job = extract(download("tiny/gpt2", "FP16"), text_dataset(), layers=[1])
+    site = "blocks.1.hook_resid_post"
+    call_command("export_activations", job.pk, str(tmp_path / "sae"), "--sites", site)
+    ds = datasets.load_from_disk(str(tmp_path / "sae")).with_format("torch")
+    assert ds.column_names == [site, "token_ids"]
+    shard = load_file(Path(job.output_path) / "shards" / site / "000000.safetensors")
+    assert torch.equal(ds[: shard["activations"].shape[0]][site], shard["activations"])
+    with pytest.raises(CommandError, match="already exists"):
+        call_command("export_activations", job.pk, str(tmp_path / "sae"))
+    with pytest.raises(CommandError, match="no site 'blocks.5.hook_resid_post'"):
+        call_command(
+            "export_activations", job.pk, str(tmp_path / "b"), "--sites", "blocks.5.hook_resid_post"
+        )
+    with pytest.raises(CommandError, match="not found|No extraction"):
+        call_command("export_activations", "x_" + "0" * 32, str(tmp_path / "c"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hf-cache", "sae"]
+
+
+def test_the_manifest_holds_what_it_takes_to_redo_the_run(hub):
+    import hashlib
+    import importlib.metadata
+
+    from datasets_app.storage import texts_path
+
+    row = download("tiny/llama", "Q4")
+    dataset = text_dataset()
+    job = extract(row, dataset, hook_types=["residual"], batch_size=3)
+    m = job.manifest
+    assert m["model"]["repo"] == "tiny/llama" and m["model"]["commit"] == row.commit_sha
+    assert m["model"]["revision"] == "main" and m["model"]["quantization"] == "Q4"
+    assert m["tokenizer"]["name"] == "tiny/llama"  # a repo id, not a path in the cache
+    assert m["tokenizer"]["revision"] == row.commit_sha
+    sha = hashlib.sha256(texts_path(dataset.pk).read_bytes()).hexdigest()
+    assert m["dataset"]["texts_sha256"] == sha and m["dataset"]["name"] == dataset.name
+    assert m["dataset"]["source"] == "upload" and m["dataset"]["rows"] == dataset.row_count
+    assert m["batch_size"]["requested"] == 3 and m["context_size"] == job.context_size
+    libs = m["environment"]["python_libraries"]
+    assert libs["torch"] == importlib.metadata.version("torch")
+    assert libs["transformers"] == importlib.metadata.version("transformers")
+    assert libs["bitsandbytes"] == importlib.metadata.version("bitsandbytes")
+    assert m["environment"]["device"] == "cpu" and m["bos_policy"]

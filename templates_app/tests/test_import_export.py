@@ -37,6 +37,7 @@ def a_varied_set() -> None:
         batch_size=1024,
         context_size=131_072,
         top_k_examples=10_000,
+        special_tokens="parse",
     )
     make(
         "x" * 255,
@@ -46,6 +47,15 @@ def a_varied_set() -> None:
         batch_size=1,
         context_size=2,
         top_k_examples=1,
+    )
+    make(
+        "every site",
+        hook_types=["residual", "mlp", "attention", "resid_pre", "z", "ln_final"],
+        module_sites=[
+            {"path": "model.layers.3.mlp.down_proj", "io": "input"},
+            {"path": "model.layers.3.mlp.down_proj", "io": "output"},
+            {"path": "lm_head", "io": "output"},
+        ],
     )
     services.template_update(make("edited").pk, description="changed later")
 
@@ -66,11 +76,36 @@ def test_export_then_import_into_an_empty_database_is_identical(api):
     r = do_import(api, data)
     assert r.status_code == 200
     assert r.json() == {
-        "imported": {"extraction_templates": 5},
+        "imported": {"extraction_templates": 6},
         "skipped": {"extraction_templates": 0},
         "errors": [],
     }
-    assert snapshot() == before  # ids, timestamps, every setting
+    assert snapshot() == before  # ids, timestamps, every setting, the new sites included
+
+
+def test_a_file_exported_before_the_new_sites_still_imports(api):
+    old = {k: v for k, v in item(name="old").items() if k != "module_sites"}
+    old["hook_types"] = ["residual", "mlp", "attention"]
+    r = do_import(api, envelope(old))
+    assert r.status_code == 200 and r.json()["imported"] == {"extraction_templates": 1}
+    row = ExtractionTemplate.objects.get(name="old")
+    assert row.module_sites == [] and row.hook_types == ["residual", "mlp", "attention"]
+    assert row.extraction_settings()["module_sites"] == []
+
+
+@pytest.mark.parametrize(
+    "sites,words",
+    [
+        ([{"path": "model..layers", "io": "output"}], "dotted module path"),
+        ([{"path": "model.norm", "io": "inside"}], "input"),
+        ([{"path": "model.norm", "io": "output", "extra": 1}], "extra"),
+        ([{"path": "model.norm"}] * 17, "16"),
+    ],
+)
+def test_a_bad_module_site_in_a_file_is_an_item_error(api, sites, words):
+    r = do_import(api, envelope(item(name="bad", module_sites=sites)))
+    assert r.status_code == 200 and r.json()["imported"] == {"extraction_templates": 0}
+    assert words in json.dumps(r.json()["errors"])
 
 
 def test_the_downloaded_file_round_trips_through_the_modal_import(client):
@@ -97,7 +132,7 @@ def test_importing_twice_skips_everything(api):
     before = snapshot()
     r = do_import(api, data)
     assert r.json()["imported"]["extraction_templates"] == 0
-    assert r.json()["skipped"]["extraction_templates"] == 5 and r.json()["errors"] == []
+    assert r.json()["skipped"]["extraction_templates"] == 6 and r.json()["errors"] == []
     assert snapshot() == before
 
 
@@ -257,3 +292,26 @@ def test_a_file_exactly_at_the_cap_is_read(api):
     body += " " * (IMPORT_MAX_BYTES - len(body.encode()))
     r = do_import(api, body)
     assert r.status_code == 200 and r.json()["imported"]["extraction_templates"] == 1
+
+
+def test_special_tokens_round_trip_and_older_files_import_with_the_default(api):
+    make("chat", special_tokens="parse")
+    data = export(api)
+    assert data["extraction_templates"][0]["special_tokens"] == "parse"
+    ExtractionTemplate.objects.all().delete()
+    assert do_import(api, data).status_code == 200
+    assert ExtractionTemplate.objects.get().special_tokens == "parse"
+    older = {k: v for k, v in data["extraction_templates"][0].items() if k != "special_tokens"}
+    ExtractionTemplate.objects.all().delete()
+    r = do_import(api, {"version": 1, "extraction_templates": [older]})
+    assert r.json()["imported"] == {"extraction_templates": 1}
+    assert ExtractionTemplate.objects.get().special_tokens == "text"
+
+
+def test_an_unknown_special_tokens_value_is_an_item_error(api):
+    item = {**VALID, "name": "bad", "special_tokens": "sometimes"}
+    r = do_import(api, {"version": 1, "extraction_templates": [item, {**VALID, "name": "ok"}]})
+    body = r.json()
+    assert body["imported"] == {"extraction_templates": 1}
+    assert body["errors"][0]["index"] == 0 and "Special tokens" in body["errors"][0]["reason"]
+    assert list(ExtractionTemplate.objects.values_list("name", flat=True)) == ["ok"]

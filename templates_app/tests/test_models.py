@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from django.db import DataError, IntegrityError, transaction
 
+from mistudio import limits
 from templates_app.models import ExtractionTemplate
 
 from .helpers import VALID
@@ -35,7 +36,7 @@ def test_a_valid_row_is_accepted():
         {"layers": {"0": 1}},
         {"layers": list(range(257))},
         {"hook_types": []},
-        {"hook_types": ["residual", "mlp", "attention", "residual"]},
+        {"hook_types": [*limits.HOOK_TYPES, "mlp"]},
         {"max_samples": 0},
         {"max_samples": 100_000_001},
         {"batch_size": 0},

@@ -79,6 +79,17 @@ def test_saving_the_current_config_adds_a_row(client, model):
     assert row.description == "for SAE runs" and row.top_k_examples == 100
 
 
+def test_saving_keeps_the_special_tokens_policy_of_the_modal(client, model):
+    assert save(client, model, name="plain").status_code == 201
+    r = save(client, model, name="chat", special_tokens="parse")
+    assert r.status_code == 201 and "500 samples • special tokens parsed" in r.content.decode()
+    policies = dict(ExtractionTemplate.objects.values_list("name", "special_tokens"))
+    assert policies == {"plain": "text", "chat": "parse"}
+    bad = save(client, model, name="odd", special_tokens="sometimes")
+    assert bad.status_code == 422 and "Special tokens" in bad.content.decode()
+    assert ExtractionTemplate.objects.count() == 2
+
+
 @pytest.mark.parametrize(
     ("fields", "pattern"),
     [

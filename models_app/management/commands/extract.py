@@ -2,7 +2,10 @@
 
     python manage.py extract --model <id or repo> --dataset <id, name or file> --layers 0,5,11 \
         --hooks residual,mlp --max-samples N --batch-size B --context-size T \
+        [--special-tokens text|parse] [--module model.layers.3.mlp.down_proj[:input]]… \
         [--template NAME] [--out DIR] [--quantization Q4] [--text-field text]
+
+Hooks: residual (resid_post), mlp, attention, resid_pre, z (attn.hook_z), ln_final.
 
 Runs in this process with a tqdm progress bar; exits non-zero with a message on bad input or a
 failed job.
@@ -30,8 +33,19 @@ def _csv(raw: str | None) -> list[str] | None:
     return [part.strip() for part in raw.split(",") if part.strip()] if raw else None
 
 
+def _module_sites(raw: list[str] | None) -> list[dict] | None:
+    """--module PATH (its output) or PATH:input / PATH:output, repeatable."""
+    if not raw:
+        return None
+    sites = []
+    for module in raw:
+        path, _, io = module.strip().partition(":")
+        sites.append({"path": path, "io": io or "output"})
+    return sites
+
+
 class Command(BaseCommand):
-    help = "Extract activations (residual / mlp / attention) from a model over a dataset."
+    help = "Extract activations (residual, mlp, attention, z, … or any module) over a dataset."
 
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True, help="model id (m_…) or repo id")
@@ -39,10 +53,23 @@ class Command(BaseCommand):
         parser.add_argument("--dataset", required=True, help="dataset id (d_…), name or file")
         parser.add_argument("--text-field", help="field/column of .jsonl/.csv/.parquet files")
         parser.add_argument("--layers", help="comma-separated block indices, e.g. 0,5,11")
-        parser.add_argument("--hooks", help="comma-separated: residual,mlp,attention")
+        parser.add_argument(
+            "--hooks", help="comma-separated: residual,mlp,attention,resid_pre,z,ln_final"
+        )
+        parser.add_argument(
+            "--module",
+            action="append",
+            help="also read a module of the model: PATH (its output) or PATH:input; repeatable",
+        )
         parser.add_argument("--max-samples", type=int)
         parser.add_argument("--batch-size", type=int)
         parser.add_argument("--context-size", type=int)
+        parser.add_argument(
+            "--special-tokens",
+            choices=["text", "parse"],
+            help="special-token strings in the data (<s>, <|im_start|> …): plain text (default)"
+            " or parsed as special tokens (chat-formatted data)",
+        )
         parser.add_argument("--template", help="start from a saved extraction template")
         parser.add_argument("--out", help="output folder (new or empty); default: the data dir")
 
@@ -53,9 +80,11 @@ class Command(BaseCommand):
         explicit = {
             "layers": _csv(options["layers"]),
             "hook_types": _csv(options["hooks"]),
+            "module_sites": _module_sites(options["module"]),
             "batch_size": options["batch_size"],
             "max_samples": options["max_samples"],
             "context_size": options["context_size"],
+            "special_tokens": options["special_tokens"],
         }
         values.update({k: v for k, v in explicit.items() if v is not None})
         if "layers" not in values or "hook_types" not in values:

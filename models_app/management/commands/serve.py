@@ -17,7 +17,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from models_app.checks import serving_is_safe
+from models_app.checks import migrations_pending, serving_is_safe
 
 
 def _children(host: str, port: int) -> list[tuple[str, list[str], dict]]:
@@ -28,7 +28,16 @@ def _children(host: str, port: int) -> list[tuple[str, list[str], dict]]:
     return [
         (
             "web",
-            [py, "-m", "daphne", "-b", host, "-p", str(port), "mistudio.asgi:application"],
+            [
+                py,
+                "-m",
+                "mistudio.webserver",
+                "-b",
+                host,
+                "-p",
+                str(port),
+                "mistudio.asgi:application",
+            ],
             base_env,
         ),
         ("downloads", [*manage, "qcluster"], base_env),
@@ -48,6 +57,13 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Refusing to serve on {host} without login: set MISTUDIO_LOGIN_REQUIRED=1 and"
                 " create a user (manage.py createsuperuser), or bind 127.0.0.1."
+            )
+        pending = migrations_pending()
+        if pending:
+            raise CommandError(
+                f"The database ({settings.DATABASES['default']['NAME']}) lacks {len(pending)}"
+                f" migration(s) ({', '.join(pending[:3])}{', …' if len(pending) > 3 else ''}):"
+                " run python manage.py migrate (scripts/run does it for you)."
             )
         procs = {name: subprocess.Popen(cmd, env=env) for name, cmd, env in _children(host, port)}
         self.stdout.write(f"miStudio on http://{host}:{port}  (Ctrl-C stops)")

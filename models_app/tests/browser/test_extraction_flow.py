@@ -72,3 +72,39 @@ def test_extract_three_layers_three_hooks_from_the_modal(page, live, hub):
     assert job.layers == [0, 2, 3] and job.hook_types == ["attention", "mlp", "residual"]
     assert page.locator(".site-stats").count() == 9
     assert page.locator(".site-stats svg.histogram").count() == 9
+
+
+def test_a_gemma2_shaped_model_extracts_residual_mlp_attention_and_z(page, live, hub, shapes):
+    """As a new user would: the post-norm Gemma-2 layout, every branch site, checked in the modal
+    and then against plain transformers with cloning hooks."""
+    from models_app.tests.test_extraction_sites import _check_job
+
+    model = download("shapes/gemma2", "FP16")
+    text_dataset(lines=["a long line of words for the tiny model " * 20] * 50)
+    page.goto("/models/")
+    page.get_by_text("API Connected").wait_for()
+    page.locator(f"#model-{model.pk}").get_by_role("button", name="Extract Activations").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Select Layers").wait_for()
+    for label in ("MLP Output", "Attention Output", "Attention Heads (z)"):
+        dialog.get_by_text(label, exact=True).click()
+    dialog.get_by_label("Max Samples").fill("8")
+    dialog.get_by_label("Batch Size").fill("4")
+    dialog.get_by_label("Context Size").fill("16")
+    dialog.get_by_role("button", name="Check sites & shapes").click()
+    sites = dialog.get_by_test_id("sites")
+    sites.get_by_text("blocks.1.attn.hook_z").wait_for()
+    assert "model.layers.1.post_feedforward_layernorm" in sites.inner_text()
+    assert "[4, 64]" in sites.inner_text()  # 4 heads of 64: wider than the 128-wide stream
+    dialog.locator("#extract-start").click()
+    page.get_by_role("dialog").wait_for(state="detached")
+    job = wait_for(
+        lambda: ExtractionJob.objects.exclude(status__in=["queued", "running"]).first(),
+        timeout=600,
+        every=0.2,
+    )
+    assert job.hook_types == ["attention", "mlp", "residual", "z"] and job.layers == [0, 1]
+    _check_job(job, "shapes/gemma2")
+    page.locator(f"#model-{model.pk}").get_by_role("link", name="Extractions (1)").click()
+    page.locator(".extraction[data-status=completed]").wait_for()
+    assert page.locator(".site-stats").count() == 8

@@ -68,7 +68,8 @@ def tiny(tiny_repo):
 
 @pytest.fixture(scope="session")
 def post_norm_model():
-    """name -> an in-memory model whose branch outputs are NOT what its blocks add (refusals)."""
+    """name -> an in-memory model: post-norm blocks (gemma2, olmo2: the branch terms are their
+    post-branch norms' outputs), or blocks where no module outputs the term (bloom, mpt)."""
 
     def build(name: str):
         common = dict(vocab_size=384, num_hidden_layers=2, num_attention_heads=4, hidden_size=64)
@@ -80,6 +81,8 @@ def post_norm_model():
             "olmo2": transformers.Olmo2Config(**common, intermediate_size=128),
             # the attention and MLP modules add the residual themselves
             "bloom": transformers.BloomConfig(vocab_size=384, n_layer=2, n_head=4, hidden_size=64),
+            # the MLP module adds the residual itself
+            "mpt": transformers.MptConfig(vocab_size=384, n_layers=2, n_heads=4, d_model=64),
         }
         torch.manual_seed(0)
         return transformers.AutoModelForCausalLM.from_config(configs[name]).eval()

@@ -102,13 +102,13 @@ def test_the_sum_check_tolerates_half_precision_rounding(tiny_repo):
     assert max(check["max_rel_error"].values()) > 1e-3  # the fp32 tolerance would refuse it
 
 
-@pytest.mark.parametrize("name", ["gemma2", "olmo2", "bloom"])
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
 def test_branch_sites_are_refused_where_the_sum_check_fails(tiny, post_norm_model, tmp_path, name):
     model, tok = post_norm_model(name), tiny("llama")[1]
     ids = torch.stack(list(pack_documents(tok, corpus(50), 16, 4)))
     check = self_check(model, ids, [0, 1])
     assert not check["passed"] and max(check["max_rel_error"].values()) > 0.1
-    with pytest.raises(ExtractionError, match="attention/mlp sites are refused"):
+    with pytest.raises(ExtractionError, match="attention/mlp sites are refused.*No module"):
         _run(model, tok, tmp_path / "branches", _spec(hook_types=["mlp"]))
     assert not (tmp_path / "branches").exists()
     manifest = _run(model, tok, tmp_path / "residual", _spec(hook_types=["residual"]))

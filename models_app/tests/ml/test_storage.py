@@ -116,7 +116,8 @@ def test_the_manifest_and_the_shards_agree(tiny, tmp_path):
     assert read_manifest(tmp_path) == json.loads(json.dumps(manifest))
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["model"] == {
-        "id": "m_abc", "repo": "tiny/llama", "commit": "0" * 40, "quantization": "FP16",
+        "id": "m_abc", "repo": "tiny/llama", "revision": None, "commit": "0" * 40,
+        "quantization": "FP16",
         "dtype": "float32", "architecture": "llama", "num_layers": 3, "hidden_size": 64,
     }  # fmt: skip
     assert manifest["dataset"] == {"id": "d_1"} and manifest["meta"] == {"extraction_id": "e_9"}

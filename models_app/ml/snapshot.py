@@ -1,0 +1,64 @@
+"""Device-side snapshots of hooked tensors, and their statistics, stacked by vector width.
+
+A block may change a hooked tensor in place after the hook returned (Falcon's parallel block:
+`mlp_output += attention_output`). So at hook time every site's tensor is copied, on its device,
+into a buffer that nothing else touches; the device->host copy and the statistics read that
+snapshot, never the live tensor. The copy is cheap next to the device->host copy, and it replaces
+the torch.stack the stacked statistics needed anyway, so it adds no memory traffic.
+
+Sites are grouped by the width of one token's vector (d for the residual sites, H·d_head for
+hook_z, anything for a module path); each group is one buffer (S, B, T, width) and one
+StatsBank, updated with one stacked call per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .stats import SiteStats, StatsBank
+
+
+class SiteSnapshots:
+    """Snapshot buffers and statistics for `names` (site names, in the order of the caller).
+
+    shapes: {name: shape of one token's tensor}; buffers hold `batch` sequences of `context`
+    tokens on `device`, in the dtype of the first tensor taken (allocated on first use).
+    """
+
+    def __init__(self, names: Sequence[str], shapes: dict[str, tuple[int, ...]], batch: int,
+                 context: int, device: torch.device):  # fmt: skip
+        self.names, self.shapes = list(names), shapes
+        self.batch, self.context, self.device = batch, context, device
+        self.groups: dict[int, list[str]] = {}  # width -> names
+        for name in self.names:
+            self.groups.setdefault(math.prod(shapes[name]), []).append(name)
+        self.where = {n: (w, i) for w, names in self.groups.items() for i, n in enumerate(names)}
+        self.banks = {w: StatsBank(len(names)) for w, names in self.groups.items()}
+        views = {w: bank.sites() for w, bank in self.banks.items()}
+        self.stats: dict[str, SiteStats] = {n: views[w][i] for n, (w, i) in self.where.items()}
+        self.buffers: dict[int, torch.Tensor] = {}  # width -> (S_w, B, T, width)
+
+    def take(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Copy t (b, T, *shape) into its snapshot now; returns the snapshot (b, T, *shape)."""
+        width, i = self.where[name]
+        buf = self.buffers.get(width)
+        if buf is None:
+            shape = (len(self.groups[width]), self.batch, self.context, width)  # (S, B, T, w)
+            buf = self.buffers[width] = torch.empty(shape, dtype=t.dtype, device=self.device)
+        b = t.shape[0]
+        snap = buf[i, :b].view(b, self.context, *self.shapes[name])  # (b, T, *shape)
+        snap.copy_(t)
+        return snap
+
+    def update_stats(self, b: int) -> None:
+        """One stacked statistics update per width group, from the snapshots of b sequences."""
+        for width, bank in self.banks.items():
+            bank.update(self.buffers[width][:, :b])  # (S_w, b, T, w)
+
+    def nonfinite_tensor(self) -> torch.Tensor:
+        """(len(names),) inf/NaN counts so far, in the caller's order, on the device."""
+        counts = {w: bank.nonfinite_tensor() for w, bank in self.banks.items()}
+        return torch.stack([counts[w][i] for w, i in (self.where[n] for n in self.names)])
