@@ -115,7 +115,12 @@ def relay_ensure_running() -> None:
 
 class CardConsumer(AsyncWebsocketConsumer):
     """Pushes a card partial (marked for an out-of-band swap) for each `<kind>.changed` message
-    of `group`, and a delete swap for `<kind>.deleted`. Subclasses set group, prefix, card_html."""
+    of `group`, and a delete swap for `<kind>.deleted`. Subclasses set group, prefix, card_html.
+
+    Changes are coalesced per card: the handler returns at once and one task renders the row as
+    it is now, once more if it changed meanwhile. A busy page thus never lets the channel
+    layer's queue fill (channels_redis drops what is over its capacity, the last change among
+    it), and never gets a stale card after a newer one."""
 
     group = ""
     prefix = ""
@@ -125,20 +130,42 @@ class CardConsumer(AsyncWebsocketConsumer):
         raise NotImplementedError
 
     async def connect(self) -> None:
+        self.dirty: dict[str, bool] = {}  # card id -> changed since its push task last read it
+        self.pushes: set[asyncio.Task] = set()
         await self.channel_layer.group_add(self.group, self.channel_name)
         relay_ensure_running()
         await self.accept()
 
     async def disconnect(self, code) -> None:
+        for task in list(getattr(self, "pushes", ())):
+            task.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         """Clients only listen; anything they send is ignored."""
 
     async def card_changed(self, event: dict) -> None:
-        html = await database_sync_to_async(type(self).card_html)(event["id"])
-        if html is not None:
-            await self.send(text_data=html)
+        pk = event["id"]
+        running = pk in self.dirty
+        self.dirty[pk] = True
+        if not running:
+            task = asyncio.get_running_loop().create_task(self._push_latest(pk))
+            self.pushes.add(task)
+            task.add_done_callback(self.pushes.discard)
+
+    async def _push_latest(self, pk: str) -> None:
+        try:
+            while self.dirty.get(pk):
+                self.dirty[pk] = False
+                html = await database_sync_to_async(type(self).card_html)(pk)
+                if html is not None:
+                    await self.send(text_data=html)
+                await self.card_pushed(pk)
+        finally:
+            self.dirty.pop(pk, None)
+
+    async def card_pushed(self, pk: str) -> None:
+        """Called after each push of card `pk` (subclasses push what depends on it)."""
 
     async def card_deleted(self, event: dict) -> None:
         await self.send(

@@ -54,8 +54,7 @@ class ModelsConsumer(CardConsumer):
         self.loaded = await database_sync_to_async(loaded_models)()
         await super().connect()
 
-    async def card_changed(self, event: dict) -> None:
-        await super().card_changed(event)
+    async def card_pushed(self, pk: str) -> None:
         await self._badge_if_loaded_changed()
 
     async def card_deleted(self, event: dict) -> None:

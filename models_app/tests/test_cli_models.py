@@ -82,3 +82,27 @@ def test_a_cli_extraction_leaves_the_loaded_model_as_the_worker_has_it(hub):
     )  # fmt: skip
     assert ExtractionJob.objects.get().status == "completed"
     assert list(Model.objects.filter(is_loaded=True).values_list("pk", flat=True)) == [loaded.pk]
+
+
+@pytest.mark.parametrize(("repo_id", "quantization"), [("tiny/gpt2", "Q4"), ("tiny/qwen2", "Q8")])
+def test_a_cli_extraction_of_a_model_never_loaded_in_the_ui_marks_nothing_loaded(
+    client, hub, repo_id, quantization
+):
+    """The issue's case: `manage.py extract --model R --quantization Q` on a model the UI never
+    loaded, while another is resident: one resident model per device, and the API, the card and
+    the header all still say which one."""
+    call_command("download", repo_id, quantization=quantization)  # a CLI download: not resident
+    resident = download("tiny/llama", "FP16")  # the GPU worker's model
+    assert list(Model.objects.filter(is_loaded=True).values_list("pk", flat=True)) == [resident.pk]
+    text_dataset()
+    call_command(
+        "extract", model=repo_id, quantization=quantization, dataset="corpus", layers="0",
+        hooks="residual", max_samples=2, context_size=16, batch_size=2,
+    )  # fmt: skip
+    assert ExtractionJob.objects.get().status == "completed"
+    api = {m["hf_repo_id"]: m["is_loaded"] for m in client.get("/api/models").json()}
+    assert api == {repo_id: False, "tiny/llama": True}
+    badge = client.get("/models/device").content.decode()
+    assert f"loaded: {resident.name} [FP16]" in badge and repo_id.split("/")[1] not in badge
+    page = client.get("/models/").content.decode()
+    assert page.count('data-loaded="true"') == 1 and page.count("Ready · loaded") == 1

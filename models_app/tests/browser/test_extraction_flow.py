@@ -97,7 +97,9 @@ def test_a_gemma2_shaped_model_extracts_residual_mlp_attention_and_z(page, live,
     assert "model.layers.1.post_feedforward_layernorm" in sites.inner_text()
     assert "[4, 64]" in sites.inner_text()  # 4 heads of 64: wider than the 128-wide stream
     dialog.locator("#extract-start").click()
-    dialog.locator(".extraction-box").wait_for()  # the modal stays open on its progress box
+    dialog.locator(".extraction-box").wait_for()  # the modal stays open on its Extracting… box
+    dialog.get_by_label("Close").click()
+    page.get_by_role("dialog").wait_for(state="detached")
     job = wait_for(
         lambda: ExtractionJob.objects.exclude(status__in=["queued", "running"]).first(),
         timeout=600,
@@ -105,8 +107,6 @@ def test_a_gemma2_shaped_model_extracts_residual_mlp_attention_and_z(page, live,
     )
     assert job.hook_types == ["attention", "mlp", "residual", "z"] and job.layers == [0, 1]
     _check_job(job, "shapes/gemma2")
-    dialog.locator(".extraction-box[data-status=completed] .extraction-notice").wait_for()
-    dialog.get_by_label("Close").click()
     page.locator(f"#model-{model.pk}").get_by_role("link", name="Extractions (1)").click()
     page.locator(".extraction[data-status=completed]").wait_for()
     assert page.locator(".site-stats").count() == 8

@@ -24,6 +24,8 @@ def test_parse_special_tokens_chosen_in_the_modal(page, live, hub):
     dialog.get_by_label("Max Samples").fill("8")
     dialog.get_by_label("Context Size").fill("32")
     dialog.locator("#extract-start").click()
+    dialog.locator(".extraction-box").wait_for()  # the modal stays open on its Extracting… box
+    dialog.get_by_label("Close").click()
     page.get_by_role("dialog").wait_for(state="detached")
     card = page.locator(f"#model-{model.pk}")
     card.get_by_role("link", name="Extractions (1)").click()
