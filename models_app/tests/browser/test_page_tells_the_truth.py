@@ -48,16 +48,18 @@ def api_state(base: str, model_id: str) -> list | None:
 def follow(page, base: str, model_id: str, until, *, timeout: float = 600) -> list | None:
     """Poll the API and the card together until the API state satisfies `until` and the card
     shows it; fail as soon as the card lags an API change by more than AGREE_WITHIN."""
-    last, changed_at = object(), time.monotonic()
+    last, changed_at, agreed = object(), time.monotonic(), False
     give_up = time.monotonic() + timeout
     while True:
         api = api_state(base, model_id)
         now = time.monotonic()
         if api != last:
-            last, changed_at = api, now
+            last, changed_at, agreed = api, now, False
         card = page.evaluate(CARD_STATE, model_id)
         if card == api:
-            LAGS.append(time.monotonic() - changed_at)
+            if not agreed:  # the first agreement after a change: how far the card was behind
+                LAGS.append(time.monotonic() - changed_at)
+                agreed = True
             if until(api):
                 return api
         elif now - changed_at > AGREE_WITHIN:
