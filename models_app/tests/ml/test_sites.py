@@ -17,14 +17,13 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from mistudio.testing.tiny_models import build_tiny_model
 from models_app.ml.export import export_saelens
 from models_app.ml.extract import ExtractionError, ExtractionSpec, run_extraction
 from models_app.ml.loading import load_model
 from models_app.ml.reader import open_extraction
 from models_app.ml.storage import verify
 
-from .conftest import CPU, HIDDEN, N_LAYERS, assert_rel_close, corpus
+from .conftest import CPU, HIDDEN, assert_rel_close, corpus
 
 # (blocks, attention term, MLP term, attention output projection, final norm, an inner module):
 # the terms are the modules whose outputs the block adds to the residual stream.
@@ -57,16 +56,9 @@ CONTEXT, BATCH = 16, 4
 
 
 @pytest.fixture(scope="module")
-def repos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("site-repos")
-    built: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in built:
-            built[arch] = build_tiny_model(arch, root / arch, layers=N_LAYERS, hidden=HIDDEN)
-        return built[arch]
-
-    return get
+def repos(tiny_repo):
+    """arch -> folder of a saved tiny model (the session's, see conftest.tiny_repo)."""
+    return tiny_repo
 
 
 def plain_transformers(path: Path, quantization: str) -> nn.Module:
