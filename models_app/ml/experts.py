@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .extensions import extensions_load
+
 # optimum-quanto weight type per miStudio option (FP16 keeps the experts as they are).
 EXPERT_QTYPES = {"Q8": "qint8", "Q4": "qint4", "Q2": "qint2"}
 
@@ -90,6 +92,7 @@ def quantize_experts(model: nn.Module, quantization: str, dtype: torch.dtype) ->
     targets = expert_parameters(model) if qtype else []
     if not targets:
         return 0
+    extensions_load()  # the built library, without torch's JIT lock (see extensions.py)
     _use_eager_experts(model)
     for module, name, parameter in targets:
         stack = QuantizedExperts(parameter.data, qtype, dtype)

@@ -11,6 +11,7 @@ It is idempotent: a built extension loads in well under a second.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -40,13 +41,42 @@ def extensions_built() -> bool:
     return True
 
 
+def extensions_load() -> bool:
+    """Import each built extension's library directly into optimum-quanto (True when all were).
+
+    optimum-quanto loads its extension through torch's JIT loader, which takes a lock file in
+    the build folder for every process's first 2-bit use, even when nothing is to be built; a
+    process killed in that moment (a crash, the OOM killer) leaves the lock behind and every later
+    2-bit load in any process waits on it for ever. A built library needs no lock: it is imported
+    as torch's loader would import it.
+    """
+    loaded = True
+    for name in extension_names():
+        ext = get_extension(name)
+        build = Path(ext.build_directory)
+        library = build / f"{name}.so"
+        version_file = build / "pytorch_version.txt"
+        if ext._lib is not None:
+            continue
+        if not (library.is_file() and version_file.is_file()
+                and version_file.read_text().strip() == torch.__version__):  # fmt: skip
+            loaded = False
+            continue
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        ext._lib = module
+    return loaded
+
+
 def build_extensions() -> dict[str, float]:
     """Build (or load, when already built) each extension; returns seconds per extension.
     Raises what torch's builder raises (no compiler, a failed build)."""
     took = {}
     for name in extension_names():
         start = time.monotonic()
-        get_extension(name).lib  # noqa: B018 - the property compiles and loads the extension
+        if not extensions_load():
+            get_extension(name).lib  # noqa: B018 - the property compiles and loads the extension
         took[name] = time.monotonic() - start
     return took
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .configs import auto_model_class, config_from_dict
 from .experts import EXPERT_QTYPES, count_quantized_experts, expert_parameters, quantize_experts
+from .extensions import extensions_load
 from .filecheck import snapshot_check
 
 QUANTIZATIONS = ("FP16", "Q8", "Q4", "Q2")
@@ -290,6 +291,7 @@ def _load_quanto(
 ) -> tuple[nn.Module, str]:
     from optimum.quanto import quantize
 
+    extensions_load()  # the built library, without torch's JIT lock (see extensions.py)
     model = _from_pretrained(folder, dtype, None)
     converted = conv1d_to_linear(model)  # quanto quantizes nn.Linear only
     quantize(model, weights=qtype, exclude=_output_head_names(model))
@@ -469,6 +471,7 @@ def _quanto_layer(
 ) -> nn.Module:
     from optimum.quanto import quantize
 
+    extensions_load()
     wrapper = nn.Sequential(layer.to(dtype))
     quantize(wrapper, weights=qtype)
     _freeze_on(wrapper, device)

@@ -270,3 +270,31 @@ def test_cpu_device_info_reports_memory_in_bytes():
     assert info["kind"] == "cpu" and info["name"].startswith("CPU: ")
     assert info["total_bytes"] >= info["free_bytes"] > 0
     assert info["used_bytes"] == info["total_bytes"] - info["free_bytes"]
+
+
+def test_a_lock_left_by_a_killed_process_does_not_stop_a_2_bit_load(tiny_repo):
+    """torch's JIT loader takes a lock file in the extension's build folder for every process's
+    first 2-bit use; a process killed at that moment left it behind and every later Q2 load
+    waited for ever (seen when the crash tests killed a GPU worker mid-load). A built extension
+    is imported without that lock."""
+    import subprocess
+    import sys
+
+    from optimum.quanto.library.extensions import get_extension
+
+    from mistudio.testing.live import ROOT
+
+    lock = Path(get_extension("quanto_cpp").build_directory) / "lock"
+    code = (
+        "import sys, torch; from models_app.ml.loading import load_model; "
+        "model, report = load_model(sys.argv[1], 'Q2', torch.device('cpu')); print(report.backend)"
+    )
+    made = not lock.exists()
+    lock.touch()
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(tiny_repo("llama"))], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    finally:
+        if made:
+            lock.unlink(missing_ok=True)
+    assert r.returncode == 0 and "quanto-int2" in r.stdout, r.stderr[-2000:]
