@@ -46,9 +46,11 @@ def _start_held(web: LiveClient, hub, point: str) -> str:
 
 
 def _on_disk_at_kill(point: str) -> None:
-    partial = partial_model_files(REPO)
-    if point == "mid-file":
-        assert any(p.endswith(".incomplete") for p in partial), partial
+    if point == "mid-file":  # the hub holds the body; the worker writes what it got so far
+        assert wait_for(
+            lambda: any(p.endswith(".incomplete") for p in partial_model_files(REPO)),
+            timeout=DEADLINE_S,
+        ), partial_model_files(REPO)
 
 
 def _download_again(web: LiveClient, pk: str, repo: str, quantization: str) -> None:
