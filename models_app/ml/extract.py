@@ -16,7 +16,6 @@ tokens through `on_progress(done, total)`; cancellation is polled between batche
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .configs import num_layers, text_config
+from .environment import library_versions
 from .errors import ExtractionCancelled, ExtractionError
 from .hooks import (
     BRANCH_HOOK_TYPES,
@@ -502,21 +502,6 @@ def _never() -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Manifest
-
-
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes",
-             "optimum-quanto")  # fmt: skip
-
-
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries a result depends on (None: not installed)."""
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def _tokenizer_info(tokenizer, meta: dict) -> dict:
