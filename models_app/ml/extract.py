@@ -206,7 +206,8 @@ class _Run:
     host) for the side stream to have read the previous ones.
     """
 
-    def __init__(self, plan: _Plan, out_dir: Path, model: nn.Module, check_layers=None):
+    def __init__(self, plan: _Plan, out_dir: Path, model: nn.Module, check_layers=None, *,
+                 first_shard: int = 0, ranges: dict | None = None):  # fmt: skip
         self.plan = plan
         self.model = model
         self.planned = {s.name for s in plan.sites}
@@ -221,7 +222,7 @@ class _Run:
         self.copy_stream = torch.cuda.Stream(plan.device) if self.cuda else None
         names = [s.name for s in plan.sites]
         self.snaps = SiteSnapshots(
-            names, plan.shapes, plan.batch_size, plan.context_size, plan.device
+            names, plan.shapes, plan.batch_size, plan.context_size, plan.device, ranges
         )
         self.stats: dict[str, SiteStats] = self.snaps.stats
         shapes = {n: (plan.batch_size, plan.context_size, *plan.shapes[n]) for n in names}
@@ -235,6 +236,7 @@ class _Run:
             self.stats,
             release=self.pool.release,
             max_pending=POOL_SLOTS,
+            first_shard=first_shard,
         ).start()
         self.slot: Slot | None = None
         self.b = 0  # sequences in the batch in flight

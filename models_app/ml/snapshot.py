@@ -29,14 +29,18 @@ class SiteSnapshots:
     """
 
     def __init__(self, names: Sequence[str], shapes: dict[str, tuple[int, ...]], batch: int,
-                 context: int, device: torch.device):  # fmt: skip
+                 context: int, device: torch.device,
+                 ranges: dict[str, tuple[float, float]] | None = None):  # fmt: skip
         self.names, self.shapes = list(names), shapes
         self.batch, self.context, self.device = batch, context, device
         self.groups: dict[int, list[str]] = {}  # width -> names
         for name in self.names:
             self.groups.setdefault(math.prod(shapes[name]), []).append(name)
         self.where = {n: (w, i) for w, names in self.groups.items() for i, n in enumerate(names)}
-        self.banks = {w: StatsBank(len(names)) for w, names in self.groups.items()}
+        self.banks = {
+            w: StatsBank(len(names), ranges=[ranges[n] for n in names] if ranges else None)
+            for w, names in self.groups.items()
+        }  # ranges: each site's value-histogram range fixed ahead (see StatsBank)
         views = {w: bank.sites() for w, bank in self.banks.items()}
         self.stats: dict[str, SiteStats] = {n: views[w][i] for n, (w, i) in self.where.items()}
         self.buffers: dict[int, torch.Tensor] = {}  # width -> (S_w, B, T, width)
@@ -57,6 +61,10 @@ class SiteSnapshots:
         """One stacked statistics update per width group, from the snapshots of b sequences."""
         for width, bank in self.banks.items():
             bank.update(self.buffers[width][:, :b])  # (S_w, b, T, w)
+
+    def value_ranges(self) -> dict[str, tuple[float, float]]:
+        """{site name: value-histogram range}, once the first batch was counted."""
+        return {n: self.banks[w].ranges[i] for n, (w, i) in self.where.items()}
 
     def nonfinite_tensor(self) -> torch.Tensor:
         """(len(names),) inf/NaN counts so far, in the caller's order, on the device."""

@@ -43,8 +43,17 @@ class StatsBank:
     each site, with the single-site API (to_dict, nonfinite, …).
     """
 
-    def __init__(self, n_sites: int, near_zero: float = NEAR_ZERO, value_bins: int = VALUE_BINS):
+    def __init__(
+        self,
+        n_sites: int,
+        near_zero: float = NEAR_ZERO,
+        value_bins: int = VALUE_BINS,
+        ranges: list[tuple[float, float]] | None = None,
+    ):
+        """ranges: the value-histogram range of each site, fixed ahead (an extraction split into
+        parts gives every part the range its first batch set); None: from the first batch."""
         self.n_sites = n_sites
+        self.preset_ranges = [tuple(r) for r in ranges] if ranges else None
         self.near_zero = near_zero
         self.value_bins = value_bins
         self.count = 0  # scalar values seen, per site
@@ -73,7 +82,7 @@ class StatsBank:
             "hist": torch.zeros(S, self.value_bins + 2, **i64),  # [underflow, bins…, overflow]
         }
         # The only synchronisation: the value bins adapt once, to the first batch's finite range.
-        self._ranges = [_value_range(site) for site in x]
+        self._ranges = self.preset_ranges or [_value_range(site) for site in x]
         lo = torch.tensor([r[0] for r in self._ranges], **f64)
         scale = torch.tensor([self.value_bins / (hi - lo) for lo, hi in self._ranges], **f64)
         self._lo_scale = torch.stack([lo, scale]).to(torch.float32).view(2, S, 1, 1)
@@ -138,6 +147,48 @@ class StatsBank:
         lo, scale = self._lo_scale.to(x.device)
         idx = ((x - lo) * scale).floor_().clamp_(-1, self.value_bins).add_(1)  # (S, N, d)
         self._acc["hist"] += _bincount_per_site(idx, self.value_bins + 2)
+
+    @property
+    def ranges(self) -> list[tuple[float, float]] | None:
+        """The value-histogram range of each site (None before the first batch)."""
+        return self._ranges
+
+    def state(self, i: int) -> dict:
+        """Site i's accumulators, JSON-ready (exact: Python floats round-trip through JSON);
+        see merge.py. The norm histogram is sparse: {bin: count}."""
+        if self._acc is None:
+            return {"count": 0}
+        acc = {k: v[i].cpu() for k, v in self._acc.items()}
+        hist = acc.pop("norm_hist")
+        nz = torch.nonzero(hist).flatten().tolist()
+        return {
+            "count": self.count,
+            "n_vectors": self.n_vectors,
+            "near_zero_threshold": self.near_zero,
+            "range": list(self._ranges[i]),
+            **{k: v.tolist() for k, v in acc.items()},
+            "norm_hist": {str(j): int(hist[j]) for j in nz},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, value_bins: int = VALUE_BINS) -> StatsBank:
+        """A bank of one site holding the accumulators of `state` (from `state` or a merge)."""
+        bank = cls(1, state.get("near_zero_threshold", NEAR_ZERO), value_bins)
+        if not state.get("count"):
+            return bank
+        f64, i64 = dict(dtype=torch.float64), dict(dtype=torch.int64)
+        n_norm_bins = (NORM_LOG10_MAX - NORM_LOG10_MIN) * NORM_BINS_PER_DECADE
+        norm_hist = torch.zeros(1, n_norm_bins, **i64)
+        for j, n in state["norm_hist"].items():
+            norm_hist[0, int(j)] = n
+        floats = ("mean", "m2", "min", "max", "norm_sum", "norm_max")
+        bank._acc = {k: torch.tensor([state[k]], **f64) for k in floats}
+        bank._acc.update({k: torch.tensor([state[k]], **i64) for k in ("near_zero", "nonfinite")})
+        bank._acc["norm_hist"] = norm_hist
+        bank._acc["hist"] = torch.tensor([state["hist"]], **i64)
+        bank._ranges = [tuple(state["range"])]
+        bank.count, bank.n_vectors = state["count"], state["n_vectors"]
+        return bank
 
     def nonfinite_tensor(self) -> torch.Tensor:
         """The inf/NaN counts so far, (S,) int64 on the activations' device (no sync)."""

@@ -332,8 +332,10 @@ class ShardWriter:
         stats: dict[str, SiteStats],
         release: Callable[[Slot], None],
         max_pending: int,
+        first_shard: int = 0,  # the number of the first shard written (a part starts later)
     ):
         self.out_dir = Path(out_dir)
+        self.first_shard = first_shard
         self.dims, self.context_size, self.dtype = dims, context_size, dtype
         self.capacity = shard_sequences
         self.records: dict[str, list[dict]] = {name: [] for name in dims}
@@ -418,7 +420,7 @@ class ShardWriter:
                 raise NonFiniteError(name, count)
 
     def _open_shard(self) -> dict[str, ShardFile]:
-        k = len(next(iter(self.records.values())))
+        k = self.first_shard + len(next(iter(self.records.values())))
         return {
             name: ShardFile(self.out_dir, shard_relpath(name, k), self.capacity,
                             self.context_size, d, self.dtype)
