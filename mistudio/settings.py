@@ -8,6 +8,7 @@ broker and channels_redis.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -53,7 +54,13 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 DATA_DIR = Path(env_str("MISTUDIO_DATA_DIR", str(BASE_DIR / "data"))).expanduser().resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
-MISTUDIO_DEVICE = env_choice("MISTUDIO_DEVICE", "auto", ("auto", "cpu", "cuda"))
+# auto, cpu, cuda, cuda:N or cpu:N: the device of this process's GPU worker (manage.py worker
+# --device D sets it; indexed CPU devices are workers of a CPU-only machine).
+MISTUDIO_DEVICE = (os.environ.get("MISTUDIO_DEVICE") or "auto").strip().lower()
+if not re.fullmatch(r"auto|cpu|cuda|(cpu|cuda):\d+", MISTUDIO_DEVICE):
+    raise ImproperlyConfigured(
+        f"MISTUDIO_DEVICE={MISTUDIO_DEVICE!r} must be auto, cpu, cuda, cuda:N or cpu:N"
+    )
 # Models are downloaded into the shared HF cache (HF_HOME / HF_HUB_CACHE as huggingface_hub defines
 # them) so other tools reuse them; the data dir holds activations and datasets.
 ACTIVATIONS_DIR = DATA_DIR / "activations"
@@ -61,6 +68,9 @@ DATASETS_DIR = DATA_DIR / "datasets"
 # Keep this much free after a download or extraction (bytes).
 DISK_MARGIN_BYTES = env_int("MISTUDIO_DISK_MARGIN_MB", 512) * 1024 * 1024
 # Bytes per shard file and hook; unset: the extraction's own default (models_app.ml.storage).
+# An extraction is split into at most this many parts (whole shards each), which the GPU workers
+# (one per device, on any machine sharing the database, the broker and the data dir) share.
+EXTRACTION_PARTS = env_int("MISTUDIO_EXTRACTION_PARTS", 8)
 EXTRACTION_SHARD_BYTES = (env_int("MISTUDIO_SHARD_MB", 0) * 1024 * 1024) or None
 ALLOW_PICKLE_WEIGHTS = env_bool("MISTUDIO_ALLOW_PICKLE_WEIGHTS", False)
 # huggingface_hub reads these at import; we pass them to every call so tests can override them.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,31 +17,29 @@ from django.utils import timezone
 from transformers import AutoTokenizer
 
 from datasets_app.models import Dataset
-from datasets_app.services import dataset_texts
 from datasets_app.storage import texts_path
 from mistudio import limits
-from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_check
+from mistudio.errors import Conflict, Invalid, is_disk_full, room_check
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
 from .jobs import enqueue_gpu
 from .ml.export import ExportError, export_saelens
-from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec, run_extraction
+from .ml.extract import ExtractionSpec
 from .ml.reader import ReaderError
 from .ml.storage import sequence_bytes, sha256_file, storage_dtype
 from .models import (
     EXTRACTION_ACTIVE,
     ExtractionJob,
+    ExtractionPart,
     ExtractionStatus,
     Model,
     ModelStatus,
     new_extraction_id,
 )
-from .resident import model_resident
 from .selectors import device, extraction_get, model_get
 from .sites import extraction_sites
 
 log = logging.getLogger(__name__)
-PROGRESS_INTERVAL = 0.5  # seconds between progress writes
 
 
 def output_dir(extraction_id: str) -> Path:
@@ -167,32 +164,6 @@ def extraction_start(
     return extraction_get(job.pk)
 
 
-class _Progress:
-    """Throttled progress writes with tokens/s and ETA."""
-
-    def __init__(self, job_id: str):
-        self.job_id = job_id
-        self.started = time.monotonic()
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL and done < total:
-            return
-        self.last = now
-        rate = done / max(now - self.started, 1e-6)
-        eta = (total - done) / rate if rate > 0 else None
-        ExtractionJob.touch(
-            self.job_id,
-            tokens_done=done,
-            tokens_total=total,
-            progress=min(100.0, 100.0 * done / max(total, 1)),
-            tokens_per_second=rate,
-            eta_seconds=eta,
-            phase="extracting",
-        )
-
-
 def extraction_end(job: ExtractionJob, status: str, **fields) -> None:
     ExtractionJob.touch(
         job.pk, status=status, finished_at=timezone.now(), eta_seconds=None, **fields
@@ -210,9 +181,9 @@ def model_tokenizer(local_path: str):
     return AutoTokenizer.from_pretrained(local_path, trust_remote_code=False)
 
 
-def _run(job: ExtractionJob, in_worker: bool) -> dict:
-    model, report = model_resident(job.model_id, in_worker=in_worker)
-    spec = ExtractionSpec(
+def extraction_spec(job: ExtractionJob) -> ExtractionSpec:
+    """The ml/ spec of a job row."""
+    return ExtractionSpec(
         layers=job.layers,
         hook_types=job.hook_types,
         module_sites=list(job.module_sites or []),
@@ -222,31 +193,24 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         shard_bytes=settings.EXTRACTION_SHARD_BYTES,
         special_tokens=job.special_tokens,
     )
+
+
+def extraction_meta(job: ExtractionJob, backend: str) -> dict:
+    """What the manifest records about the model, tokenizer and dataset of a job."""
     row = job.model
-    meta = {
+    return {
         "model_id": row.pk,
         "repo": row.hf_repo_id,
         "revision": row.revision,
         "commit": row.commit_sha,
         "quantization": row.quantization,
-        "backend": report.backend,
+        "backend": backend,
         "tokenizer": row.hf_repo_id,  # the model's own tokenizer, at the model's commit
         "tokenizer_revision": row.commit_sha,
         "dataset_id": job.dataset_id,
         "dataset": _dataset_provenance(job),
         "extraction_id": job.pk,
     }
-    ExtractionJob.touch(job.pk, phase="extracting")
-    return run_extraction(
-        model,
-        model_tokenizer(row.local_path),
-        dataset_texts(job.dataset_id),
-        spec,
-        Path(job.output_path),
-        meta=meta,
-        on_progress=_Progress(job.pk),
-        should_cancel=lambda: ExtractionJob.cancel_requested(job.pk),
-    )
 
 
 def _dataset_provenance(job: ExtractionJob) -> dict:
@@ -265,7 +229,7 @@ def _dataset_provenance(job: ExtractionJob) -> dict:
             "texts_sha256": sha256_file(path) if path.is_file() else None}  # fmt: skip
 
 
-def _completed(job: ExtractionJob, manifest: dict) -> None:
+def extraction_completed(job: ExtractionJob, manifest: dict) -> None:
     hooks = manifest.get("hooks", [])
     stats = {h["name"]: h.get("statistics") for h in hooks}
     written = sum(s.get("bytes", 0) for h in hooks for s in h.get("shards", []))
@@ -281,42 +245,13 @@ def _completed(job: ExtractionJob, manifest: dict) -> None:
     )
 
 
-def extraction_run(extraction_id: str, *, in_worker: bool = True) -> None:
-    """The GPU job. Ends `completed`, `failed` (readable reason, no files) or `cancelled`.
-    `in_worker=False`: a command-line run, whose model is not the GPU worker's (see
-    resident.model_resident)."""
-    if not ExtractionJob.claim(
-        extraction_id,
-        from_status=ExtractionStatus.QUEUED,
-        status=ExtractionStatus.RUNNING,
-        started_at=timezone.now(),
-        phase="loading the model",
-    ):
-        return
-    job = extraction_get(extraction_id)
-    try:
-        with ExtractionJob.heartbeat(job.pk):
-            manifest = _run(job, in_worker)
-    except ExtractionCancelled:
-        extraction_files_remove(job)
-        extraction_end(
-            job, ExtractionStatus.CANCELLED, error_message="Cancelled by the user.", phase=""
-        )
-    except Exception as exc:  # noqa: BLE001 - a failing job ends readable, never stuck
-        extraction_files_remove(job)
-        message = _failure_message(job, exc, expected=(ExtractionError, ServiceError, OSError))
-        extraction_end(job, ExtractionStatus.FAILED, error_message=message, phase="")
-    else:
-        _completed(job, manifest)
-
-
 DISK_FULL = (
     "The disk filled up while writing the activations to {path}. Partial files were removed;"
     " free some space (or lower max samples or the number of sites) and start it again."
 )
 
 
-def _failure_message(job: ExtractionJob, exc: Exception, *, expected: tuple) -> str:
+def failure_message(job: ExtractionJob, exc: Exception, *, expected: tuple) -> str:
     if is_disk_full(exc):
         return DISK_FULL.format(path=Path(job.output_path).parent)
     if isinstance(exc, expected):
@@ -326,21 +261,35 @@ def _failure_message(job: ExtractionJob, exc: Exception, *, expected: tuple) -> 
 
 
 def extraction_cancel(extraction_id: str) -> ExtractionJob:
-    """Stop a queued or running extraction; the worker stops between batches and cleans up."""
+    """Stop a queued or running extraction: every running part stops between batches, and
+    the last to stop removes every file; with no part running, it ends here."""
     job = extraction_get(extraction_id)
     if job.status not in EXTRACTION_ACTIVE:
         raise Conflict(f"This extraction is {job.status}; there is nothing to cancel.")
     ExtractionJob.request_cancel(job.pk)
-    if ExtractionJob.objects.filter(pk=job.pk, status=ExtractionStatus.QUEUED).update(
-        status=ExtractionStatus.CANCELLED,
-        error_message="Cancelled by the user.",
-        finished_at=timezone.now(),
-        updated_at=timezone.now(),
-        phase="",
+    job.parts.filter(status=ExtractionPart.Status.QUEUED).update(
+        status=ExtractionPart.Status.CANCELLED
+    )
+    if _cancelled_now(job.pk, ExtractionStatus.QUEUED) or (
+        job.parts.exists()  # planned, and no worker holds a part: nobody else will end it
+        and not job.parts.filter(status=ExtractionPart.Status.RUNNING).exists()
+        and _cancelled_now(job.pk, ExtractionStatus.RUNNING)
     ):
         extraction_files_remove(job)
     ExtractionJob.announce(job.pk)
     return extraction_get(job.pk)
+
+
+def _cancelled_now(pk: str, status: str) -> bool:
+    return bool(
+        ExtractionJob.objects.filter(pk=pk, status=status).update(
+            status=ExtractionStatus.CANCELLED,
+            error_message="Cancelled by the user.",
+            finished_at=timezone.now(),
+            updated_at=timezone.now(),
+            phase="",
+        )
+    )
 
 
 def extraction_delete(extraction_id: str) -> None:

@@ -205,3 +205,51 @@ class ExtractionJob(Job):
     @classmethod
     def card_ids(cls, pk: str) -> list[str]:
         return list(cls.objects.filter(pk=pk).values_list("model_id", flat=True))
+
+
+class ExtractionPart(models.Model):
+    """A range of whole shards of one extraction, run by one GPU worker at a time.
+
+    A worker takes a part with a conditional UPDATE (queued, or running with a stale heartbeat:
+    its worker died), so two workers never hold the same part. `shards_done` counts the part's
+    shards on disk (verified by sha256 on resume); `batches` counts every batch forwarded for
+    it, so work recomputed after a crash is batches − the part's batches of one clean run."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    extraction = models.ForeignKey(ExtractionJob, on_delete=models.CASCADE, related_name="parts")
+    index = models.PositiveIntegerField()
+    shard_start = models.PositiveIntegerField()  # first shard, inclusive
+    shard_end = models.PositiveIntegerField()  # last shard, exclusive
+    tokens_total = models.BigIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    device = models.CharField(max_length=40, blank=True)  # e.g. cuda:1, cpu:0
+    worker = models.CharField(max_length=200, blank=True)  # host:pid of the worker holding it
+    shards_done = models.PositiveIntegerField(default=0)
+    tokens_done = models.BigIntegerField(default=0)
+    tokens_per_second = models.FloatField(default=0.0)
+    batches = models.PositiveIntegerField(default=0)  # forwarded, over every attempt
+    attempts = models.PositiveIntegerField(default=0)  # times a worker took it
+    crashes = models.PositiveIntegerField(default=0)  # times its worker died or it raised
+    last_error = models.TextField(blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "extraction_parts"
+        ordering = ["extraction", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["extraction", "index"], name="extraction_part_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.extraction_id} part {self.index}"
+
+    @property
+    def n_shards(self) -> int:
+        return self.shard_end - self.shard_start

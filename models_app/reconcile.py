@@ -2,7 +2,8 @@
 
 Runs when a worker process starts, once more when the heartbeats from before that start have gone
 stale, and every minute from the django-q2 scheduler. A claimed job whose heartbeat is older than
-STALE_HEARTBEAT_SECONDS is ended with a readable message and its partial files removed. At a
+STALE_HEARTBEAT_SECONDS is ended with a readable message and its partial files removed; an
+extraction is resumed instead (parts.parts_reconcile). At a
 worker's start, queued jobs whose task is no longer waiting in the broker (taken by a worker that
 died with it) are queued again; the jobs' exactly-once claim makes any duplicate a no-op.
 """
@@ -23,9 +24,9 @@ from django_q.signing import SignedPackage
 
 from datasets_app.reconcile import datasets_reconcile, datasets_requeue
 
-from .extraction import extraction_end, extraction_files_remove
 from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail, partial_files_remove
 from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
+from .parts import parts_reconcile, parts_waiting
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +49,12 @@ def _stale_rows(cutoff):
     return Model.objects.filter(running, heartbeat_at__lt=cutoff)
 
 
-EXTRACTION_STALE = (
-    "The GPU worker stopped sending signs of life during this extraction (it was stopped or"
-    " restarted, or lost the database). Partial files were removed; start it again."
-)
-
-
-def _extractions_reconcile(cutoff) -> int:
-    moved = 0
-    for job in ExtractionJob.objects.filter(
-        status=ExtractionStatus.RUNNING, heartbeat_at__lt=cutoff
-    ):
-        extraction_files_remove(job)
-        extraction_end(job, ExtractionStatus.FAILED, error_message=EXTRACTION_STALE, phase="")
-        moved += 1
-    return moved
-
-
 def jobs_reconcile(now=None) -> int:
-    """End stale running jobs; return how many rows were moved to a failed state."""
+    """End stale running jobs (extractions: resume them, see parts.parts_reconcile); return how
+    many rows were moved."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS)
-    moved = _extractions_reconcile(cutoff)
+    moved = parts_reconcile(cutoff)
     for row in _stale_rows(cutoff):
         partial_files_remove(row)
         job_fail(row.pk, STALE_MESSAGES[row.status])
@@ -154,6 +139,8 @@ def jobs_requeue(cluster: str) -> int:
     how many. Run at worker start, when a dead worker may have taken tasks with it."""
     waiting = broker_waiting_ids(cluster)
     lost = [(func, pk) for func, pk in _queued_jobs(cluster) if pk not in waiting]
+    if cluster == settings.GPU_CLUSTER:
+        lost += parts_waiting(waiting)
     for func, pk in lost:
         if func == "model_download_task":
             enqueue_download(pk)

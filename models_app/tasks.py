@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import extraction, jobs, reconcile, resident
+from . import jobs, parts, reconcile, resident
 
 
 def model_download_task(model_id: str) -> None:
@@ -27,4 +27,9 @@ def reconcile_task() -> int:
 
 
 def extraction_run_task(extraction_id: str) -> None:
-    extraction.extraction_run(extraction_id)
+    parts.extraction_run(extraction_id)
+
+
+def extraction_part_task(extraction_id: str) -> None:
+    """Work on the parts of a running extraction (one per part is queued; extras do nothing)."""
+    parts.extraction_work(extraction_id)

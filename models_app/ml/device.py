@@ -8,18 +8,21 @@ from pathlib import Path
 import psutil
 import torch
 
-DEVICE_SETTINGS = ("auto", "cpu", "cuda")
+DEVICE_SETTINGS = ("auto", "cpu", "cuda")  # and cpu:N, cuda:N (see DEVICE_PATTERN)
+DEVICE_PATTERN = r"auto|cpu|cuda|(cpu|cuda):\d+"
 
 
 def resolve_device(setting: str) -> torch.device:
-    """Turn a device setting ("auto", "cpu", "cuda" or "cuda:N") into a torch.device.
+    """Turn a device setting ("auto", "cpu", "cpu:N", "cuda" or "cuda:N") into a torch.device.
 
-    "auto" gives cuda when a GPU is usable, else cpu. Asking for cuda without one raises ValueError.
+    "auto" gives cuda when a GPU is usable, else cpu. "cpu:N" is the CPU: indexed CPU devices
+    name the GPU workers of a CPU-only machine (one worker per index), torch has one CPU device.
+    Asking for cuda without one raises ValueError.
     """
     value = (setting or "auto").strip().lower()
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if value == "cpu":
+    if value == "cpu" or (value.startswith("cpu:") and value[4:].isdigit()):
         return torch.device("cpu")
     if value == "cuda" or value.startswith("cuda:"):
         return _cuda_device(value)

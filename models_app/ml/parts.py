@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import ExtractionError
-from .extract import ExtractionSpec, _loop, _plan, _Plan, _Run, build_manifest
+from .extract import ExtractionSpec, _loop, _Plan, _plan, _Run, build_manifest
 from .hooks import BRANCH_HOOK_TYPES, capture
 from .merge import merged_stats
 from .snapshot import SiteSnapshots
@@ -109,7 +109,7 @@ def _first_batch_ranges(model: nn.Module, plan: _Plan, ids: torch.Tensor) -> dic
         snaps = SiteSnapshots([s.name for s in plan.sites], plan.shapes, ids.shape[0],
                               plan.context_size, plan.device)  # fmt: skip
         try:
-            with capture(model, plan.sites, lambda site, t: snaps.take(site.name, t)) as cap:
+            with capture(model, plan.sites, snaps.take_site) as cap:
                 cap.forward(ids.to(plan.device))
             snaps.update_stats(ids.shape[0])
             return {name: list(r) for name, r in snaps.value_ranges().items()}

@@ -57,6 +57,10 @@ class SiteSnapshots:
         snap.copy_(t)
         return snap
 
+    def take_site(self, site, t: torch.Tensor) -> None:
+        """A capture sink: take(site.name, t)."""
+        self.take(site.name, t)
+
     def update_stats(self, b: int) -> None:
         """One stacked statistics update per width group, from the snapshots of b sequences."""
         for width, bank in self.banks.items():

@@ -134,7 +134,9 @@ def test_a_dataset_shorter_than_one_sequence_fails_readably(hub):
     assert not Path(job.output_path).exists()
 
 
-def test_a_stale_running_job_is_failed_by_the_reconciler(hub, settings):
+def test_a_job_whose_worker_died_while_preparing_it_is_resumed_then_failed_the_second_time(
+    hub, settings
+):
     row = download("tiny/gpt2", "FP16")
     job = extraction.extraction_start(
         model_id=row.pk,
@@ -146,10 +148,17 @@ def test_a_stale_running_job_is_failed_by_the_reconciler(hub, settings):
     )
     out = Path(job.output_path)
     (out / "shards").mkdir(parents=True)
+    stale = timezone.now() - timedelta(minutes=10)
     ExtractionJob.objects.filter(pk=job.pk).update(
-        status=ExtractionStatus.RUNNING, heartbeat_at=timezone.now() - timedelta(minutes=10)
+        status=ExtractionStatus.RUNNING, heartbeat_at=stale, attempt=1
     )
-    assert reconcile.jobs_reconcile() == 1
+    assert reconcile.jobs_reconcile() == 1  # the first death: queued again, not failed
+    job.refresh_from_db()
+    assert (job.status, job.error_message) == (ExtractionStatus.QUEUED, "")
+    ExtractionJob.objects.filter(pk=job.pk).update(
+        status=ExtractionStatus.RUNNING, heartbeat_at=stale, attempt=2
+    )
+    assert reconcile.jobs_reconcile() == 1  # the same way twice: failed, files removed
     job.refresh_from_db()
     assert job.status == ExtractionStatus.FAILED and "stopped" in job.error_message
     assert not out.exists()

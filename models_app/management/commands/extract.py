@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from datasets_app.services import dataset_resolve
 from mistudio.errors import ServiceError
 from mistudio.validation import validation_message
-from models_app import extraction
+from models_app import extraction, parts
 from models_app.management.progress import run_with_bar
 from models_app.models import ExtractionJob, ExtractionStatus
 from models_app.schemas import ExtractionSettings
@@ -112,7 +112,7 @@ class Command(BaseCommand):
 
     def _run_with_progress(self, job: ExtractionJob) -> None:
         run_with_bar(
-            lambda: extraction.extraction_run(job.pk, in_worker=False),
+            lambda: parts.extraction_run(job.pk, in_worker=False),
             lambda: (
                 ExtractionJob.objects.filter(pk=job.pk)
                 .values_list("tokens_done", "tokens_total", "phase")

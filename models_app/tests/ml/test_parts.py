@@ -128,8 +128,8 @@ def test_a_killed_part_resumes_at_its_first_unfinished_shard(tiny, tmp_path):
     data = altered.read_bytes()
     altered.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # a finished shard altered on disk
     batches: dict[int, int] = {}
-    run_shards(model, spec, out, part, on_progress=_ignore,
-               on_shard=lambda k, b: batches.__setitem__(k, b), should_cancel=lambda: False)  # fmt: skip
+    run_shards(model, spec, out, part, on_progress=_ignore, should_cancel=lambda: False,
+               on_shard=lambda k, b: batches.__setitem__(k, b))  # fmt: skip
     assert batches == {0: 0, 1: 2, 2: 2, 3: 2}  # shard 1 fails its sha256: recomputed
     finish_extraction(model, tok, spec, out, {})
     assert_same_output(tmp_path / "one", out)
