@@ -71,7 +71,10 @@ DISK_MARGIN_BYTES = env_int("MISTUDIO_DISK_MARGIN_MB", 512) * 1024 * 1024
 # An extraction is split into at most this many parts (whole shards each), which the GPU workers
 # (one per device, on any machine sharing the database, the broker and the data dir) share.
 EXTRACTION_PARTS = env_int("MISTUDIO_EXTRACTION_PARTS", 8)
-EXTRACTION_SHARD_BYTES = (env_int("MISTUDIO_SHARD_MB", 0) * 1024 * 1024) or None
+# Bytes of one shard file (MISTUDIO_SHARD_KB: finer, for tests); None: storage's default.
+EXTRACTION_SHARD_BYTES = (
+    env_int("MISTUDIO_SHARD_MB", 0) * 1024 * 1024 or env_int("MISTUDIO_SHARD_KB", 0) * 1024
+) or None
 ALLOW_PICKLE_WEIGHTS = env_bool("MISTUDIO_ALLOW_PICKLE_WEIGHTS", False)
 # huggingface_hub reads these at import; we pass them to every call so tests can override them.
 HF_ENDPOINT = env_str("HF_ENDPOINT", "https://huggingface.co").rstrip("/")

@@ -77,6 +77,12 @@ class LiveStack:
         env = {"Q_CLUSTER_NAME": settings.GPU_CLUSTER} if name == "gpu" else {}
         self._spawn(name, [sys.executable, "manage.py", "qcluster"], **env)
 
+    def start_worker(self, device: str) -> str:
+        """Start a GPU worker bound to `device` (manage.py worker --device); returns its name."""
+        name = f"gpu-{device.replace(':', '')}"
+        self._spawn(name, [sys.executable, "manage.py", "worker", "--device", device])
+        return name
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
         os.killpg(proc.pid, sig)

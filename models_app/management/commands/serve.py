@@ -1,6 +1,9 @@
 """Start the whole app: daphne (web + websockets) and the two django-q2 clusters.
 
-    python manage.py serve [--host 127.0.0.1] [--port 8000]
+    python manage.py serve [--host 127.0.0.1] [--port 8000] [--devices cuda:0,cuda:1]
+
+--devices starts one GPU worker per device (manage.py worker --device D); default: one, on the
+device MISTUDIO_DEVICE picks.
 
 Children share this process's environment; Ctrl-C (or SIGTERM) stops all of them. If one child dies
 the others are stopped too, so a supervisor (systemd) can restart the set.
@@ -18,13 +21,14 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from models_app.checks import migrations_pending, serving_is_safe
+from models_app.management.commands.worker import DEVICE, worker_env
 
 
-def _children(host: str, port: int) -> list[tuple[str, list[str], dict]]:
+def _children(host: str, port: int, devices: list[str]) -> list[tuple[str, list[str], dict]]:
     py = sys.executable
     manage = [py, os.path.join(settings.BASE_DIR, "manage.py")]
     base_env = dict(os.environ, MISTUDIO_HOST=host, PYTHONUNBUFFERED="1")
-    gpu_env = dict(base_env, Q_CLUSTER_NAME=settings.GPU_CLUSTER)
+    gpus = [(f"gpu {d}", [*manage, "qcluster"], worker_env(d, base_env)) for d in devices]
     return [
         (
             "web",
@@ -41,7 +45,7 @@ def _children(host: str, port: int) -> list[tuple[str, list[str], dict]]:
             base_env,
         ),
         ("downloads", [*manage, "qcluster"], base_env),
-        ("gpu", [*manage, "qcluster"], gpu_env),
+        *gpus,
     ]
 
 
@@ -51,8 +55,19 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--host", default=settings.BIND_HOST)
         parser.add_argument("--port", type=int, default=settings.BIND_PORT)
+        parser.add_argument(
+            "--devices",
+            default=settings.MISTUDIO_DEVICE,
+            help="comma-separated devices, one GPU worker each (cuda:0,cuda:1; cpu:0,cpu:1)",
+        )
 
-    def handle(self, *args, host: str, port: int, **options):
+    def handle(self, *args, host: str, port: int, devices: str, **options):
+        devices = [d.strip().lower() for d in devices.split(",") if d.strip()]
+        bad = [d for d in devices if not DEVICE.fullmatch(d)]
+        if bad or not devices or len(set(devices)) != len(devices):
+            raise CommandError(
+                f"--devices {','.join(devices)!r}: list distinct devices such as cuda:0,cuda:1"
+            )
         if not serving_is_safe(host, settings.LOGIN_REQUIRED):
             raise CommandError(
                 f"Refusing to serve on {host} without login: set MISTUDIO_LOGIN_REQUIRED=1 and"
@@ -65,7 +80,10 @@ class Command(BaseCommand):
                 f" migration(s) ({', '.join(pending[:3])}{', …' if len(pending) > 3 else ''}):"
                 " run python manage.py migrate (scripts/run does it for you)."
             )
-        procs = {name: subprocess.Popen(cmd, env=env) for name, cmd, env in _children(host, port)}
+        procs = {
+            name: subprocess.Popen(cmd, env=env)
+            for name, cmd, env in _children(host, port, devices)
+        }
         self.stdout.write(f"miStudio on http://{host}:{port}  (Ctrl-C stops)")
         stop = {"flag": False}
 

@@ -3,7 +3,6 @@ uninterrupted run writes: same token ids, shard files and boundaries, statistics
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from models_app.ml.parts import (
     split_shards,
 )
 from models_app.ml.stats import StatsBank
-from models_app.ml.storage import verify
 
 from .conftest import corpus, hidden_states
+from .same_output import assert_same_output, assert_same_stats
 
 SPEC = dict(layers=[0, 1], hook_types=["residual", "attention", "mlp"], context_size=16,
             batch_size=3, max_samples=22, shard_sequences=6)  # fmt: skip
@@ -47,35 +46,6 @@ def _parts_run(model, tok, out: Path, spec: ExtractionSpec, n_parts: int, order=
                    should_cancel=lambda: False)  # fmt: skip
     manifest = finish_extraction(model, tok, spec, out, {})
     return {"manifest": manifest, "batches": batches, "parts": parts}
-
-
-def assert_same_output(one: Path, other: Path, exact: bool = True) -> None:
-    """Token ids equal; activations equal (bit for bit when `exact`); statistics equal (counts,
-    histograms, min/max and norm quantiles exactly; means and variances to float64 rounding)."""
-    m1 = json.loads((one / "manifest.json").read_text())
-    m2 = json.loads((other / "manifest.json").read_text())
-    assert verify(one) == [] and verify(other) == []
-    assert (m1["n_sequences"], m1["n_tokens"]) == (m2["n_sequences"], m2["n_tokens"])
-    for h1, h2 in zip(m1["hooks"], m2["hooks"], strict=True):
-        assert [s["n_seq"] for s in h1["shards"]] == [s["n_seq"] for s in h2["shards"]]
-        assert [s["file"] for s in h1["shards"]] == [s["file"] for s in h2["shards"]]
-        for s1, s2 in zip(h1["shards"], h2["shards"], strict=True):
-            a, b = load_file(one / s1["file"]), load_file(other / s2["file"])
-            assert torch.equal(a["token_ids"], b["token_ids"])
-            if exact:
-                assert s1["sha256"] == s2["sha256"]
-            torch.testing.assert_close(a["activations"], b["activations"], rtol=1e-5, atol=1e-5)
-        assert_same_stats(h1["statistics"], h2["statistics"])
-
-
-def assert_same_stats(a: dict, b: dict) -> None:
-    for key in ("count", "n_tokens", "min", "max", "frac_near_zero", "nonfinite", "histogram"):
-        assert a[key] == b[key], key
-    for key in ("p50", "p99", "max"):
-        assert a["norm"][key] == b["norm"][key], key
-    assert a["norm"]["mean"] == pytest.approx(b["norm"]["mean"], rel=1e-12)
-    assert a["mean"] == pytest.approx(b["mean"], rel=1e-9, abs=1e-12)
-    assert a["std"] == pytest.approx(b["std"], rel=1e-9)
 
 
 @pytest.mark.parametrize("n_parts,order", [(1, None), (2, [1, 0]), (3, [2, 0, 1]), (4, None)])
