@@ -18,6 +18,7 @@ from .schemas import (
     DownloadIn,
     ExtractionIn,
     ExtractionOut,
+    ExtractionPartOut,
     ExtractionStarted,
     ModelOut,
     RetryIn,
@@ -113,7 +114,9 @@ def models_architecture(request: HttpRequest, model_id: str):
 
 
 def extraction_json(job: ExtractionJob) -> dict:
-    return {f: getattr(job, f) for f in ExtractionOut.model_fields}
+    fields = {f: getattr(job, f) for f in ExtractionOut.model_fields if f != "parts"}
+    parts = job.parts.values(*ExtractionPartOut.model_fields)
+    return {**fields, "parts": list(parts)}
 
 
 @router.post("/{model_id}/extract-activations", response={202: ExtractionStarted, **ERRORS})

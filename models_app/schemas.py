@@ -155,6 +155,22 @@ class ExtractionIn(ExtractionSettings):
     dataset_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable_id)]
 
 
+class ExtractionPartOut(Schema):
+    """One part of an extraction: whole shards [shard_start, shard_end), run by one worker."""
+
+    index: int
+    shard_start: int
+    shard_end: int
+    status: str
+    device: str  # the worker's device (cuda:1, cpu:0), empty before a worker took it
+    shards_done: int
+    tokens_done: int
+    tokens_total: int
+    tokens_per_second: float
+    attempts: int  # times a worker took it (more than 1: resumed after a crash)
+    last_error: str
+
+
 class ExtractionOut(JobOut):
     id: str
     model_id: str
@@ -175,6 +191,7 @@ class ExtractionOut(JobOut):
     bytes_written: int
     manifest: dict | None
     statistics: dict | None
+    parts: list[ExtractionPartOut] = []
 
 
 class ExtractionStarted(Schema):

@@ -29,7 +29,14 @@ from models_app.tests.helpers import download, wait_for
 from models_app.tests.ml.same_output import assert_same_output
 
 from .conftest import figure_max
-from .helpers import DEADLINE_S, EXTRACTION_TERMINAL, big_dataset, crash_recorded, kill_pid
+from .helpers import (
+    DEADLINE_S,
+    EXTRACTION_TERMINAL,
+    LiveClient,
+    big_dataset,
+    crash_recorded,
+    kill_pid,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -130,6 +137,23 @@ def test_workers_share_an_extraction_and_write_what_one_worker_writes(
     _assert_complete_and_clean(job, tmp_path)
 
 
+def _shown_while_running(live, job_id: str) -> None:
+    """The API record lists the parts with device, state and shards done; the model's card
+    shows each part's worker."""
+    web = LiveClient(live.url)
+    try:
+        record = web.get(f"/api/extractions/{job_id}").json()
+        parts = record["parts"]
+        assert [p["index"] for p in parts] == list(range(6))
+        assert {p["status"] for p in parts} <= {"queued", "running", "completed"}
+        assert any(p["status"] == "running" and p["device"].startswith("cpu:") for p in parts)
+        assert all(0 <= p["shards_done"] <= p["shard_end"] - p["shard_start"] for p in parts)
+        page = web.get("/models/").text
+        assert 'class="extraction-parts' in page and page.count("data-part=") == 6
+    finally:
+        web.close()
+
+
 def _kill_mid_part(live, job_id: str, rng: random.Random) -> dict:
     """Wait until a part that never crashed has done a random share of its tokens, kill -9 its
     worker process; returns what the part had done then."""
@@ -142,6 +166,7 @@ def _kill_mid_part(live, job_id: str, rng: random.Random) -> dict:
         return next((p for p in running if p.tokens_done >= share * p.tokens_total), None)
 
     part = wait_for(target, timeout=DEADLINE_S, every=0.01)
+    _shown_while_running(live, job_id)
     kill_pid(int(part.worker.rsplit(":", 1)[1]))
     crash_recorded(stuck=0)
     return {"pk": part.pk, "tokens_done": part.tokens_done, "shards_done": part.shards_done}

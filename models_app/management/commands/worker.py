@@ -29,8 +29,11 @@ class Command(BaseCommand):
     help = "Run one GPU worker (django-q2 GPU cluster, one process) bound to --device."
 
     def add_arguments(self, parser):
-        parser.add_argument("--device", default=settings.MISTUDIO_DEVICE,
-                            help="cuda:N, cpu:N, cuda, cpu or auto (default MISTUDIO_DEVICE)")  # fmt: skip
+        parser.add_argument(
+            "--device",
+            default=settings.MISTUDIO_DEVICE,
+            help="cuda:N, cpu:N, cuda, cpu or auto (default MISTUDIO_DEVICE)",
+        )
 
     def handle(self, *args, device: str, **options):
         device = device.strip().lower()
