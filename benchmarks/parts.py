@@ -39,10 +39,13 @@ def _spec(n: int, T: int) -> ExtractionSpec:
                           batch_size=BATCH, max_samples=n, shard_sequences=SHARD)  # fmt: skip
 
 
-def _worker(model_dir: str, out: str, spec: ExtractionSpec, counter, lock, kill_at: int):
+def _worker(model_dir: str, out: str, spec: ExtractionSpec, counter, lock, kill_at: int,
+            barrier, times) -> None:  # fmt: skip
     torch.set_num_threads(1)
     model, _ = load_model(model_dir, "FP16", torch.device("cpu"))
     parts = read_plan(Path(out))["parts"]
+    barrier.wait()  # every worker has loaded the model: time the parts only
+    started = time.time()
 
     def on_progress(done: int, _total: int) -> None:
         if kill_at and done >= kill_at:
@@ -53,6 +56,7 @@ def _worker(model_dir: str, out: str, spec: ExtractionSpec, counter, lock, kill_
             i = counter.value
             counter.value += 1
         if i >= len(parts):
+            times.put((started, time.time()))
             return
         run_shards(model, spec, Path(out), tuple(parts[i]), on_progress=on_progress,
                    on_shard=lambda k, b: None, should_cancel=lambda: False)  # fmt: skip
@@ -60,23 +64,23 @@ def _worker(model_dir: str, out: str, spec: ExtractionSpec, counter, lock, kill_
 
 def _run_parts(model_dir: Path, out: Path, spec, workers: int, kill_at: int = 0) -> float:
     ctx = mp.get_context("spawn")
-    counter, lock = ctx.Value("i", 0), ctx.Lock()
-    procs = [ctx.Process(target=_worker, args=(str(model_dir), str(out), spec, counter, lock,
-                                               kill_at)) for _ in range(workers)]  # fmt: skip
-    started = time.perf_counter()
+    counter, lock, barrier, times = ctx.Value("i", 0), ctx.Lock(), ctx.Barrier(workers), ctx.Queue()
+    args = (str(model_dir), str(out), spec, counter, lock, kill_at, barrier, times)
+    procs = [ctx.Process(target=_worker, args=args) for _ in range(workers)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
-    return time.perf_counter() - started
+    spans = [times.get() for _ in range(workers)] if not kill_at else [(0.0, 0.0)]
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--sequences", type=int, default=1024)
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--shape", default="4,256", help="layers,hidden of the GPT-2 model")
+    parser.add_argument("--shape", default="6,384", help="layers,hidden of the GPT-2 model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     layers, hidden = (int(x) for x in args.shape.split(","))

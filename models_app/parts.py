@@ -85,7 +85,8 @@ def _stale_cutoff():
 
 def extraction_run(extraction_id: str, *, in_worker: bool = True) -> None:
     """The GPU task of a new extraction: plan it (once), then work on its parts. Ends the job
-    `failed` (readable reason, no files) when planning fails."""
+    `failed` (readable reason, no files) when planning fails. `in_worker=False` (the CLI): the
+    parts run in this process only, none is queued for the GPU workers."""
     if ExtractionJob.claim(
         extraction_id,
         from_status=ExtractionStatus.QUEUED,
@@ -101,8 +102,8 @@ def extraction_run(extraction_id: str, *, in_worker: bool = True) -> None:
             expected = (ExtractionError, ServiceError, OSError)
             _job_fail(job, failure_message(job, exc, expected=expected))
             return
-        for _ in range(n_parts - 1):  # the other workers' share; extra tasks find nothing
-            enqueue_gpu("extraction_part_task", job.pk)
+        for _ in range(n_parts - 1 if in_worker else 0):  # the other workers' share (a
+            enqueue_gpu("extraction_part_task", job.pk)  # CLI run keeps its parts); extras: no-ops
     extraction_work(extraction_id, in_worker=in_worker)
 
 
