@@ -102,8 +102,9 @@ def extraction_run(extraction_id: str, *, in_worker: bool = True) -> None:
             expected = (ExtractionError, ServiceError, OSError)
             _job_fail(job, failure_message(job, exc, expected=expected))
             return
-        for _ in range(n_parts - 1 if in_worker else 0):  # the other workers' share (a
-            enqueue_gpu("extraction_part_task", job.pk)  # CLI run keeps its parts); extras: no-ops
+        # the other workers' share (a CLI run keeps its parts); extra tasks find nothing to do
+        for _ in range(n_parts - 1 if in_worker else 0):
+            enqueue_gpu("extraction_part_task", job.pk)
     extraction_work(extraction_id, in_worker=in_worker)
 
 
