@@ -19,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from mistudio.errors import Conflict, is_disk_full, room_check
+from mistudio.errors import Conflict, Invalid, is_disk_full, room_check
 from mistudio.jobs import enqueue
 
 from .ml.export import ExportCancelled, ExportError, export_saelens
@@ -112,8 +112,9 @@ def extraction_export_start(extraction_id: str, *, format: str = "saelens") -> E
     """Queue the SAELens export of a completed extraction on the download cluster.
 
     Conflict (409) when the extraction is not completed, or is already exported or being
-    exported; Invalid (422, code disk_full) when the folder (twice its size while written, see
-    saelens_room) does not fit. A failed or cancelled earlier export is replaced."""
+    exported; Invalid (422) when its files are gone, or (code disk_full) when the folder (twice
+    its size while written, see saelens_room) does not fit. A failed or cancelled earlier export
+    is replaced."""
     job = extraction_get(extraction_id)
     if job.status != ExtractionStatus.COMPLETED:
         raise Conflict(
@@ -129,6 +130,9 @@ def extraction_export_start(extraction_id: str, *, format: str = "saelens") -> E
         raise Conflict(
             f"This extraction is exported for SAELens already: {done.path}", code="exported"
         )
+    if not (Path(job.output_path) / "manifest.json").is_file():
+        raise Invalid(f"The files of this extraction are no longer in {job.output_path}; there"
+                      " is nothing to export.", code="files_missing")  # fmt: skip
     if done is not None:
         done.delete()
     room_check(

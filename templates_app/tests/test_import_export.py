@@ -333,4 +333,5 @@ def test_output_format_round_trips_and_older_files_import_as_safetensors(api, cl
     assert ExtractionTemplate.objects.get().output_format == "safetensors"
     bad = {**VALID, "name": "bad", "output_format": "hdf5"}
     body = do_import(api, {"version": 1, "extraction_templates": [bad]}).json()
-    assert "Output format" in body["errors"][0]["reason"] and ExtractionTemplate.objects.count() == 1
+    assert "Output format" in body["errors"][0]["reason"]
+    assert ExtractionTemplate.objects.count() == 1
