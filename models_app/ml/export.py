@@ -99,7 +99,8 @@ def _generate(ext, names, features, work: Path, verify, on_progress) -> datasets
             },  # fmt: skip
         )
     except datasets.exceptions.DatasetGenerationError as exc:
-        if isinstance(exc.__cause__, (ReaderError, ExportError, ExportCancelled)):
+        # ours, and the true reason of a write that failed (a full disk: OSError ENOSPC)
+        if isinstance(exc.__cause__, (ReaderError, ExportError, ExportCancelled, OSError)):
             raise exc.__cause__ from None
         raise
 
