@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from django.conf import settings
@@ -100,8 +100,8 @@ def _disk_check(needed: int, where: Path | None = None) -> None:
 
 
 def _needed_bytes(model, widths, max_samples, context_size, output_format) -> tuple[int, int]:
-    """(shard bytes, SAELens folder bytes) an extraction writes at most, and so the free bytes
-    it needs: the shards plus, with the SAELens choice, twice that folder (exports.saelens_room)."""
+    """(shard bytes, SAELens folder bytes) an extraction writes at most; the second is 0 without
+    the SAELens choice. Free room needed: shards + 2 × SAELens (see exports.saelens_room)."""
     shards = output_bytes_estimate(model, widths, max_samples, context_size)
     if output_format != exports.SAELENS_FORMAT:
         return shards, 0
@@ -292,7 +292,7 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         "extraction_id": job.pk,
     }
     ExtractionJob.touch(job.pk, phase="extracting")
-    should_cancel = lambda: ExtractionJob.cancel_requested(job.pk)  # noqa: E731
+    should_cancel = partial(ExtractionJob.cancel_requested, job.pk)
     manifest = run_extraction(
         model,
         model_tokenizer(row.local_path),
