@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from django.conf import settings
@@ -35,11 +36,13 @@ from django.utils import timezone
 from datasets_app.services import dataset_texts
 from mistudio.errors import ServiceError, is_disk_full
 
+from . import exports
 from .extraction import (
     extraction_completed,
     extraction_end,
     extraction_files_remove,
     extraction_meta,
+    extraction_saelens_phase,
     extraction_spec,
     failure_message,
     model_tokenizer,
@@ -266,6 +269,11 @@ def _finish(job: ExtractionJob, in_worker: bool) -> None:
             manifest = finish_extraction(model, model_tokenizer(job.model.local_path),
                                          extraction_spec(job), Path(job.output_path),
                                          extraction_meta(job, report.backend))  # fmt: skip
+            if job.output_format == exports.SAELENS_FORMAT:  # the last phase: from the shards
+                extraction_saelens_phase(job, partial(_stop_requested, job.pk))
+    except ExtractionCancelled:
+        _job_stopped(job.pk)  # no part runs: ends it cancelled, every file removed
+        return
     except Exception as exc:  # noqa: BLE001
         _job_fail(job, failure_message(job, exc, expected=(ExtractionError, OSError)))
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import jobs, parts, reconcile, resident
+from . import exports, jobs, parts, reconcile, resident
 
 
 def model_download_task(model_id: str) -> None:
@@ -33,3 +33,7 @@ def extraction_run_task(extraction_id: str) -> None:
 def extraction_part_task(extraction_id: str) -> None:
     """Work on the parts of a running extraction (one per part is queued; extras do nothing)."""
     parts.extraction_work(extraction_id)
+
+
+def extraction_export_task(extraction_id: str) -> None:
+    exports.extraction_export_run(extraction_id)

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('models_app', '0004_merge_sites_text'),
+        ('models_app', '0005_extraction_output_format_exports'),
     ]
 
     operations = [
