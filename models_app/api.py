@@ -9,8 +9,8 @@ from mistudio.apischema import ERRORS
 from mistudio.humanize import bytes_h, params_h
 from mistudio.validation import json_object, validated
 
-from . import extraction, selectors, services, sites
-from .models import ExtractionJob, Model
+from . import extraction, selectors, services, share, sites
+from .models import ExtractionJob, Model, PushJob
 from .schemas import (
     AddCachedIn,
     ArchitectureOut,
@@ -20,6 +20,8 @@ from .schemas import (
     ExtractionOut,
     ExtractionStarted,
     ModelOut,
+    PushIn,
+    PushOut,
     RetryIn,
     SearchIn,
     SearchOut,
@@ -150,3 +152,27 @@ def extractions_cancel(request: HttpRequest, extraction_id: str):
 def extractions_delete(request: HttpRequest, extraction_id: str):
     extraction.extraction_delete(extraction_id)
     return 204, None
+
+
+def push_json(push: PushJob) -> dict:
+    return {f: getattr(push, f) for f in PushOut.model_fields}
+
+
+@extractions_router.post("/{extraction_id}/push", response={202: PushOut, **ERRORS})
+def extractions_push(request: HttpRequest, extraction_id: str, payload: PushIn):
+    """Push a completed extraction (manifest, shards, a generated dataset card) to a Hub dataset
+    repo, private unless `private` is false. The token needs write access; it is kept sealed
+    only until the push ends and never returned. Progress: GET …/pushes/{push_id}."""
+    push = share.extraction_push(extraction_id, **payload.model_dump())
+    return 202, push_json(push)
+
+
+@extractions_router.get("/{extraction_id}/pushes", response={200: list[PushOut], **ERRORS})
+def extractions_pushes(request: HttpRequest, extraction_id: str):
+    """The pushes of an extraction, newest first."""
+    return [push_json(p) for p in selectors.push_list(extraction_id)]
+
+
+@extractions_router.get("/{extraction_id}/pushes/{push_id}", response={200: PushOut, **ERRORS})
+def extractions_push_get(request: HttpRequest, extraction_id: str, push_id: str):
+    return push_json(selectors.push_get(extraction_id, push_id))

@@ -25,7 +25,8 @@ from datasets_app.reconcile import datasets_reconcile, datasets_requeue
 
 from .extraction import extraction_end, extraction_files_remove
 from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail, partial_files_remove
-from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
+from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus, PushJob, PushStatus
+from .share import enqueue_push, push_fail
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,26 @@ def _extractions_reconcile(cutoff) -> int:
     return moved
 
 
+PUSH_STALE = (
+    "The download worker stopped sending signs of life during this push (it was stopped or"
+    " restarted, or lost the database). Nothing was committed to the repo unless its page shows"
+    " the commit; push again with your token."
+)
+
+
+def _pushes_reconcile(cutoff) -> int:
+    stale = PushJob.objects.filter(status=PushStatus.RUNNING, heartbeat_at__lt=cutoff)
+    pks = list(stale.values_list("pk", flat=True))
+    for pk in pks:
+        push_fail(pk, PUSH_STALE)
+    return len(pks)
+
+
 def jobs_reconcile(now=None) -> int:
     """End stale running jobs; return how many rows were moved to a failed state."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS)
-    moved = _extractions_reconcile(cutoff)
+    moved = _extractions_reconcile(cutoff) + _pushes_reconcile(cutoff)
     for row in _stale_rows(cutoff):
         partial_files_remove(row)
         job_fail(row.pk, STALE_MESSAGES[row.status])
@@ -145,7 +161,10 @@ def _queued_jobs(cluster: str) -> list[tuple[str, str]]:
         ]
     if cluster == settings.DOWNLOAD_CLUSTER:
         downloads = Model.objects.filter(status=ModelStatus.QUEUED, cancel_flag=False)
-        return [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)]
+        pushes = PushJob.objects.filter(status=PushStatus.QUEUED)
+        return [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)] + [
+            ("push_run_task", pk) for pk in pushes.values_list("pk", flat=True)
+        ]
     return []
 
 
@@ -157,6 +176,8 @@ def jobs_requeue(cluster: str) -> int:
     for func, pk in lost:
         if func == "model_download_task":
             enqueue_download(pk)
+        elif func == "push_run_task":
+            enqueue_push(pk)
         else:
             enqueue_gpu(func, pk)
     if cluster == settings.DOWNLOAD_CLUSTER:

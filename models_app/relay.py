@@ -1,5 +1,5 @@
-"""What the embedded-mode relay watches for the Models panel: model rows and extraction rows
-(an extraction's progress is shown on its model's card)."""
+"""What the embedded-mode relay watches for the Models panel: model, extraction and push rows
+(an extraction's progress, and its pushes', are shown with its model)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime
 
 from mistudio.realtime import RelaySource
 
-from .models import ExtractionJob, Model
+from .models import ExtractionJob, Model, PushJob
 
 
 def model_changes(since: datetime) -> list[tuple[str, str, datetime]]:
@@ -16,7 +16,10 @@ def model_changes(since: datetime) -> list[tuple[str, str, datetime]]:
     jobs = ExtractionJob.objects.filter(updated_at__gte=since).values_list(
         "id", "model_id", "updated_at"
     )
-    return [(pk, pk, ts) for pk, ts in models] + [(pk, mid, ts) for pk, mid, ts in jobs]
+    pushes = PushJob.objects.filter(updated_at__gte=since).values_list(
+        "id", "extraction__model_id", "updated_at"
+    )
+    return [(pk, pk, ts) for pk, ts in models] + [(pk, mid, ts) for pk, mid, ts in [*jobs, *pushes]]
 
 
 MODELS_SOURCE = RelaySource(Model.live_group, "card.changed", model_changes)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, views_extraction
+from . import views, views_extraction, views_push
 
 app_name = "models"
 
@@ -32,6 +32,9 @@ urlpatterns = [
         "extractions/<str:extraction_id>/tokens",
         views_extraction.extraction_tokens,
         name="extraction_tokens",
+    ),
+    path(
+        "extractions/<str:extraction_id>/push", views_push.extraction_push, name="extraction_push"
     ),
     path(
         "extractions/<str:extraction_id>/delete",
