@@ -7,16 +7,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
 from mistudio.testing.fakehub import UNAPPROVED_TOKEN, VALID_TOKEN
-from models_app import share, tasks
+from mistudio.testing.queues import queued_task_payloads, queues_purge
+from models_app import reconcile, share, tasks
 from models_app.consumers import card_html
 from models_app.ml.card import dataset_card
 from models_app.models import PushCredential, PushJob, PushStatus
@@ -233,3 +236,20 @@ def test_the_cli_refuses_without_a_token_and_names_the_variable(hub, completed, 
     with pytest.raises(CommandError, match=r"write access is needed to push\. \(set HF_TOKEN\)"):
         call_command("push_activations", completed.pk, "tester/cli")
     assert PushJob.objects.count() == 0
+
+
+def test_a_dead_workers_push_is_ended_and_a_lost_one_queued_again(client, hub, completed, settings):
+    body = {"repo_id": "tester/stale", "token": VALID_TOKEN}
+    r = post(client, f"/api/extractions/{completed.pk}/push", body)
+    queues_purge()  # the task went with a dead worker: the worker's start queues it again
+    assert reconcile.jobs_requeue(settings.DOWNLOAD_CLUSTER) == 1
+    assert [p["args"] for p in queued_task_payloads()] == [(r.json()["id"],)]
+    assert VALID_TOKEN not in repr(queued_task_payloads())
+    long_ago = timezone.now() - timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS + 1)
+    PushJob.objects.update(status="running", heartbeat_at=long_ago)
+    assert reconcile.jobs_reconcile() == 1
+    push = PushJob.objects.get()
+    assert push.status == "failed" and push.error_message == reconcile.PUSH_STALE
+    assert PushCredential.objects.count() == 0
+    tasks.push_run_task(push.pk)  # a late delivery of its task does nothing
+    assert PushJob.objects.get().status == "failed" and "tester/stale" not in hub.dataset_repos
