@@ -44,6 +44,21 @@ class Uploads:
         self.uploaded: dict[str, bytes] = {}  # sha256 → bytes PUT by a client
         self.tickets: dict[str, str] = {}  # sha256 → the ticket its upload URL carries
         self._upload_lock = threading.Lock()
+        self._uploads_open = threading.Event()
+        self._uploads_open.set()
+        self._upload_held = threading.Event()
+
+    def hold_uploads(self) -> None:
+        """Hold every LFS upload once its bytes are in, before answering (a push mid-upload)."""
+        self._upload_held.clear()
+        self._uploads_open.clear()
+
+    def release_uploads(self) -> None:
+        self._uploads_open.set()
+
+    def wait_until_upload_held(self, timeout: float) -> bool:
+        """Block until an upload is held by hold_uploads() (True) or `timeout` s pass (False)."""
+        return self._upload_held.wait(timeout)
 
     def dataset_create(self, repo_id: str, *, private: bool) -> HubRepo:
         """A new dataset repo with the real Hub's first commit (a .gitattributes)."""
@@ -193,6 +208,9 @@ class HubWithUploadsHandler(HubWithDatasetsHandler):
         with self.hub._upload_lock:
             self.hub.uploaded[oid] = self.body
             self.hub.tickets.pop(oid, None)
+        if not self.hub._uploads_open.is_set():
+            self.hub._upload_held.set()
+            self.hub._uploads_open.wait(timeout=600)
         self.send_bytes(b"", 200, {"ETag": f'"{oid}"'})
 
     def _commit(self, repo_id: str, revision: str, body: bytes) -> None:

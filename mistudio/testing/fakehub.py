@@ -250,6 +250,7 @@ class FakeHub(DatasetRepos, Uploads):
         self._stopped = True
         self.stopped_event.set()
         self.truth()
+        self.release_uploads()
         self.valve.stop()
         for server in (self._hub, self._cdn):
             server.shutdown()

@@ -24,7 +24,7 @@ from models_app.consumers import card_html
 from models_app.ml.card import dataset_card
 from models_app.models import PushCredential, PushJob, PushStatus
 
-from .helpers import download, extract, text_dataset
+from .helpers import download, extract, in_thread, text_dataset, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -110,10 +110,35 @@ def test_the_card_says_what_the_manifest_says(client, hub, completed, tmp_path):
 
 
 def test_progress_reaches_the_live_page(client, hub, completed):
-    push = pushed(client, completed, "tester/live")
+    """Mid-upload (the hub holds the LFS uploads once their bytes are in) the row is running with
+    bytes counted, and the websocket's fragment shows the bar; then the repo's link."""
+    r = post(
+        client,
+        f"/api/extractions/{completed.pk}/push",
+        {"repo_id": "tester/live", "token": VALID_TOKEN},
+    )
+    hub.hold_uploads()
+    try:
+        worker = in_thread(tasks.push_run_task, r.json()["id"])
+        assert hub.wait_until_upload_held(timeout=300)
+        mid = wait_for(lambda: PushJob.objects.filter(bytes_done__gt=0).first(), timeout=300)
+        assert (
+            mid.status == "running"
+            and mid.phase == "uploading"
+            and mid.bytes_done <= mid.bytes_total
+        )
+        html = card_html(completed.model_id)
+        assert "Pushing to tester/live" in html and 'role="progressbar"' in html
+    finally:
+        hub.release_uploads()
+    worker.join(timeout=300)
+    push = PushJob.objects.get()
+    assert push.status == "completed" and push.bytes_done == push.bytes_total
     html = card_html(completed.model_id)
-    assert f'id="push-status-{completed.pk}"' in html and "tester/live" in html
-    assert push.commit_sha[:7] in html and 'hx-swap-oob="true"' in html
+    status = f'id="push-status-{completed.pk}" class="push-status" hx-swap-oob="true"'
+    assert html.count(status) == 1  # pushed on its own …
+    assert html.count(f'id="push-status-{completed.pk}"') == 2  # … and inside the row, not oob
+    assert push.commit_sha[:7] in html and f'href="{push.repo_url}"' in html
 
 
 @pytest.mark.parametrize(
