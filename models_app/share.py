@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import connections
 from django.utils import timezone
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
@@ -236,7 +236,7 @@ class _progress:  # noqa: N801 - used as a context manager
             while not self.stop.wait(0.25):
                 self.tracker(min(self.counter.done, self.total))
         finally:
-            close_old_connections()
+            connections.close_all()  # this thread's own
 
     def __enter__(self) -> _progress:
         self.thread.start()

@@ -221,12 +221,19 @@ def test_only_completed_extractions_are_pushed(client, hub, completed):
     assert r.status_code == 409 and "only a completed one" in r.json()["detail"]
 
 
-def test_one_live_push_per_extraction(client, hub, completed):
+def test_one_live_push_per_extraction_and_no_delete_under_it(client, hub, completed):
     body = {"repo_id": "tester/twice", "token": VALID_TOKEN}
     assert post(client, f"/api/extractions/{completed.pk}/push", body).status_code == 202
     r = post(client, f"/api/extractions/{completed.pk}/push", body)
     assert r.status_code == 409 and "being pushed already" in r.json()["detail"]
     assert PushCredential.objects.count() == 1
+    r = client.delete(f"/api/extractions/{completed.pk}")
+    assert r.status_code == 409 and "being pushed to the Hub" in r.json()["detail"]
+    r = client.delete(f"/api/models/{completed.model_id}")
+    assert r.status_code == 409 and Path(completed.output_path, "manifest.json").is_file()
+    tasks.push_run_task(PushJob.objects.get().pk)
+    assert client.delete(f"/api/extractions/{completed.pk}").status_code == 204
+    assert not PushJob.objects.exists()  # its pushes go with it
 
 
 def test_the_page_form_queues_a_push_and_refuses_bad_input(client, hub, completed):
