@@ -41,8 +41,9 @@ class Uploads:
     write_namespaces: set[str]
 
     def _uploads_init(self) -> None:
-        self.uploaded: dict[str, bytes] = {}  # sha256 → bytes PUT by a client
-        self.tickets: dict[str, str] = {}  # sha256 → the ticket its upload URL carries
+        # LFS objects are kept per repo, as the Hub's batch API answers per repo
+        self.uploaded: dict[tuple[str, str], bytes] = {}  # (repo id, sha256) → bytes PUT
+        self.tickets: dict[str, tuple[str, str]] = {}  # upload URL's ticket → (repo id, sha256)
         self._upload_lock = threading.Lock()
         self._uploads_open = threading.Event()
         self._uploads_open.set()
@@ -181,16 +182,17 @@ class HubWithUploadsHandler(HubWithDatasetsHandler):
         )  # fmt: skip
 
     def _lfs_batch(self, repo_id: str, body: dict) -> None:
-        if self._writable_repo(repo_id) is None:
+        repo = self._writable_repo(repo_id)
+        if repo is None:
             return
         objects = []
         for obj in body.get("objects", []):
             oid, size = str(obj.get("oid")), int(obj.get("size", 0))
             entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if self.hub.blob(oid) is None and oid not in self.hub.uploaded:
+            if _repo_object(self.hub, repo, oid) is None:  # else "already present upstream"
                 ticket = secrets.token_hex(8)
                 with self.hub._upload_lock:
-                    self.hub.tickets[oid] = ticket
+                    self.hub.tickets[ticket] = (repo_id, oid)
                 href = f"{self.hub.endpoint}/lfs-upload/{oid}?ticket={ticket}"
                 entry["actions"] = {"upload": {"href": href, "header": {}}}
             objects.append(entry)
@@ -199,15 +201,16 @@ class HubWithUploadsHandler(HubWithDatasetsHandler):
 
     def _lfs_put(self, oid: str) -> None:
         ticket = self.query.get("ticket", [""])[0]
-        if not ticket or self.hub.tickets.get(oid) != ticket:
+        repo_id, wanted = self.hub.tickets.get(ticket, ("", ""))
+        if wanted != oid:
             self.send_bytes(b"<Error>AccessDenied</Error>", 403, {"Content-Type": "text/xml"})
             return
         if hashlib.sha256(self.body).hexdigest() != oid:
             self.send_bytes(b"<Error>BadDigest</Error>", 400, {"Content-Type": "text/xml"})
             return
         with self.hub._upload_lock:
-            self.hub.uploaded[oid] = self.body
-            self.hub.tickets.pop(oid, None)
+            self.hub.uploaded[(repo_id, oid)] = self.body
+            self.hub.tickets.pop(ticket, None)
         if not self.hub._uploads_open.is_set():
             self.hub._upload_held.set()
             self.hub._uploads_open.wait(timeout=600)
@@ -224,7 +227,7 @@ class HubWithUploadsHandler(HubWithDatasetsHandler):
         try:
             for line in body.splitlines():
                 if line.strip():
-                    self._commit_line(json.loads(line), files)
+                    self._commit_line(json.loads(line), files, repo)
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             self.send_hub_error(400, f"Invalid commit payload: {exc}")
             return
@@ -234,15 +237,14 @@ class HubWithUploadsHandler(HubWithDatasetsHandler):
             {"success": True, "commitOid": new_sha, "commitUrl": url, "pullRequestUrl": None}
         )
 
-    def _commit_line(self, item: dict, files: dict[str, bytes]) -> None:
+    def _commit_line(self, item: dict, files: dict[str, bytes], repo: HubRepo) -> None:
         """Apply one ndjson line of a commit to `files` (path → bytes)."""
         key, value = item["key"], item["value"]
         if key == "file":
             files[value["path"]] = base64.b64decode(value["content"], validate=True)
         elif key == "lfsFile":
             oid = value["oid"]
-            blob = self.hub.blob(oid)
-            data = self.hub.uploaded.get(oid) if blob is None else blob.data
+            data = _repo_object(self.hub, repo, oid)
             if data is None:
                 raise KeyError(f"LFS object {oid} was never uploaded")
             files[value["path"]] = data
@@ -254,6 +256,18 @@ class HubWithUploadsHandler(HubWithDatasetsHandler):
                 del files[path]
         elif key != "header":
             raise ValueError(f"unknown key {key!r}")
+
+
+def _repo_object(hub: Any, repo: HubRepo, oid: str) -> bytes | None:
+    """The LFS object `oid` as repo `repo` has it (uploaded, or in one of its commits)."""
+    data = hub.uploaded.get((repo.repo_id, oid))
+    if data is not None:
+        return data
+    for files in repo.commits.values():
+        for f in files.values():
+            if f.is_lfs and f.sha256 == oid:
+                return f.data
+    return None
 
 
 def _dataset_action(path: str) -> tuple[str, str, str] | None:

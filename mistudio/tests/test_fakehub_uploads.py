@@ -83,7 +83,7 @@ def test_a_commit_to_a_repo_with_a_read_only_token_is_refused(fake_hub):
 def test_an_upload_url_needs_its_ticket_and_the_right_bytes(fake_hub):
     oid = "0" * 64
     r = httpx.put(f"{fake_hub.endpoint}/lfs-upload/{oid}?ticket=guess", content=b"x")
-    assert r.status_code == 403 and oid not in fake_hub.uploaded
-    fake_hub.tickets[oid] = "t"
+    assert r.status_code == 403 and ("tester/t", oid) not in fake_hub.uploaded
+    fake_hub.tickets["t"] = ("tester/t", oid)
     r = httpx.put(f"{fake_hub.endpoint}/lfs-upload/{oid}?ticket=t", content=b"not those bytes")
-    assert r.status_code == 400 and oid not in fake_hub.uploaded
+    assert r.status_code == 400 and ("tester/t", oid) not in fake_hub.uploaded
