@@ -6,61 +6,108 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('models_app', '0004_merge_sites_text'),
+        ("models_app", "0004_merge_sites_text"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='PushJob',
+            name="PushJob",
             fields=[
-                ('phase', models.CharField(blank=True, max_length=200)),
-                ('progress', models.FloatField(default=0.0)),
-                ('eta_seconds', models.FloatField(blank=True, null=True)),
-                ('error_message', models.TextField(blank=True)),
-                ('cancel_flag', models.BooleanField(db_column='cancel_requested', default=False)),
-                ('attempt', models.PositiveIntegerField(default=0)),
-                ('heartbeat_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True, db_index=True)),
-                ('bytes_done', models.BigIntegerField(default=0)),
-                ('bytes_total', models.BigIntegerField(default=0)),
-                ('speed_bps', models.FloatField(default=0.0)),
-                ('id', models.CharField(default=models_app.models.new_push_id, editable=False, max_length=40, primary_key=True, serialize=False)),
-                ('repo_id', models.CharField(max_length=96)),
-                ('private', models.BooleanField(default=True)),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Pushing'), ('completed', 'Completed'), ('failed', 'Failed')], db_index=True, default='queued', max_length=16)),
-                ('repo_url', models.CharField(blank=True, max_length=500)),
-                ('commit_sha', models.CharField(blank=True, max_length=40)),
-                ('files_total', models.PositiveIntegerField(default=0)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('extraction', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='pushes', to='models_app.extractionjob')),
+                ("phase", models.CharField(blank=True, max_length=200)),
+                ("progress", models.FloatField(default=0.0)),
+                ("eta_seconds", models.FloatField(blank=True, null=True)),
+                ("error_message", models.TextField(blank=True)),
+                ("cancel_flag", models.BooleanField(db_column="cancel_requested", default=False)),
+                ("attempt", models.PositiveIntegerField(default=0)),
+                ("heartbeat_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True, db_index=True)),
+                ("bytes_done", models.BigIntegerField(default=0)),
+                ("bytes_total", models.BigIntegerField(default=0)),
+                ("speed_bps", models.FloatField(default=0.0)),
+                (
+                    "id",
+                    models.CharField(
+                        default=models_app.models.new_push_id,
+                        editable=False,
+                        max_length=40,
+                        primary_key=True,
+                        serialize=False,
+                    ),
+                ),
+                ("repo_id", models.CharField(max_length=96)),
+                ("private", models.BooleanField(default=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Pushing"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                        ],
+                        db_index=True,
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("repo_url", models.CharField(blank=True, max_length=500)),
+                ("commit_sha", models.CharField(blank=True, max_length=40)),
+                ("files_total", models.PositiveIntegerField(default=0)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "extraction",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="pushes",
+                        to="models_app.extractionjob",
+                    ),
+                ),
             ],
             options={
-                'db_table': 'push_jobs',
-                'ordering': ['-created_at'],
-                'abstract': False,
+                "db_table": "push_jobs",
+                "ordering": ["-created_at"],
+                "abstract": False,
             },
         ),
         migrations.CreateModel(
-            name='PushCredential',
+            name="PushCredential",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('ciphertext', models.BinaryField()),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('push', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='credential', to='models_app.pushjob')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("ciphertext", models.BinaryField()),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "push",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="credential",
+                        to="models_app.pushjob",
+                    ),
+                ),
             ],
             options={
-                'db_table': 'push_credentials',
+                "db_table": "push_credentials",
             },
         ),
         migrations.AddConstraint(
-            model_name='pushjob',
-            constraint=models.CheckConstraint(condition=models.Q(('progress__gte', 0), ('progress__lte', 100)), name='models_app_pushjob_progress_0_100'),
+            model_name="pushjob",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("progress__gte", 0), ("progress__lte", 100)),
+                name="models_app_pushjob_progress_0_100",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='pushjob',
-            constraint=models.UniqueConstraint(condition=models.Q(('status__in', ['queued', 'running'])), fields=('extraction',), name='one_live_push_per_extraction'),
+            model_name="pushjob",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("status__in", ["queued", "running"])),
+                fields=("extraction",),
+                name="one_live_push_per_extraction",
+            ),
         ),
     ]
