@@ -37,6 +37,9 @@ FIELD_LABELS = {
     "file": "File",
     "text_field": "Text field",
     "split": "Split",
+    "repo_id": "Dataset repository",
+    "token": "Access token",
+    "private": "Private",
 }
 
 
@@ -65,10 +68,21 @@ def _dataset_repo_id(value: object) -> str:
     return repo_id_clean(value, kind="dataset")
 
 
+def _push_repo_id(value: object) -> str:
+    """A dataset repo id to push to: the Hub's rules, and an owner (a user or organization)."""
+    repo_id = repo_id_clean(value, kind="dataset")
+    if "/" not in repo_id:
+        raise HubError(
+            f"Give the owner too: your-name/{repo_id} (a user or organization).", code="invalid"
+        )
+    return repo_id
+
+
 RepoId = Annotated[str, Field(max_length=400), AfterValidator(_hub_checked(repo_id_clean))]
 DatasetRepoId = Annotated[
     str, Field(max_length=400), AfterValidator(_hub_checked(_dataset_repo_id))
 ]
+PushRepoId = Annotated[str, Field(max_length=400), AfterValidator(_hub_checked(_push_repo_id))]
 Revision = Annotated[
     str | None, Field(max_length=200), AfterValidator(_hub_checked(revision_clean))
 ]

@@ -9,8 +9,8 @@ from mistudio.apischema import ERRORS
 from mistudio.humanize import bytes_h, params_h
 from mistudio.validation import json_object, validated
 
-from . import exports, extraction, selectors, services, sites
-from .models import ExtractionJob, Model
+from . import exports, extraction, selectors, services, share, sites
+from .models import ExtractionJob, Model, PushJob
 from .schemas import (
     AddCachedIn,
     ArchitectureOut,
@@ -25,6 +25,8 @@ from .schemas import (
     ExtractionSettings,
     ExtractionStarted,
     ModelOut,
+    PushIn,
+    PushOut,
     RetryIn,
     SearchIn,
     SearchOut,
@@ -176,3 +178,27 @@ def extractions_export(request: HttpRequest, extraction_id: str, payload: Export
     """Export a completed extraction as a SAELens `datasets` folder, in the background (409 when
     it is not completed, or exported or being exported already)."""
     return 202, export_json(exports.extraction_export_start(extraction_id, **payload.model_dump()))
+
+
+def push_json(push: PushJob) -> dict:
+    return {f: getattr(push, f) for f in PushOut.model_fields}
+
+
+@extractions_router.post("/{extraction_id}/push", response={202: PushOut, **ERRORS})
+def extractions_push(request: HttpRequest, extraction_id: str, payload: PushIn):
+    """Push a completed extraction (manifest, shards, a generated dataset card) to a Hub dataset
+    repo, private unless `private` is false. The token needs write access; it is kept sealed
+    only until the push ends and never returned. Progress: GET …/pushes/{push_id}."""
+    push = share.extraction_push(extraction_id, **payload.model_dump())
+    return 202, push_json(push)
+
+
+@extractions_router.get("/{extraction_id}/pushes", response={200: list[PushOut], **ERRORS})
+def extractions_pushes(request: HttpRequest, extraction_id: str):
+    """The pushes of an extraction, newest first."""
+    return [push_json(p) for p in selectors.push_list(extraction_id)]
+
+
+@extractions_router.get("/{extraction_id}/pushes/{push_id}", response={200: PushOut, **ERRORS})
+def extractions_push_get(request: HttpRequest, extraction_id: str, push_id: str):
+    return push_json(selectors.push_get(extraction_id, push_id))

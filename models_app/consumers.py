@@ -14,13 +14,13 @@ from mistudio.errors import NotFound
 from mistudio.realtime import CardConsumer
 
 from .models import ExtractionJob, Model
-from .selectors import device_summary, model_card_get
+from .selectors import device_summary, model_card_get, pushes_latest
 
 
 def card_html(model_id: str) -> str | None:
     """The card partial as the page renders it, the extraction modal's box of the model's newest
-    extraction and the Extractions page's rows of its running and newest extractions (and those
-    whose SAELens export is moving), all marked
+    extraction, the Extractions page's rows of its running and newest extractions (and those
+    whose SAELens export is moving), the state of its extractions' latest pushes, all marked
     for an out-of-band swap (a page applies what it shows); None if the model is gone."""
     try:
         model = model_card_get(model_id)
@@ -36,6 +36,11 @@ def card_html(model_id: str) -> str | None:
     for job in jobs.values():  # the rows of the model's Extractions page
         context = {"job": job, "oob": True}
         html += render_to_string("models_app/extractions.html#extraction_row", context)
+    for push in pushes_latest(model_id):  # the push states under completed extractions
+        html += render_to_string(
+            "models_app/push.html#push_status",
+            {"push": push, "xid": push.extraction_id, "oob": True},
+        )
     return html
 
 

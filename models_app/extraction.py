@@ -30,11 +30,13 @@ from .ml.reader import ReaderError
 from .ml.storage import sequence_bytes, sha256_file, storage_dtype
 from .models import (
     EXTRACTION_ACTIVE,
+    PUSH_ACTIVE,
     ExtractionJob,
     ExtractionPart,
     ExtractionStatus,
     Model,
     ModelStatus,
+    PushJob,
     new_extraction_id,
 )
 from .selectors import device, extraction_get, model_get
@@ -374,6 +376,8 @@ def extraction_delete(extraction_id: str) -> None:
     job = extraction_get(extraction_id)
     if job.is_active:
         raise Conflict("This extraction is still running; cancel it first.")
+    if job.pushes.filter(status__in=PUSH_ACTIVE).exists():
+        raise Conflict("This extraction is being pushed to the Hub; wait for the push to end.")
     exports.export_cancel_for(job)
     extraction_files_remove(job)
     job.delete()
@@ -384,6 +388,8 @@ def extractions_remove_for_model(model: Model) -> None:
     """Before a model is deleted: refuse while one of its extractions runs, else delete files."""
     if model.extractions.filter(status__in=EXTRACTION_ACTIVE).exists():
         raise Conflict(f"An extraction of {model.hf_repo_id} is running; cancel it first.")
+    if PushJob.objects.filter(extraction__model=model, status__in=PUSH_ACTIVE).exists():
+        raise Conflict(f"An extraction of {model.hf_repo_id} is being pushed to the Hub; wait.")
     for job in model.extractions.all():
         exports.export_cancel_for(job)
         extraction_files_remove(job)

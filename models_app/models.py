@@ -301,3 +301,68 @@ class ExtractionExport(Job):
     def card_ids(cls, pk: str) -> list[str]:
         rows = cls.objects.filter(pk=pk).values_list("extraction__model_id", flat=True)
         return list(rows)
+
+
+def new_push_id() -> str:
+    return f"p_{uuid.uuid4().hex}"
+
+
+class PushStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Pushing"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+
+
+PUSH_ACTIVE = (PushStatus.QUEUED, PushStatus.RUNNING)
+
+
+class PushJob(Job, ByteCounts):
+    """One push of a completed extraction to a Hub dataset repo (manifest, shards, card).
+
+    Its progress shows with its extraction on the model's card and Extractions page, so changes
+    are announced as the model's. The access token is never a column: see PushCredential."""
+
+    live_group = "models"
+    active_statuses = PUSH_ACTIVE
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_push_id, editable=False)
+    extraction = models.ForeignKey(ExtractionJob, on_delete=models.CASCADE, related_name="pushes")
+    repo_id = models.CharField(max_length=96)
+    private = models.BooleanField(default=True)
+    status = models.CharField(
+        max_length=16, choices=PushStatus.choices, default=PushStatus.QUEUED, db_index=True
+    )
+    repo_url = models.CharField(max_length=500, blank=True)
+    commit_sha = models.CharField(max_length=40, blank=True)
+    files_total = models.PositiveIntegerField(default=0)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta(Job.Meta):
+        db_table = "push_jobs"
+        ordering = ["-created_at"]
+        constraints = [
+            *Job.Meta.constraints,
+            # One live push per extraction; ended ones stay as history.
+            models.UniqueConstraint(
+                fields=["extraction"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_live_push_per_extraction",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.extraction_id} → {self.repo_id}"
+
+    @classmethod
+    def card_ids(cls, pk: str) -> list[str]:
+        return list(cls.objects.filter(pk=pk).values_list("extraction__model_id", flat=True))
+
+
+class PushCredential(SealedToken):
+    """The access token of one push (see SealedToken): sealed until the push ends."""
+
+    push = models.OneToOneField(PushJob, on_delete=models.CASCADE, related_name="credential")
+
+    class Meta:
+        db_table = "push_credentials"

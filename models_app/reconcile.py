@@ -27,8 +27,9 @@ from mistudio.jobs import enqueue
 
 from .exports import EXPORT_TASK, exports_queued, exports_reconcile
 from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail, partial_files_remove
-from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
+from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus, PushJob, PushStatus
 from .parts import parts_reconcile, parts_waiting
+from .share import enqueue_push, push_fail
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,27 @@ def _stale_rows(cutoff):
     return Model.objects.filter(running, heartbeat_at__lt=cutoff)
 
 
+PUSH_STALE = (
+    "The download worker stopped sending signs of life during this push (it was stopped or"
+    " restarted, or lost the database). Nothing was committed to the repo unless its page shows"
+    " the commit; push again with your token."
+)
+
+
+def _pushes_reconcile(cutoff) -> int:
+    stale = PushJob.objects.filter(status=PushStatus.RUNNING, heartbeat_at__lt=cutoff)
+    pks = list(stale.values_list("pk", flat=True))
+    for pk in pks:
+        push_fail(pk, PUSH_STALE)
+    return len(pks)
+
+
 def jobs_reconcile(now=None) -> int:
     """End stale running jobs (extractions: resume them, see parts.parts_reconcile); return how
     many rows were moved."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS)
-    moved = parts_reconcile(cutoff) + exports_reconcile(cutoff)
+    moved = parts_reconcile(cutoff) + exports_reconcile(cutoff) + _pushes_reconcile(cutoff)
     for row in _stale_rows(cutoff):
         partial_files_remove(row)
         job_fail(row.pk, STALE_MESSAGES[row.status])
@@ -132,9 +148,12 @@ def _queued_jobs(cluster: str) -> list[tuple[str, str]]:
         ]
     if cluster == settings.DOWNLOAD_CLUSTER:
         downloads = Model.objects.filter(status=ModelStatus.QUEUED, cancel_flag=False)
-        return [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)] + [
-            ("extraction_export_task", pk) for pk in exports_queued()
-        ]
+        pushes = PushJob.objects.filter(status=PushStatus.QUEUED)
+        return (
+            [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)]
+            + [("extraction_export_task", pk) for pk in exports_queued()]
+            + [("push_run_task", pk) for pk in pushes.values_list("pk", flat=True)]
+        )
     return []
 
 
@@ -150,6 +169,8 @@ def jobs_requeue(cluster: str) -> int:
             enqueue_download(pk)
         elif func == "extraction_export_task":
             enqueue(EXPORT_TASK, pk, cluster=cluster)
+        elif func == "push_run_task":
+            enqueue_push(pk)
         else:
             enqueue_gpu(func, pk)
     if cluster == settings.DOWNLOAD_CLUSTER:

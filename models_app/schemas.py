@@ -9,7 +9,7 @@ from pydantic import AfterValidator, Field
 
 from mistudio import limits
 from mistudio.apischema import ByteCountsOut, JobOut
-from mistudio.validation import AccessToken, ModuleSites, RepoId, Revision
+from mistudio.validation import AccessToken, ModuleSites, PushRepoId, RepoId, Revision
 
 QuantizationName = Literal["FP16", "Q8", "Q4", "Q2"]
 
@@ -256,3 +256,22 @@ class SitesIn(Schema):
         list[HookType], Field(max_length=len(limits.HOOK_TYPES)), AfterValidator(_unique_sorted)
     ] = []
     module_sites: ModuleSites = []
+
+
+class PushIn(Schema):
+    """Push a completed extraction to a Hub dataset repo (the token is kept sealed only until
+    the push ends)."""
+
+    repo_id: PushRepoId
+    token: AccessToken = None
+    private: bool = True
+
+
+class PushOut(JobOut, ByteCountsOut):
+    id: str
+    extraction_id: str
+    repo_id: str
+    private: bool
+    repo_url: str
+    commit_sha: str
+    files_total: int

@@ -13,7 +13,7 @@ from mistudio.hub import models_search
 
 from .ml.device import device_info, resolve_device
 from .ml.estimate import fit_label, rough_memory
-from .models import EXTRACTION_ACTIVE, ExtractionJob, Model, ModelStatus
+from .models import EXTRACTION_ACTIVE, ExtractionJob, Model, ModelStatus, PushJob
 from .repo import cached_snapshots
 
 
@@ -154,3 +154,25 @@ def extraction_list(*, model_id: str) -> QuerySet[ExtractionJob]:
     """A model's extractions, newest first (NotFound for an unknown model)."""
     model_get(model_id)
     return ExtractionJob.objects.filter(model_id=model_id).select_related("export")
+
+
+def push_list(extraction_id: str) -> QuerySet[PushJob]:
+    """An extraction's pushes, newest first (NotFound for an unknown extraction)."""
+    extraction_get(extraction_id)
+    return PushJob.objects.filter(extraction_id=extraction_id)
+
+
+def push_get(extraction_id: str, push_id: str) -> PushJob:
+    try:
+        return PushJob.objects.get(pk=push_id, extraction_id=extraction_id)
+    except (PushJob.DoesNotExist, ValueError):
+        raise NotFound(f"No push {push_id} of extraction {extraction_id}.") from None
+
+
+def pushes_latest(model_id: str, limit: int = 20) -> list[PushJob]:
+    """The newest push of each of the model's extractions pushed lately (at most `limit` rows
+    read), for the live push states of its Extractions page."""
+    newest: dict[str, PushJob] = {}
+    for push in PushJob.objects.filter(extraction__model_id=model_id)[:limit]:
+        newest.setdefault(push.extraction_id, push)
+    return list(newest.values())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import exports, jobs, parts, reconcile, resident
+from . import exports, jobs, parts, reconcile, resident, share
 
 
 def model_download_task(model_id: str) -> None:
@@ -37,3 +37,7 @@ def extraction_part_task(extraction_id: str) -> None:
 
 def extraction_export_task(extraction_id: str) -> None:
     exports.extraction_export_run(extraction_id)
+
+
+def push_run_task(push_id: str) -> None:
+    share.push_run(push_id)

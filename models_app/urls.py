@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, views_extraction
+from . import views, views_extraction, views_push
 
 app_name = "models"
 
@@ -42,6 +42,9 @@ urlpatterns = [
         "extractions/<str:extraction_id>/export",
         views_extraction.extraction_export,
         name="extraction_export",
+    ),
+    path(
+        "extractions/<str:extraction_id>/push", views_push.extraction_push, name="extraction_push"
     ),
     path(
         "extractions/<str:extraction_id>/delete",

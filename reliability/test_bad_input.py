@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 from datasets_app.models import Dataset, DatasetCredential
 from mistudio.api import api
 from mistudio.testing.queues import queued_task_payloads, queues_purge
-from models_app.models import ExtractionExport, ExtractionJob, HubCredential, Model
+from models_app.models import (
+    ExtractionExport,
+    ExtractionJob,
+    HubCredential,
+    Model,
+    PushCredential,
+    PushJob,
+)
 from templates_app.models import ExtractionTemplate
 from templates_app.tests.helpers import VALID as TEMPLATE
 from templates_app.tests.test_fuzz import FUZZ, any_text, edge_text, json_values, numbers, one_in
@@ -36,6 +43,8 @@ UNSAFE = ("post", "put", "patch", "delete")
 FUZZED_ELSEWHERE = {("post", "/api/templates/import"), ("post", "/api/templates/extraction")}
 TABLES = (Model, HubCredential, ExtractionJob, ExtractionExport, Dataset, DatasetCredential,
           ExtractionTemplate)  # fmt: skip
+TABLES = (Model, HubCredential, ExtractionJob, PushJob, PushCredential, Dataset,
+          DatasetCredential, ExtractionTemplate)  # fmt: skip
 
 IDS = {
     "model": ["m_ready", "m_queued", "m_downloading", "m_error"],
@@ -44,6 +53,11 @@ IDS = {
     "template": ["00000000-0000-4000-8000-0000000000aa"],
 }
 BASES = {
+    "/api/extractions/{extraction_id}/push": {
+        "repo_id": "tester/fuzz",
+        "token": "hf_validtoken1234567890",
+        "private": True,
+    },
     "/api/models/download": {"hf_repo_id": "tiny/llama", "quantization": "Q4", "revision": "main"},
     "/api/models/{model_id}/extract-activations": {
         "dataset_id": "d_ready",

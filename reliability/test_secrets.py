@@ -1,11 +1,13 @@
 """A canary access token sent through downloads that succeed, are refused (gated, invalid),
-fail in the worker and are cancelled: it reaches the Hub, and never appears in any table (django-q2
-task and queue payloads decoded), any log, any HTTP response or any websocket frame."""
+fail in the worker and are cancelled, and through pushes of an extraction to a dataset repo: it
+reaches the Hub, and never appears in any table (django-q2 task and queue payloads decoded), any
+log, any HTTP response, any websocket frame or (pushes) any file under the data dir."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from pathlib import Path
 
 import pytest
 import websocket
@@ -13,8 +15,20 @@ from django.conf import settings
 from django.db import connection
 from django_q.models import OrmQ, Task
 
+from models_app.models import ExtractionJob, PushJob
+from models_app.tests.helpers import text_dataset, wait_for
+
 from .conftest import FIGURES
-from .helpers import MODEL_TERMINAL, LiveClient, config_precache, wait_model
+from .helpers import (
+    DEADLINE_S,
+    EXTRACTION_TERMINAL,
+    MODEL_TERMINAL,
+    LiveClient,
+    config_precache,
+    download_ready,
+    wait_extraction,
+    wait_model,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -161,5 +175,88 @@ def test_a_canary_token_never_leaks(live, hub, canary, caplog):
     hits = [hit for token in canary.values() for hit in _hits(token, places)]
     FIGURES["canary token hits (tables, Redis, logs, HTTP, websocket)"] += len(hits)
     FIGURES["canary download flows (success, gated, invalid, worker failure, cancel)"] += 5
+    assert hits == []
+    web.close()
+
+
+def _completed_extraction(web: LiveClient) -> str:
+    model = download_ready(web, "tiny/gpt2", "FP16")
+    body = {"dataset_id": text_dataset("secrets").pk, "layers": [0], "hook_types": ["residual"],
+            "batch_size": 4, "max_samples": 8, "context_size": 16}  # fmt: skip
+    r = web.send("POST", f"/api/models/{model.pk}/extract-activations", body)
+    assert r.status_code == 202, r.text
+    job = wait_extraction(r.json()["extraction_id"], EXTRACTION_TERMINAL)
+    assert job.status == "completed", job.error_message
+    return job.pk
+
+
+def _push(web: LiveClient, extraction_id: str, repo_id: str, token: str) -> PushJob:
+    r = web.send(
+        "POST", f"/api/extractions/{extraction_id}/push", {"repo_id": repo_id, "token": token}
+    )
+    assert r.status_code == 202, r.text
+    push = wait_for(
+        lambda: PushJob.objects.filter(
+            pk=r.json()["id"], status__in=("completed", "failed")
+        ).first(),
+        timeout=DEADLINE_S,
+    )
+    web.get(f"/api/extractions/{extraction_id}/pushes/{push.pk}")
+    return push
+
+
+def _files_text(*roots) -> str:
+    """Every file under `roots` (data dir, HF cache), as bytes decoded leniently."""
+    return "\n".join(
+        p.read_bytes().decode("latin-1")
+        for root in roots
+        for p in Path(root).rglob("*")
+        if p.is_file()
+    )
+
+
+def test_a_canary_token_never_leaks_from_a_push(live, hub, canary, caplog):
+    """Pushes that succeed (API and page form), are refused by the Hub (invalid, read-only,
+    foreign namespace) or by validation: the token reaches the Hub and stays nowhere."""
+    hub.write_tokens.add(canary["approved"])
+    web = LiveClient(live.url)
+    frames = FrameLog(live)
+    frames.start()
+    xid = _completed_extraction(web)
+    assert _push(web, xid, "tester/canary", canary["approved"]).status == "completed"
+    assert _push(web, xid, "tester/canary", canary["invalid"]).status == "failed"
+    assert _push(web, xid, "tester/canary", canary["unapproved"]).status == "failed"
+    failed = _push(web, xid, "someone-else/canary", canary["approved"])
+    assert failed.status == "failed" and "(403)" in failed.error_message
+    bad = {"repo_id": "no owner", "token": canary["approved"]}
+    assert web.send("POST", f"/api/extractions/{xid}/push", bad).status_code == 422
+    form = {"repo_id": "tester/canary-form", "token": canary["approved"], "private": "1"}
+    headers = {"X-CSRFToken": web.csrf, "HX-Request": "true"}
+    web.responses.append(
+        web.http.post(f"/models/extractions/{xid}/push", data=form, headers=headers)
+    )
+    assert web.responses[-1].status_code == 202, web.responses[-1].text
+    wait_for(lambda: not PushJob.objects.filter(status__in=("queued", "running")).exists(),
+             timeout=DEADLINE_S)  # fmt: skip
+    web.get(f"/models/{ExtractionJob.objects.get(pk=xid).model_id}/extractions")
+    uploads = [r for r in hub.requests if r.path.endswith("/commit/main") and "canary" in r.path]
+    assert [r.token_used for r in uploads] == [canary["approved"]] * 2  # really used, twice
+    places = {
+        "tables": table_dump(),
+        "redis": redis_dump(),
+        "logs": "\n".join(p.read_text() for p in live.log_dir.glob("*.log")) + caplog.text,
+        "responses": "\n".join(f"{r.headers}\n{r.text}" for r in web.responses),
+        "frames": "\n".join(frames.close()),
+        "files": _files_text(settings.DATA_DIR, settings.MODELS_CACHE_DIR),
+    }
+    # the places were really watched: they show the push that failed in the worker, and the
+    # files the extraction that was pushed (its manifest names it)
+    assert all(failed.pk in places[p] for p in ("tables", "logs", "responses", "frames")), failed
+    assert xid in places["files"]
+    hits = [hit for token in canary.values() for hit in _hits(token, places)]
+    FIGURES["canary token hits in push flows (tables, Redis, logs, HTTP, websocket, files)"] += len(
+        hits
+    )
+    FIGURES["canary push flows (API, form, invalid, read-only, foreign namespace, 422)"] += 6
     assert hits == []
     web.close()

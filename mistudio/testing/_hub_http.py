@@ -157,11 +157,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
     def _dispatch(self, method: str) -> None:
         self.method = method
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
-        self.form = self._read_form() if method == "POST" else {}
+        self.body = self._read_body() if method in ("POST", "PUT") else b""
+        self.form = self._read_form()
         self.token = self._bearer_token()
         had_authorization = self.headers.get("Authorization") is not None
         self.hub.record(self.server_kind, method, url.path, had_authorization, self.token)
@@ -170,9 +174,25 @@ class _Handler(BaseHTTPRequestHandler):
     def route(self, path: str) -> None:
         raise NotImplementedError
 
-    def _read_form(self) -> dict[str, list[str]]:
+    def _read_body(self) -> bytes:
+        """The request body, sent with a Content-Length or chunked (a streamed upload)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            parts = []
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()  # the CRLF after each chunk
+            while self.rfile.readline().strip():  # trailers, up to the blank line
+                pass
+            return b"".join(parts)
         length = int(self.headers.get("Content-Length") or 0)
-        return parse_qs(self.rfile.read(length).decode()) if length else {}
+        return self.rfile.read(length) if length else b""
+
+    def _read_form(self) -> dict[str, list[str]]:
+        """A form-encoded body as parse_qs reads it (JSON, ndjson and binary bodies: empty)."""
+        kind = (self.headers.get("Content-Type") or "").lower()
+        if not self.body or any(k in kind for k in ("json", "octet-stream")):
+            return {}
+        return parse_qs(self.body.decode(errors="replace"))
 
     def _bearer_token(self) -> str | None:
         header = self.headers.get("Authorization") or ""

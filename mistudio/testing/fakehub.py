@@ -8,7 +8,9 @@
 
 Two servers on 127.0.0.1 with OS-chosen ports: the Hub API (`endpoint`) and a "CDN" (another
 origin) that LFS redirects point to. Gated, private and missing repos, bad tokens, unknown
-revisions and files answer like the real Hub, so huggingface_hub raises its own errors.
+revisions and files answer like the real Hub, so huggingface_hub raises its own errors. Dataset
+repos accept `create_repo` and `create_commit` / `upload_folder` from a writing token
+(`VALID_TOKEN`, namespaces "tester" and "mistudio-tests"; see _hub_uploads).
 
 Run `python -m mistudio.testing.fakehub --port 8765` to serve the tiny catalogue by hand.
 """
@@ -27,10 +29,11 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from mistudio.testing._hub_datasets import DatasetRepos, HubWithDatasetsHandler
+from mistudio.testing._hub_datasets import DatasetRepos
 from mistudio.testing._hub_http import CdnHandler, Valve
 from mistudio.testing._hub_lies import Lie
 from mistudio.testing._hub_repos import HubFile, HubRepo, read_files
+from mistudio.testing._hub_uploads import WRITE_NAMESPACES, HubWithUploadsHandler, Uploads
 from mistudio.testing.hub_shapes import SHAPES, build_shape
 from mistudio.testing.tiny_models import build_catalogue
 
@@ -73,13 +76,16 @@ class _Server(ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RDWR)
 
 
-class FakeHub(DatasetRepos):
+class FakeHub(DatasetRepos, Uploads):
     """The fake Hub: start on construction, `stop()` (or leave the `with` block) to shut down."""
 
     def __init__(self, root: Path | None = None, *, host: str = "127.0.0.1", port: int = 0):
         self.root = root  # where add_catalogue() copies the tiny repos; None: shared build
         self.tokens: set[str] = {VALID_TOKEN, UNAPPROVED_TOKEN}
         self.approved_tokens: set[str] = {VALID_TOKEN}
+        self.write_tokens: set[str] = {VALID_TOKEN}  # UNAPPROVED_TOKEN is read-only
+        self.write_namespaces: set[str] = set(WRITE_NAMESPACES)
+        self._uploads_init()  # see _hub_uploads
         self.repos: dict[str, HubRepo] = {}
         self.dataset_repos: dict[str, HubRepo] = {}  # add_dataset(), see _hub_datasets
         self.requests: list[HubRequest] = []
@@ -90,7 +96,7 @@ class FakeHub(DatasetRepos):
         self.stopped_event = threading.Event()
         self._lock = threading.Lock()
         self._stopped = False
-        self._hub = self._serve(HubWithDatasetsHandler, host, port)
+        self._hub = self._serve(HubWithUploadsHandler, host, port)
         self._cdn = self._serve(CdnHandler, host, 0)
 
     def _serve(self, handler: type, host: str, port: int) -> _Server:
@@ -244,6 +250,7 @@ class FakeHub(DatasetRepos):
         self._stopped = True
         self.stopped_event.set()
         self.truth()
+        self.release_uploads()
         self.valve.stop()
         for server in (self._hub, self._cdn):
             server.shutdown()
