@@ -122,7 +122,6 @@ def test_a_disk_that_fills_mid_extraction_ends_the_job_cleanly(hub, settings, sm
 
 def test_a_disk_that_fills_mid_dataset_import_ends_the_job_cleanly(settings, small_disk):
     settings.DATASETS_DIR = small_disk
-    settings.DATASET_INLINE_MAX_BYTES = 1024  # larger uploads are normalized by a worker
     lines = b"".join(b"a line of text number %d for the import\n" % i for i in range(8000))
     row = dataset_services.dataset_upload(upload=SimpleUploadedFile("big.txt", lines))
     assert row.status == "queued"
