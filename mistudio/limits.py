@@ -24,6 +24,14 @@ SPECIAL_TOKENS_LABELS = {
     "parse": "Special tokens: for chat-formatted data",
 }
 DEFAULT_SPECIAL_TOKENS = "text"
+# What an extraction writes: the safetensors shards (always, the source of truth), and with
+# "safetensors+saelens" also, at the end of the same job, the `datasets` folder SAELens trains from.
+OUTPUT_FORMATS = ("safetensors", "safetensors+saelens")
+OUTPUT_FORMAT_LABELS = {
+    "safetensors": "Safetensors shards",
+    "safetensors+saelens": "Safetensors shards + a SAELens-ready datasets folder",
+}
+DEFAULT_OUTPUT_FORMAT = "safetensors"
 
 LAYER_INDEX_MAX = 1023  # no released decoder has more blocks; the model bound is checked on use
 LAYERS_PER_JOB_MAX = 256

@@ -32,6 +32,7 @@ FIELD_LABELS = {
     "batch_size": "Batch size",
     "max_samples": "Max samples",
     "context_size": "Context size",
+    "output_format": "Output format",
     "name": "Name",
     "file": "File",
     "text_field": "Text field",

@@ -9,15 +9,19 @@ from mistudio.apischema import ERRORS
 from mistudio.humanize import bytes_h, params_h
 from mistudio.validation import json_object, validated
 
-from . import extraction, selectors, services, sites
+from . import exports, extraction, selectors, services, sites
 from .models import ExtractionJob, Model
 from .schemas import (
     AddCachedIn,
     ArchitectureOut,
     CachedRepoOut,
     DownloadIn,
+    EstimateOut,
+    ExportIn,
+    ExportOut,
     ExtractionIn,
     ExtractionOut,
+    ExtractionSettings,
     ExtractionStarted,
     ModelOut,
     RetryIn,
@@ -112,14 +116,26 @@ def models_architecture(request: HttpRequest, model_id: str):
     return selectors.model_architecture(model_id)
 
 
+def export_json(row) -> dict | None:
+    return None if row is None else {f: getattr(row, f) for f in ExportOut.model_fields}
+
+
 def extraction_json(job: ExtractionJob) -> dict:
-    return {f: getattr(job, f) for f in ExtractionOut.model_fields}
+    fields = [f for f in ExtractionOut.model_fields if f != "export"]
+    return {**{f: getattr(job, f) for f in fields}, "export": export_json(job.saelens_export)}
 
 
 @router.post("/{model_id}/extract-activations", response={202: ExtractionStarted, **ERRORS})
 def models_extract(request: HttpRequest, model_id: str, payload: ExtractionIn):
     job = extraction.extraction_start(model_id=model_id, **payload.model_dump())
     return 202, {"extraction_id": job.pk, "status": job.status}
+
+
+@router.post("/{model_id}/extract-estimate", response={200: EstimateOut, **ERRORS})
+def models_extract_estimate(request: HttpRequest, model_id: str, payload: ExtractionSettings):
+    """Before Start: the bytes an extraction would write (tokens × sites × d × bytes, plus the
+    SAELens folder if chosen) and the free disk in the output folder; `fits` says if it fits."""
+    return extraction.extraction_estimate(model_id, **payload.model_dump())
 
 
 @router.post("/{model_id}/sites", response={200: list[SiteOut], **ERRORS})
@@ -150,3 +166,10 @@ def extractions_cancel(request: HttpRequest, extraction_id: str):
 def extractions_delete(request: HttpRequest, extraction_id: str):
     extraction.extraction_delete(extraction_id)
     return 204, None
+
+
+@extractions_router.post("/{extraction_id}/export", response={202: ExportOut, **ERRORS})
+def extractions_export(request: HttpRequest, extraction_id: str, payload: ExportIn):
+    """Export a completed extraction as a SAELens `datasets` folder, in the background (409 when
+    it is not completed, or exported or being exported already)."""
+    return 202, export_json(exports.extraction_export_start(extraction_id, **payload.model_dump()))

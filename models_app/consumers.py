@@ -4,19 +4,23 @@ never lags the cards)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from channels.db import database_sync_to_async
 from django.template.loader import render_to_string
+from django.utils import timezone
 
 from mistudio.errors import NotFound
 from mistudio.realtime import CardConsumer
 
-from .models import Model
+from .models import ExtractionJob, Model
 from .selectors import device_summary, model_card_get
 
 
 def card_html(model_id: str) -> str | None:
     """The card partial as the page renders it, the extraction modal's box of the model's newest
-    extraction and the Extractions page's rows of its running and newest extractions, all marked
+    extraction and the Extractions page's rows of its running and newest extractions (and those
+    whose SAELens export is moving), all marked
     for an out-of-band swap (a page applies what it shows); None if the model is gone."""
     try:
         model = model_card_get(model_id)
@@ -27,10 +31,23 @@ def card_html(model_id: str) -> str | None:
         context = {"job": job, "oob": True}
         html += render_to_string("models_app/extract.html#extraction_box", context)
     jobs = {job.pk: job for job in [*model.active_extractions, *model.latest_extractions]}
+    for job in _exporting(model_id):  # an older extraction's SAELens export moving
+        jobs.setdefault(job.pk, job)
     for job in jobs.values():  # the rows of the model's Extractions page
         context = {"job": job, "oob": True}
         html += render_to_string("models_app/extractions.html#extraction_row", context)
     return html
+
+
+EXPORT_RECENT = timedelta(seconds=30)
+
+
+def _exporting(model_id: str) -> list[ExtractionJob]:
+    """The model's extractions whose export is running or changed in the last seconds (its end
+    included, whatever the extraction's age)."""
+    since = timezone.now() - EXPORT_RECENT
+    rows = ExtractionJob.objects.filter(model_id=model_id, export__updated_at__gte=since)
+    return list(rows.select_related("export"))
 
 
 def loaded_models() -> list[tuple[str, str]]:

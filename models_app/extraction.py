@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from django.conf import settings
@@ -24,8 +24,9 @@ from mistudio import limits
 from mistudio.errors import Conflict, Invalid, ServiceError, is_disk_full, room_check
 from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
+from . import exports
 from .jobs import enqueue_gpu
-from .ml.export import ExportError, export_saelens
+from .ml.export import ExportCancelled, ExportError, export_saelens
 from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec, run_extraction
 from .ml.reader import ReaderError
 from .ml.storage import sequence_bytes, sha256_file, storage_dtype
@@ -88,14 +89,64 @@ def output_bytes_estimate(
     return max_samples * sum(sequence_bytes(d, context_size, dtype) for d in widths)
 
 
-def _disk_check(needed: int) -> None:
+def _disk_check(needed: int, where: Path | None = None) -> None:
     room_check(
-        settings.ACTIVATIONS_DIR,
+        where or settings.ACTIVATIONS_DIR,
         needed,
         settings.DISK_MARGIN_BYTES,
         what="this extraction",
         hint=" Lower max samples or choose fewer sites.",
     )
+
+
+def _needed_bytes(model, widths, max_samples, context_size, output_format) -> tuple[int, int]:
+    """(shard bytes, SAELens folder bytes) an extraction writes at most; the second is 0 without
+    the SAELens choice. Free room needed: shards + 2 × SAELens (see exports.saelens_room)."""
+    shards = output_bytes_estimate(model, widths, max_samples, context_size)
+    if output_format != exports.SAELENS_FORMAT:
+        return shards, 0
+    return shards, exports.saelens_bytes(max_samples, context_size, widths)
+
+
+def extraction_estimate(
+    model_id: str, *, layers: list[int], hook_types: list[str], module_sites: list[dict],
+    max_samples: int, context_size: int | None,
+    output_format: str = limits.DEFAULT_OUTPUT_FORMAT, **_ignored,
+) -> dict:  # fmt: skip
+    """What an extraction with these settings would write and whether it fits, before Start:
+    {n_tokens (max_samples × context_size), n_sites, widths (d per site), bytes_per_element,
+    shard_bytes (tokens × Σ d × bytes + int32 token ids per site), saelens_bytes (0 without the
+    SAELens choice; float32), output_bytes (their sum), needed_bytes (what must be free: the
+    SAELens folder counts twice while written), free_bytes, margin_bytes, fits, folder}.
+    Same errors as extraction_start for a model or sites that are not there."""
+    model = model_get(model_id)
+    context_size = context_size or default_context_size(model)
+    _check_against_model(model, layers, context_size)
+    sites = extraction_sites(
+        model, layers=layers, hook_types=hook_types, module_sites=[dict(s) for s in module_sites]
+    )
+    widths = [site["d"] or model.hidden_dim or 1 for site in sites]
+    shards, saelens = _needed_bytes(model, widths, max_samples, context_size, output_format)
+    folder = Path(settings.ACTIVATIONS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    free, needed = shutil.disk_usage(folder).free, shards + 2 * saelens
+    uniform = len(set(widths)) == 1
+    return {
+        "n_tokens": max_samples * context_size,
+        "n_sites": len(sites),
+        "widths": widths,
+        "d": widths[0] if uniform else None,
+        "d_sum": sum(widths),
+        "bytes_per_element": storage_dtype(device()).itemsize,
+        "shard_bytes": shards,
+        "saelens_bytes": saelens,
+        "output_bytes": shards + saelens,
+        "needed_bytes": needed,
+        "free_bytes": free,
+        "margin_bytes": settings.DISK_MARGIN_BYTES,
+        "fits": needed + settings.DISK_MARGIN_BYTES <= free,
+        "folder": str(folder),
+    }
 
 
 def default_context_size(model: Model) -> int:
@@ -123,6 +174,7 @@ def extraction_start(
     context_size: int | None = None,
     special_tokens: str = limits.DEFAULT_SPECIAL_TOKENS,
     module_sites: list[dict] | None = None,
+    output_format: str = limits.DEFAULT_OUTPUT_FORMAT,
     out: Path | None = None,
     enqueue: bool = True,
 ) -> ExtractionJob:
@@ -130,7 +182,8 @@ def extraction_start(
 
     Inputs are already shape-checked by `schemas.ExtractionIn`. Raises Conflict (409) for a model
     or dataset that is not ready, Invalid (422) for layers/context the model lacks, a site that
-    does not exist on it (see sites.extraction_sites) or a full disk.
+    does not exist on it (see sites.extraction_sites) or a full disk (the shards, plus the SAELens
+    folder twice when output_format is "safetensors+saelens").
     `out` (CLI) writes somewhere else than ACTIVATIONS_DIR/<id>; `enqueue=False` leaves the job
     queued for the caller to run in-process (Conflict while another extraction runs).
     """
@@ -144,7 +197,8 @@ def extraction_start(
     dataset = _dataset(dataset_id)
     out = _out_dir_check(out) if out else None
     widths = [site["d"] or model.hidden_dim or 1 for site in sites]
-    _disk_check(output_bytes_estimate(model, widths, max_samples, context_size))
+    shards, saelens = _needed_bytes(model, widths, max_samples, context_size, output_format)
+    _disk_check(shards + 2 * saelens, out.parent if out else None)
     job_id = new_extraction_id()
     job = ExtractionJob.objects.create(
         id=job_id,
@@ -158,6 +212,7 @@ def extraction_start(
         max_samples=max_samples,
         context_size=context_size,
         special_tokens=special_tokens,
+        output_format=output_format,
         phase="waiting for the GPU worker",
         output_path=str(out or output_dir(job_id)),
     )
@@ -237,7 +292,8 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         "extraction_id": job.pk,
     }
     ExtractionJob.touch(job.pk, phase="extracting")
-    return run_extraction(
+    should_cancel = partial(ExtractionJob.cancel_requested, job.pk)
+    manifest = run_extraction(
         model,
         model_tokenizer(row.local_path),
         dataset_texts(job.dataset_id),
@@ -245,8 +301,30 @@ def _run(job: ExtractionJob, in_worker: bool) -> dict:
         Path(job.output_path),
         meta=meta,
         on_progress=_Progress(job.pk),
-        should_cancel=lambda: ExtractionJob.cancel_requested(job.pk),
+        should_cancel=should_cancel,
     )
+    if job.output_format == exports.SAELENS_FORMAT:
+        _saelens_phase(job, should_cancel)
+    return manifest
+
+
+def _saelens_phase(job: ExtractionJob, should_cancel) -> None:
+    """The job's last phase with the SAELens choice: the `datasets` folder from the shards."""
+
+    def write(done: int, total: int) -> None:
+        ExtractionJob.touch(
+            job.pk,
+            progress=min(100.0, 100.0 * done / max(total, 1)),
+            phase=f"writing the SAELens folder: {done}/{total} sequences",
+        )
+
+    write(0, 1)
+    try:
+        exports.saelens_write(job, write, should_cancel)
+    except ExportCancelled:
+        raise ExtractionCancelled() from None
+    except (ExportError, ReaderError) as exc:
+        raise ExtractionError(f"Writing the SAELens folder failed: {exc}") from exc
 
 
 def _dataset_provenance(job: ExtractionJob) -> dict:
@@ -266,6 +344,8 @@ def _dataset_provenance(job: ExtractionJob) -> dict:
 
 
 def _completed(job: ExtractionJob, manifest: dict) -> None:
+    if job.output_format == exports.SAELENS_FORMAT:
+        exports.saelens_recorded(job, exports.saelens_dir(job))
     hooks = manifest.get("hooks", [])
     stats = {h["name"]: h.get("statistics") for h in hooks}
     written = sum(s.get("bytes", 0) for h in hooks for s in h.get("shards", []))
@@ -348,6 +428,7 @@ def extraction_delete(extraction_id: str) -> None:
     job = extraction_get(extraction_id)
     if job.is_active:
         raise Conflict("This extraction is still running; cancel it first.")
+    exports.export_cancel_for(job)
     extraction_files_remove(job)
     job.delete()
     Model.announce(job.model_id)
@@ -358,6 +439,7 @@ def extractions_remove_for_model(model: Model) -> None:
     if model.extractions.filter(status__in=EXTRACTION_ACTIVE).exists():
         raise Conflict(f"An extraction of {model.hf_repo_id} is running; cancel it first.")
     for job in model.extractions.all():
+        exports.export_cancel_for(job)
         extraction_files_remove(job)
 
 

@@ -169,6 +169,12 @@ class ExtractionJob(Job):
         choices=[(v, v) for v in limits.SPECIAL_TOKENS],
         default=limits.DEFAULT_SPECIAL_TOKENS,
     )
+    # safetensors shards only, or also a SAELens `datasets` folder (limits.OUTPUT_FORMATS)
+    output_format = models.CharField(
+        max_length=24,
+        choices=list(limits.OUTPUT_FORMAT_LABELS.items()),
+        default=limits.DEFAULT_OUTPUT_FORMAT,
+    )
 
     status = models.CharField(
         max_length=16,
@@ -205,3 +211,45 @@ class ExtractionJob(Job):
     @classmethod
     def card_ids(cls, pk: str) -> list[str]:
         return list(cls.objects.filter(pk=pk).values_list("model_id", flat=True))
+
+    @property
+    def saelens_export(self) -> ExtractionExport | None:
+        """This extraction's SAELens export (written by the job or by Export), or None."""
+        try:
+            return self.export
+        except ExtractionExport.DoesNotExist:
+            return None
+
+
+class ExtractionExport(Job):
+    """The SAELens `datasets` folder of one completed extraction, at `<output_path>/saelens`:
+    written at the end of the extraction job (output_format safetensors+saelens) or afterwards by
+    a background export. Its progress shows on the extraction's model card."""
+
+    live_group = "models"
+    active_statuses = EXTRACTION_ACTIVE
+
+    extraction = models.OneToOneField(
+        ExtractionJob, on_delete=models.CASCADE, primary_key=True, related_name="export"
+    )
+    format = models.CharField(max_length=16, default="saelens")
+    status = models.CharField(
+        max_length=16,
+        choices=ExtractionStatus.choices,
+        default=ExtractionStatus.QUEUED,
+        db_index=True,
+    )
+    path = models.CharField(max_length=1000, blank=True)
+    bytes_written = models.BigIntegerField(default=0)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta(Job.Meta):
+        db_table = "extraction_exports"
+
+    def __str__(self) -> str:
+        return f"{self.format} export of {self.extraction_id}"
+
+    @classmethod
+    def card_ids(cls, pk: str) -> list[str]:
+        rows = cls.objects.filter(pk=pk).values_list("extraction__model_id", flat=True)
+        return list(rows)

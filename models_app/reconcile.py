@@ -22,7 +22,9 @@ from django_q.models import OrmQ, Schedule
 from django_q.signing import SignedPackage
 
 from datasets_app.reconcile import datasets_reconcile, datasets_requeue
+from mistudio.jobs import enqueue
 
+from .exports import EXPORT_TASK, exports_queued, exports_reconcile
 from .extraction import extraction_end, extraction_files_remove
 from .jobs import WAITING_GPU, enqueue_download, enqueue_gpu, job_fail, partial_files_remove
 from .models import ExtractionJob, ExtractionStatus, Model, ModelStatus
@@ -69,7 +71,7 @@ def jobs_reconcile(now=None) -> int:
     """End stale running jobs; return how many rows were moved to a failed state."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.STALE_HEARTBEAT_SECONDS)
-    moved = _extractions_reconcile(cutoff)
+    moved = _extractions_reconcile(cutoff) + exports_reconcile(cutoff)
     for row in _stale_rows(cutoff):
         partial_files_remove(row)
         job_fail(row.pk, STALE_MESSAGES[row.status])
@@ -145,7 +147,9 @@ def _queued_jobs(cluster: str) -> list[tuple[str, str]]:
         ]
     if cluster == settings.DOWNLOAD_CLUSTER:
         downloads = Model.objects.filter(status=ModelStatus.QUEUED, cancel_flag=False)
-        return [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)]
+        return [("model_download_task", pk) for pk in downloads.values_list("pk", flat=True)] + [
+            ("extraction_export_task", pk) for pk in exports_queued()
+        ]
     return []
 
 
@@ -157,6 +161,8 @@ def jobs_requeue(cluster: str) -> int:
     for func, pk in lost:
         if func == "model_download_task":
             enqueue_download(pk)
+        elif func == "extraction_export_task":
+            enqueue(EXPORT_TASK, pk, cluster=cluster)
         else:
             enqueue_gpu(func, pk)
     if cluster == settings.DOWNLOAD_CLUSTER:

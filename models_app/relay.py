@@ -1,5 +1,5 @@
-"""What the embedded-mode relay watches for the Models panel: model rows and extraction rows
-(an extraction's progress is shown on its model's card)."""
+"""What the embedded-mode relay watches for the Models panel: model rows, extraction rows and
+their SAELens exports (an extraction's and an export's progress are shown on the model's card)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime
 
 from mistudio.realtime import RelaySource
 
-from .models import ExtractionJob, Model
+from .models import ExtractionExport, ExtractionJob, Model
 
 
 def model_changes(since: datetime) -> list[tuple[str, str, datetime]]:
@@ -16,7 +16,14 @@ def model_changes(since: datetime) -> list[tuple[str, str, datetime]]:
     jobs = ExtractionJob.objects.filter(updated_at__gte=since).values_list(
         "id", "model_id", "updated_at"
     )
-    return [(pk, pk, ts) for pk, ts in models] + [(pk, mid, ts) for pk, mid, ts in jobs]
+    exports = ExtractionExport.objects.filter(updated_at__gte=since).values_list(
+        "extraction_id", "extraction__model_id", "updated_at"
+    )
+    return (
+        [(pk, pk, ts) for pk, ts in models]
+        + [(pk, mid, ts) for pk, mid, ts in jobs]
+        + [(f"export-{pk}", mid, ts) for pk, mid, ts in exports]
+    )
 
 
 MODELS_SOURCE = RelaySource(Model.live_group, "card.changed", model_changes)

@@ -119,6 +119,7 @@ def _printable_id(value: str) -> str:
 LayerIndex = Annotated[int, Field(ge=0, le=limits.LAYER_INDEX_MAX)]
 HookType = Literal[limits.HOOK_TYPES]  # type: ignore[valid-type]
 SpecialTokens = Literal[limits.SPECIAL_TOKENS]  # type: ignore[valid-type]
+OutputFormat = Literal[limits.OUTPUT_FORMATS]  # type: ignore[valid-type]
 
 
 class ExtractionSettings(Schema):
@@ -147,12 +148,20 @@ class ExtractionSettings(Schema):
     )
     # "text": special-token strings in the data are plain text; "parse": they are special tokens
     special_tokens: SpecialTokens = limits.DEFAULT_SPECIAL_TOKENS
+    # "safetensors" (the shards) or "safetensors+saelens" (also a SAELens datasets folder)
+    output_format: OutputFormat = limits.DEFAULT_OUTPUT_FORMAT
 
 
 class ExtractionIn(ExtractionSettings):
     """An extraction request (modal, API, CLI): the settings and the dataset to read."""
 
     dataset_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable_id)]
+
+
+class ExportOut(JobOut):
+    format: str
+    path: str
+    bytes_written: int
 
 
 class ExtractionOut(JobOut):
@@ -168,6 +177,7 @@ class ExtractionOut(JobOut):
     max_samples: int
     context_size: int
     special_tokens: str
+    output_format: str
     tokens_done: int
     tokens_total: int
     tokens_per_second: float
@@ -175,6 +185,32 @@ class ExtractionOut(JobOut):
     bytes_written: int
     manifest: dict | None
     statistics: dict | None
+    export: ExportOut | None
+
+
+class ExportIn(Schema):
+    """POST /api/extractions/{id}/export: the format to export a completed extraction to."""
+
+    format: Literal["saelens"] = "saelens"
+
+
+class EstimateOut(Schema):
+    """What an extraction would write (bytes) and the room for it (see extraction_estimate)."""
+
+    n_tokens: int
+    n_sites: int
+    widths: list[int]
+    d: int | None  # the one width of every site, None when they differ
+    d_sum: int
+    bytes_per_element: int
+    shard_bytes: int
+    saelens_bytes: int
+    output_bytes: int
+    needed_bytes: int
+    free_bytes: int
+    margin_bytes: int
+    fits: bool
+    folder: str
 
 
 class ExtractionStarted(Schema):

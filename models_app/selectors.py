@@ -27,8 +27,8 @@ def model_get(model_id: str) -> Model:
 def model_list(*, status: str | None = None) -> QuerySet[Model]:
     """Models newest first, with `extraction_count`, `active_extractions` and
     `latest_extractions` (the newest one, whose completion notice the card shows) for the cards."""
-    active = ExtractionJob.objects.filter(status__in=EXTRACTION_ACTIVE).order_by("-created_at")
-    latest = ExtractionJob.objects.order_by("-created_at")[:1]
+    jobs = ExtractionJob.objects.select_related("export").order_by("-created_at")
+    active, latest = jobs.filter(status__in=EXTRACTION_ACTIVE), jobs[:1]
     # An aggregate drops Meta.ordering (GROUP BY query): order explicitly, newest first.
     qs = (
         Model.objects.annotate(extraction_count=Count("extractions"))
@@ -145,7 +145,7 @@ def cached_repos() -> list[dict]:
 
 def extraction_get(extraction_id: str) -> ExtractionJob:
     try:
-        return ExtractionJob.objects.select_related("model").get(pk=extraction_id)
+        return ExtractionJob.objects.select_related("model", "export").get(pk=extraction_id)
     except (ExtractionJob.DoesNotExist, ValueError):
         raise NotFound(f"No extraction with id {extraction_id}.") from None
 
@@ -153,4 +153,4 @@ def extraction_get(extraction_id: str) -> ExtractionJob:
 def extraction_list(*, model_id: str) -> QuerySet[ExtractionJob]:
     """A model's extractions, newest first (NotFound for an unknown model)."""
     model_get(model_id)
-    return ExtractionJob.objects.filter(model_id=model_id)
+    return ExtractionJob.objects.filter(model_id=model_id).select_related("export")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import extraction, jobs, reconcile, resident
+from . import exports, extraction, jobs, reconcile, resident
 
 
 def model_download_task(model_id: str) -> None:
@@ -28,3 +28,7 @@ def reconcile_task() -> int:
 
 def extraction_run_task(extraction_id: str) -> None:
     extraction.extraction_run(extraction_id)
+
+
+def extraction_export_task(extraction_id: str) -> None:
+    exports.extraction_export_run(extraction_id)

@@ -22,6 +22,11 @@ urlpatterns = [
     path("<str:model_id>/extract", views_extraction.extract_modal, name="extract"),
     path("<str:model_id>/extract/start", views_extraction.extract_start, name="extract_start"),
     path("<str:model_id>/extract/sites", views_extraction.sites_check, name="sites_check"),
+    path(
+        "<str:model_id>/extract/estimate",
+        views_extraction.extract_estimate,
+        name="extract_estimate",
+    ),
     path("<str:model_id>/extractions", views_extraction.extraction_history, name="extractions"),
     path(
         "extractions/<str:extraction_id>/cancel",
@@ -32,6 +37,11 @@ urlpatterns = [
         "extractions/<str:extraction_id>/tokens",
         views_extraction.extraction_tokens,
         name="extraction_tokens",
+    ),
+    path(
+        "extractions/<str:extraction_id>/export",
+        views_extraction.extraction_export,
+        name="extraction_export",
     ),
     path(
         "extractions/<str:extraction_id>/delete",

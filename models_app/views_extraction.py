@@ -1,4 +1,5 @@
-"""HTML views for activation extraction: the modal, start, cancel, history, delete."""
+"""HTML views for activation extraction: the modal, its size estimate, start, cancel, history,
+delete, and the SAELens export of a completed extraction."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from mistudio.errors import Conflict, ServiceError
 from mistudio.validation import module_sites_from_text, module_sites_text, validation_message
 from templates_app.selectors import section_context, template_get
 
-from . import extraction, inspection, selectors, sites
+from . import exports, extraction, inspection, selectors, sites
 from .models import Model
-from .schemas import ExtractionIn, SitesIn
+from .schemas import ExtractionIn, ExtractionSettings, SitesIn
 
 MODAL = "models_app/extract.html"
 TOKENS = "models_app/tokens.html"
@@ -33,6 +34,7 @@ def _default_form(model: Model) -> dict:
         "max_samples": limits.DEFAULT_MAX_SAMPLES,
         "context_size": extraction.default_context_size(model),
         "special_tokens": limits.DEFAULT_SPECIAL_TOKENS,
+        "output_format": limits.DEFAULT_OUTPUT_FORMAT,
     }
 
 
@@ -78,6 +80,7 @@ def _posted_form(request: HttpRequest) -> dict:
         "max_samples": post.get("max_samples") or limits.DEFAULT_MAX_SAMPLES,
         "context_size": post.get("context_size") or None,
         "special_tokens": post.get("special_tokens") or limits.DEFAULT_SPECIAL_TOKENS,
+        "output_format": post.get("output_format") or limits.DEFAULT_OUTPUT_FORMAT,
     }
 
 
@@ -92,6 +95,7 @@ def _modal_context(model: Model, form: dict, *, templates_open: bool = False, **
         "layer_range": range(model.num_layers or 0),
         "hook_choices": list(limits.HOOK_LABELS.items()),
         "special_token_choices": list(limits.SPECIAL_TOKENS_LABELS.items()),
+        "output_format_choices": list(limits.OUTPUT_FORMAT_LABELS.items()),
         "datasets": dataset_options(),
         "limits": limits,
         "template_section": section_context(open=templates_open),
@@ -160,7 +164,8 @@ def extract_start(request: HttpRequest, model_id: str) -> HttpResponse:
 
 def _history_context(model: Model) -> dict:
     jobs = list(selectors.extraction_list(model_id=model.pk))
-    return {"model": model, "jobs": jobs, "has_active": any(j.is_active for j in jobs)}
+    exporting = any(j.saelens_export and j.saelens_export.is_active for j in jobs)
+    return {"model": model, "jobs": jobs, "has_active": exporting or any(j.is_active for j in jobs)}
 
 
 @require_GET
@@ -223,3 +228,31 @@ def sites_check(request: HttpRequest, model_id: str) -> HttpResponse:
     except ServiceError as exc:
         return render(request, f"{MODAL}#sites", {"error": exc.message}, status=exc.status)
     return render(request, f"{MODAL}#sites", {"sites": found})
+
+
+@require_POST
+def extract_estimate(request: HttpRequest, model_id: str) -> HttpResponse:
+    """The modal's size line (HTMX, on every change of the form): the output size and the free
+    disk, or what is missing to tell them. A form that is not complete yet is not an error: the
+    line says what is missing (200), and Start stays disabled while it does not fit."""
+    try:
+        data = ExtractionSettings.model_validate(_posted_form(request))
+        estimate = extraction.extraction_estimate(model_id, **data.model_dump())
+    except ValidationError as exc:
+        return render(request, f"{MODAL}#estimate", {"note": validation_message(exc)})
+    except ServiceError as exc:
+        return render(request, f"{MODAL}#estimate", {"note": exc.message})
+    return render(request, f"{MODAL}#estimate", {"estimate": estimate})
+
+
+@require_POST
+def extraction_export(request: HttpRequest, extraction_id: str) -> HttpResponse:
+    """Export for SAELens (a button on a completed extraction): queued in the background; the
+    websocket then shows its progress and, at the end, the folder. 409 with the reason when it
+    is not completed or already exported or exporting."""
+    try:
+        exports.extraction_export_start(extraction_id)
+        job = selectors.extraction_get(extraction_id)
+    except ServiceError as exc:
+        return HttpResponse(exc.message, status=exc.status, content_type="text/plain")
+    return render(request, f"{MODAL}#export_state", {"job": job}, status=202)

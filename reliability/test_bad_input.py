@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from datasets_app.models import Dataset, DatasetCredential
 from mistudio.api import api
 from mistudio.testing.queues import queued_task_payloads, queues_purge
-from models_app.models import ExtractionJob, HubCredential, Model
+from models_app.models import ExtractionExport, ExtractionJob, HubCredential, Model
 from templates_app.models import ExtractionTemplate
 from templates_app.tests.helpers import VALID as TEMPLATE
 from templates_app.tests.test_fuzz import FUZZ, any_text, edge_text, json_values, numbers, one_in
@@ -34,7 +34,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 EXAMPLES = 200
 UNSAFE = ("post", "put", "patch", "delete")
 FUZZED_ELSEWHERE = {("post", "/api/templates/import"), ("post", "/api/templates/extraction")}
-TABLES = (Model, HubCredential, ExtractionJob, Dataset, DatasetCredential, ExtractionTemplate)
+TABLES = (Model, HubCredential, ExtractionJob, ExtractionExport, Dataset, DatasetCredential,
+          ExtractionTemplate)  # fmt: skip
 
 IDS = {
     "model": ["m_ready", "m_queued", "m_downloading", "m_error"],
@@ -52,6 +53,14 @@ BASES = {
         "max_samples": 4,
         "context_size": 16,
     },
+    "/api/models/{model_id}/extract-estimate": {
+        "layers": [0],
+        "hook_types": ["residual"],
+        "max_samples": 4,
+        "context_size": 16,
+        "output_format": "safetensors+saelens",
+    },
+    "/api/extractions/{extraction_id}/export": {"format": "saelens"},
     "/api/datasets": {"hf_dataset_id": TEXTS_REPO, "split": "train", "text_field": "text"},
     "/api/templates/extraction/{template_id}": TEMPLATE,
     "/api/templates/extraction/{template_id}/favorite": {"is_favorite": True},

@@ -120,6 +120,26 @@ def test_a_disk_that_fills_mid_extraction_ends_the_job_cleanly(hub, settings, sm
     FIGURES["jobs ended cleanly by a disk that filled up"] += 1
 
 
+def test_a_disk_that_fills_while_the_saelens_folder_is_written_ends_the_job_cleanly(
+    hub, settings, small_disk
+):
+    model, dataset = download("tiny/llama"), text_dataset()
+    settings.ACTIVATIONS_DIR = small_disk
+    job = extraction.extraction_start(
+        model_id=model.pk, dataset_id=dataset.pk, layers=[0, 1],
+        hook_types=["residual", "mlp", "attention"], batch_size=4, max_samples=12,
+        context_size=32, output_format="safetensors+saelens",
+    )  # fmt: skip
+    filler = fill(small_disk, leave=1800 * 1024)  # the shards (1.2 MB) fit, the SAELens copy not
+    tasks.extraction_run_task(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_message.startswith("The disk filled up while")
+    assert not Path(job.output_path).exists() and serves_pages(Client())
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no work files either
+    filler.unlink()
+    FIGURES["jobs ended cleanly by a disk that filled up"] += 1
+
+
 def test_a_disk_that_fills_mid_dataset_import_ends_the_job_cleanly(settings, small_disk):
     settings.DATASETS_DIR = small_disk
     lines = b"".join(b"a line of text number %d for the import\n" % i for i in range(8000))

@@ -34,6 +34,7 @@ class TemplateAdminForm(forms.ModelForm):
         for name in LIST_FIELDS:  # an empty list gets the schema's message, not "required"
             self.fields[name].required = False
         self.fields["special_tokens"].required = False  # left out: the schema's default
+        self.fields["output_format"].required = False
 
     def clean(self) -> dict:
         data = super().clean()
@@ -41,8 +42,9 @@ class TemplateAdminForm(forms.ModelForm):
             return data
         values = {f: data.get(f) for f in SETTINGS}
         values.update({f: values[f] if values[f] is not None else [] for f in LIST_FIELDS})
-        if not values["special_tokens"]:
-            del values["special_tokens"]
+        for name in ("special_tokens", "output_format"):
+            if not values[name]:
+                del values[name]
         try:
             valid = TemplateIn.model_validate(values)
         except PydanticValidationError as exc:

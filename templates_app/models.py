@@ -75,6 +75,12 @@ class ExtractionTemplate(models.Model):
         choices=list(limits.SPECIAL_TOKENS_LABELS.items()),
         default=limits.DEFAULT_SPECIAL_TOKENS,
     )
+    # What the extraction writes: the shards, or also a SAELens folder (limits.OUTPUT_FORMATS)
+    output_format = models.CharField(
+        max_length=24,
+        choices=list(limits.OUTPUT_FORMAT_LABELS.items()),
+        default=limits.DEFAULT_OUTPUT_FORMAT,
+    )
     is_favorite = models.BooleanField(default=False, db_index=True)
     # Not auto_now_add: an import restores the exported creation time.
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -100,6 +106,10 @@ class ExtractionTemplate(models.Model):
                 condition=Q(special_tokens__in=limits.SPECIAL_TOKENS),
                 name="extraction_template_special_tokens_choice",
             ),
+            models.CheckConstraint(
+                condition=Q(output_format__in=limits.OUTPUT_FORMATS),
+                name="extraction_template_output_format_choice",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -115,6 +125,7 @@ class ExtractionTemplate(models.Model):
             "max_samples": self.max_samples,
             "context_size": self.context_size,
             "special_tokens": self.special_tokens,
+            "output_format": self.output_format,
         }
 
     @property

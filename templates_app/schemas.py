@@ -48,6 +48,7 @@ LABELS = {
     "context_size": "Context size",
     "top_k_examples": "Top-k examples",
     "special_tokens": "Special tokens",
+    "output_format": "Output format",
     "is_favorite": "Favourite",
     "id": "Id",
     "created_at": "Created at",
@@ -130,6 +131,7 @@ Description = Annotated[
 LayerIndex = _number("A layer index", 0, limits.LAYER_INDEX_MAX)
 HookType = Literal[limits.HOOK_TYPES]  # type: ignore[valid-type]
 SpecialTokens = Literal[limits.SPECIAL_TOKENS]  # type: ignore[valid-type]
+OutputFormat = Literal[limits.OUTPUT_FORMATS]  # type: ignore[valid-type]
 Layers = Annotated[
     list[LayerIndex], Field(max_length=limits.LAYERS_PER_JOB_MAX), AfterValidator(_layers_clean)
 ]
@@ -170,6 +172,8 @@ class TemplateIn(Schema):
     )
     # Absent from files exported before it existed: those import with the default.
     special_tokens: SpecialTokens = limits.DEFAULT_SPECIAL_TOKENS
+    # Absent from files exported before it existed: those import as safetensors only.
+    output_format: OutputFormat = limits.DEFAULT_OUTPUT_FORMAT
     is_favorite: bool = False
 
 
@@ -243,6 +247,7 @@ class TemplateOut(Schema):
     context_size: int
     top_k_examples: int
     special_tokens: str
+    output_format: str
     is_favorite: bool
     created_at: StampOut
     updated_at: StampOut

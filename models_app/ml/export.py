@@ -38,6 +38,10 @@ class ExportError(RuntimeError):
     """An export that cannot be made (unknown site, dtype, an existing output folder)."""
 
 
+class ExportCancelled(Exception):
+    """Raised by an `on_progress` callback to stop an export; nothing is left in out_dir."""
+
+
 def export_saelens(
     extraction_dir: str | Path,
     out_dir: str | Path,
@@ -51,8 +55,9 @@ def export_saelens(
 
     One row per sequence: {hook name: float [context_size, d], "token_ids": int32 [context_size]}.
     dtype: "float32" (default) or "float16". verify: check each shard's sha256 as it is read.
-    on_progress(done_sequences, total_sequences). Raises ExportError (out_dir exists, bad site or
-    dtype) or reader.ReaderError (missing or altered shard); nothing is left in out_dir then.
+    on_progress(done_sequences, total_sequences) may raise ExportCancelled to stop. Raises
+    ExportError (out_dir exists, bad site or dtype) or reader.ReaderError (missing or altered
+    shard); nothing is left in out_dir then.
     """
     ext = open_extraction(extraction_dir)
     names = [s.name for s in ext.sites] if sites is None else list(sites)
@@ -94,7 +99,8 @@ def _generate(ext, names, features, work: Path, verify, on_progress) -> datasets
             },  # fmt: skip
         )
     except datasets.exceptions.DatasetGenerationError as exc:
-        if isinstance(exc.__cause__, (ReaderError, ExportError)):
+        # ours, and the true reason of a write that failed (a full disk: OSError ENOSPC)
+        if isinstance(exc.__cause__, (ReaderError, ExportError, ExportCancelled, OSError)):
             raise exc.__cause__ from None
         raise
 

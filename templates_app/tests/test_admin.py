@@ -89,6 +89,18 @@ def test_the_add_form_uses_the_same_rules_as_the_api(admin_client):
     assert ExtractionTemplate.objects.count() == 0
     assert admin_client.post(ADD, form).status_code == 302
     assert ExtractionTemplate.objects.get().layers == [0, 11]
+    assert ExtractionTemplate.objects.get().output_format == "safetensors"  # left out: default
+
+
+def test_the_admin_form_offers_the_output_format(admin_client):
+    assert 'name="output_format"' in admin_client.get(ADD).content.decode()
+    form = {"name": "sae", "description": "", "layers": "[1]", "hook_types": '["residual"]',
+            "max_samples": 10, "batch_size": 4, "context_size": 32, "top_k_examples": 100,
+            "output_format": "safetensors+saelens"}  # fmt: skip
+    r = admin_client.post(ADD, {**form, "output_format": "zarr"})
+    assert r.status_code == 200 and ExtractionTemplate.objects.count() == 0
+    assert admin_client.post(ADD, form).status_code == 302
+    assert ExtractionTemplate.objects.get().output_format == "safetensors+saelens"
 
 
 def upload(content: bytes) -> SimpleUploadedFile:

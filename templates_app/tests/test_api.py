@@ -24,6 +24,7 @@ FIELDS = {
     "batch_size",
     "context_size",
     "special_tokens",
+    "output_format",
     "top_k_examples",
     "is_favorite",
     "created_at",
@@ -76,6 +77,7 @@ def test_a_duplicate_name_is_409_and_saves_nothing(api):
         ("context_size", 1, "Context size"),
         ("top_k_examples", 10_001, "Top-k"),
         ("batch_size", "many", "batch_size"),
+        ("output_format", "parquet", "should be 'safetensors' or 'safetensors+saelens'"),
     ],
 )
 def test_invalid_settings_are_422_with_a_message(api, field, value, words):

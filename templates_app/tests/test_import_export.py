@@ -38,6 +38,7 @@ def a_varied_set() -> None:
         context_size=131_072,
         top_k_examples=10_000,
         special_tokens="parse",
+        output_format="safetensors+saelens",
     )
     make(
         "x" * 255,
@@ -315,3 +316,22 @@ def test_an_unknown_special_tokens_value_is_an_item_error(api):
     assert body["imported"] == {"extraction_templates": 1}
     assert body["errors"][0]["index"] == 0 and "Special tokens" in body["errors"][0]["reason"]
     assert list(ExtractionTemplate.objects.values_list("name", flat=True)) == ["ok"]
+
+
+def test_output_format_round_trips_and_older_files_import_as_safetensors(api, client):
+    make("for sae", output_format="safetensors+saelens")
+    data = export(api)
+    assert data["extraction_templates"][0]["output_format"] == "safetensors+saelens"
+    ExtractionTemplate.objects.all().delete()
+    assert do_import(api, data).status_code == 200
+    row = ExtractionTemplate.objects.get()
+    assert row.extraction_settings()["output_format"] == "safetensors+saelens"
+    older = {k: v for k, v in data["extraction_templates"][0].items() if k != "output_format"}
+    ExtractionTemplate.objects.all().delete()
+    r = do_import(api, {"version": 1, "extraction_templates": [older]})
+    assert r.json()["imported"] == {"extraction_templates": 1}
+    assert ExtractionTemplate.objects.get().output_format == "safetensors"
+    bad = {**VALID, "name": "bad", "output_format": "hdf5"}
+    body = do_import(api, {"version": 1, "extraction_templates": [bad]}).json()
+    assert "Output format" in body["errors"][0]["reason"]
+    assert ExtractionTemplate.objects.count() == 1

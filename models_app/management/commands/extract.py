@@ -3,9 +3,11 @@
     python manage.py extract --model <id or repo> --dataset <id, name or file> --layers 0,5,11 \
         --hooks residual,mlp --max-samples N --batch-size B --context-size T \
         [--special-tokens text|parse] [--module model.layers.3.mlp.down_proj[:input]]… \
+        [--format safetensors|safetensors+saelens] \
         [--template NAME] [--out DIR] [--quantization Q4] [--text-field text]
 
 Hooks: residual (resid_post), mlp, attention, resid_pre, z (attn.hook_z), ln_final.
+--format safetensors+saelens also writes OUT/saelens, the datasets folder SAELens trains from.
 
 Runs in this process with a tqdm progress bar; exits non-zero with a message on bad input or a
 failed job. A dataset given as a file is registered and normalized here too (the worker's job,
@@ -21,6 +23,7 @@ from pydantic import ValidationError
 
 from datasets_app.jobs import dataset_normalize_run
 from datasets_app.services import dataset_get, dataset_resolve
+from mistudio import limits
 from mistudio.errors import ServiceError
 from mistudio.validation import validation_message
 from models_app import extraction
@@ -88,6 +91,13 @@ class Command(BaseCommand):
             help="special-token strings in the data (<s>, <|im_start|> …): plain text (default)"
             " or parsed as special tokens (chat-formatted data)",
         )
+        parser.add_argument(
+            "--format",
+            dest="output_format",
+            choices=limits.OUTPUT_FORMATS,
+            help="safetensors shards (default), or also a SAELens-ready datasets folder"
+            " (<out>/saelens) written from them at the end",
+        )
         parser.add_argument("--template", help="start from a saved extraction template")
         parser.add_argument("--out", help="output folder (new or empty); default: the data dir")
 
@@ -103,6 +113,7 @@ class Command(BaseCommand):
             "max_samples": options["max_samples"],
             "context_size": options["context_size"],
             "special_tokens": options["special_tokens"],
+            "output_format": options["output_format"],
         }
         values.update({k: v for k, v in explicit.items() if v is not None})
         if "layers" not in values or "hook_types" not in values:
@@ -152,3 +163,5 @@ class Command(BaseCommand):
                 f" ({job.tokens_per_second:,.0f} tok/s)"
             )
         )
+        if job.saelens_export is not None:
+            self.stdout.write(f"SAELens folder: {job.saelens_export.path}")

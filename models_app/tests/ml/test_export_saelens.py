@@ -19,6 +19,7 @@ from models_app.ml.export import ExportError, export_saelens
 from models_app.ml.extract import ExtractionSpec, run_extraction
 from models_app.ml.reader import ReaderError
 
+from ..saelens import saelens_train
 from .conftest import corpus
 
 sae_lens = pytest.importorskip("sae_lens")  # the test extra installs it: this runs in CI
@@ -90,31 +91,7 @@ def test_an_altered_shard_stops_the_export_and_leaves_nothing(extracted, tmp_pat
 
 def test_saelens_trains_from_the_exported_folder(extracted, tmp_path):
     out = export_saelens(extracted, tmp_path / "sae", sites=[SITE])
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    # Offline stand-ins SAELens's API requires: a model (its evaluator's) and a tokenized dataset.
-    tl_model = HookedTransformer(HookedTransformerConfig(
-        n_layers=2, d_model=64, n_ctx=16, d_head=16, n_heads=4, d_vocab=384, act_fn="gelu",
-    ))  # fmt: skip
-    tokens = datasets.Dataset.from_dict({"tokens": [[1] * 16] * 4})
-    cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=64, d_sae=128),
-        model_name="stand-in", hook_name=SITE, dataset_path="", context_size=16,
-        use_cached_activations=True, cached_activations_path=str(out),
-        training_tokens=640, train_batch_size_tokens=64, store_batch_size_prompts=4,
-        n_batches_in_buffer=8, device="cpu", dtype="float32", n_eval_batches=0,
-        n_checkpoints=0, save_final_checkpoint=False, output_path=str(tmp_path / "run"),
-        checkpoint_path=str(tmp_path / "ckpt"), lr=1e-3, logger=LoggingConfig(log_to_wandb=False),
-    )  # fmt: skip
-    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=tokens, override_model=tl_model)
-    assert runner.activations_store.cached_activation_dataset is not None
-    before = [p.detach().clone() for p in runner.sae.parameters()]
-    sae = runner.run()
-    assert any(
-        not torch.equal(a, b.detach()) for a, b in zip(before, sae.parameters(), strict=True)
-    )
+    sae = saelens_train(out, SITE, d_in=64, context_size=16, work=tmp_path)
     # the trained SAE reads our activations: its reconstruction beats a zero guess on them
     acts, _ = _direct(extracted, SITE)
     x = acts.flatten(0, 1)
