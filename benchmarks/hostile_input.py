@@ -9,8 +9,9 @@ measures, by sampling its RSS every 20 ms:
 2. an anonymous 1 GB upload with login required, and a 3 GB Content-Length: refused from the
    headers (status and time to answer);
 3. a 300 MB one-line document: refused by the row cap after reading one capped line;
-4. the 576-byte-class Parquet bomb (1,024 rows × 4 MiB, dictionary + zstd) uploaded, then
-   normalized by a worker process (`manage.py shell`) under a 1 GB inflated cap: worker RSS.
+4. the 576-byte-class Parquet bomb (1,024 rows × 4 MiB, dictionary + zstd) uploaded (the
+   request checks its first rows and answers 202 `queued`: web-server RSS), then normalized by
+   a worker process (`manage.py shell`) under a 1 GB inflated cap: worker RSS.
 
 Prints one line per measurement. Nothing here is a test: figures depend on the machine.
 """

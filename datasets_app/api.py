@@ -1,8 +1,9 @@
 """JSON API for datasets (architecture.md §6): same schemas and services as the HTML views.
 
-POST /api/datasets takes either a multipart upload (name?, file, text_field) → 201 when the
-dataset is ready at once (202 when a large file is queued), or JSON {hf_dataset_id, split,
-text_field, revision?, access_token?, name?} → 202 with the queued Hub import.
+POST /api/datasets takes either a multipart upload (name?, file, text_field) → 202 with the
+queued row (the file stored and its first rows checked; a worker normalizes it), or JSON
+{hf_dataset_id, split, text_field, revision?, access_token?, name?} → 202 with the queued Hub
+import. Either row then moves to ready, error or cancelled (GET it, or watch /ws/datasets/).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def datasets_list(request: HttpRequest, status: str | None = None):
     return [dataset_json(d) for d in selectors.dataset_list(status=status)]
 
 
-@router.post("", response={201: DatasetOut, 202: DatasetOut, **ERRORS}, openapi_extra=CREATE_BODY)
+@router.post("", response={202: DatasetOut, **ERRORS}, openapi_extra=CREATE_BODY)
 @decorate_view(_upload_guard)
 def datasets_create(request: HttpRequest):
     if request.content_type == "multipart/form-data":
@@ -100,7 +101,7 @@ def datasets_create(request: HttpRequest):
     else:
         data = validated(HubImportIn, _json_object(request))
         row = services.dataset_import(**data.model_dump())
-    return (201 if row.is_ready else 202), dataset_json(row)
+    return 202, dataset_json(row)  # queued: a worker imports or normalizes it
 
 
 @router.get("/{dataset_id}", response={200: DatasetOut, **ERRORS})

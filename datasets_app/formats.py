@@ -30,6 +30,7 @@ PREVIEW_CHARS = 300
 PARQUET_BATCH_ROWS = 1024
 PARQUET_BATCH_BYTES = 64 * 1024 * 1024  # decoded bytes one Parquet batch may hold (estimated)
 LINE_PIECE_BYTES = 256 * 1024  # a normalized line longer than this is read in pieces this big
+CHECK_ROWS, CHECK_BYTES = 200, 16 * 1024 * 1024  # what an upload's request reads (texts_check)
 # Caps against decompression bombs (defaults; the apps pass their settings,
 # MISTUDIO_DATASET_ROW_MAX_MB and MISTUDIO_DATASET_INFLATED_MAX_MB): one row's text, and the
 # normalized output of one dataset. Over a cap the import ends with FormatError.
@@ -185,13 +186,8 @@ class _LongTxtLine:
             self._read()
 
 
-JSON_TYPES = {
-    dict: "an object",
-    list: "a list",
-    bool: "true/false",
-    int: "a number",
-    float: "a number",
-}
+NUMBER = "a number"
+JSON_TYPES = {dict: "an object", list: "a list", bool: "true/false", int: NUMBER, float: NUMBER}
 
 
 def _json_text(obj: object, text_field: str, where: str) -> str:
@@ -348,20 +344,26 @@ def texts_read(
 
 
 def texts_check(
-    path: Path, fmt: str, text_field: str | None, *, rows: int = 200,
-    row_max: int = ROW_MAX_BYTES,
+    path: Path, fmt: str, text_field: str | None, *, rows: int = CHECK_ROWS,
+    text_bytes: int = CHECK_BYTES, row_max: int = ROW_MAX_BYTES,
 ) -> None:  # fmt: skip
-    """Read the first `rows` rows only: catches a wrong field, format or encoding early, and a
-    row over `row_max` bytes (a long .txt line is read in pieces, counted as it goes)."""
+    """Read the first `rows` rows only, stopping after the row that passes `text_bytes` of text:
+    catches a wrong field, format or encoding early, a row over `row_max` bytes (a long .txt
+    line is read in pieces, counted as it goes) and, for a file read to its end, one with no
+    text. Memory stays bounded by one row (one Parquet batch), work by the two limits."""
+    seen, blank = 0, True
     for n, text in enumerate(texts_read(path, fmt, text_field, Meter(row_max=row_max)), 1):
-        if not isinstance(text, str):
-            size = 0
-            for piece in text:
-                size += len(piece.encode("utf-8", "surrogatepass"))
-                if size > row_max:
-                    raise FormatError(_row_message(f"Line {n}", row_max))
-        if n >= rows:
-            break
+        size = 0  # a str row is within row_max already (its reader checks); pieces are counted
+        for piece in [text] if isinstance(text, str) else text:
+            blank = blank and (not piece or piece.isspace())
+            size += len(piece) if isinstance(text, str) else len(piece.encode("utf-8", "replace"))
+            if size > row_max:
+                raise FormatError(_row_message(f"Line {n}", row_max))
+        seen += size
+        if n >= rows or seen >= text_bytes:
+            return
+    if blank:
+        raise FormatError("No text found: every row is empty.")
 
 
 @dataclass

@@ -173,7 +173,9 @@ def dataset_import_run(dataset_id: str) -> None:
 
 
 def dataset_normalize_run(dataset_id: str) -> None:
-    """The large-upload job: normalize the stored upload with progress, then drop the upload."""
+    """The upload job (every upload; the CLI runs it in its own process): normalize the stored
+    upload in bounded batches with progress under the row and inflated-size caps, then drop the
+    upload. Ends ready, error (the cap or bad line named, no files) or cancelled."""
     if not _claim(dataset_id, phase="normalizing", progress=0):
         return
     row = Dataset.objects.get(pk=dataset_id)

@@ -2,16 +2,18 @@
 datasets. Views, the JSON API, tasks and the extraction job call these.
 
 Storage: every dataset ends as `<DATASETS_DIR>/<id>/texts.jsonl`, one JSON string per line (empty
-rows skipped). Uploads up to DATASET_INLINE_MAX_BYTES are normalized inside the request, so a bad
-line is a 4xx at once and nothing is kept; larger uploads and Hub imports run as worker jobs
-(`jobs.py`) with progress.
+rows skipped). No request ever normalizes: an upload is streamed to disk, its first rows are
+checked in bounded memory (a wrong field, format or encoding, or a row over the row cap, is a 4xx
+at once and nothing is kept), and it is queued; uploads and Hub imports are normalized by worker
+jobs (`jobs.py`) with progress, under the row and inflated-size caps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from django.conf import settings
@@ -23,7 +25,7 @@ from mistudio.errors import Conflict, Invalid, NotFound, ServiceError, is_disk_f
 from mistudio.humanize import bytes_h
 
 from . import formats, hubdata
-from .formats import FIELD_FORMATS, TEXTS_FILE, FormatError, Source
+from .formats import FIELD_FORMATS, FormatError
 from .jobs import dataset_normalize_run, enqueue_job
 from .models import (
     ACTIVE_STATUSES,
@@ -125,37 +127,11 @@ def _save_upload(upload: UploadedFile, dest: Path) -> None:
             out.write(chunk)
 
 
-def dataset_upload(
-    *, upload: UploadedFile, text_field: str = "text", name: str | None = None
-) -> Dataset:
-    """Register an uploaded .txt/.jsonl/.csv/.parquet file (inputs validated by UploadIn).
-
-    Small files come back `ready`; larger ones `queued` for a worker (after a check of their
-    first rows). Raises Invalid (422: type, empty, bad line), 413 (too large) or Conflict (name);
-    on any error nothing stays on disk and no row exists.
-    """
-    filename = Path(upload.name or "upload").name
-    fmt = _upload_format(filename)
-    _upload_size_check(upload.size or 0)
-    name = name or Path(filename).stem[:NAME_MAX] or "dataset"
-    _name_free(name)
-    _disk_check(2 * upload.size)
-    dataset_id = new_dataset_id()
-    folder = dataset_dir(dataset_id)
-    folder.mkdir(parents=True)
-    fields = {
-        "id": dataset_id,
-        "name": name,
-        "source": DatasetSource.UPLOAD,
-        "original_filename": filename[:255],
-        "file_format": fmt,
-        "text_field": text_field if fmt in FIELD_FORMATS else "",
-    }
+@contextlib.contextmanager
+def _nothing_kept_on_error(folder: Path) -> Iterator[None]:
+    """Remove `folder` on any error; a bad file or a full disk becomes Invalid (422)."""
     try:
-        _save_upload(upload, folder / f"upload.{fmt}")
-        return _upload_register(
-            Source(folder / f"upload.{fmt}", fmt, fields["text_field"]), upload.size, fields
-        )
+        yield
     except FormatError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise Invalid(exc.message, code="bad_file") from None
@@ -173,43 +149,51 @@ def dataset_upload(
         raise
 
 
-def _upload_register(source: Source, size: int, fields: dict) -> Dataset:
-    """Normalize a small upload in the request, at most DATASET_INLINE_MAX_BYTES of output (a
-    compressed Parquet file may inflate far past its size): a larger one, or one that inflates
-    past that, is handed to a worker after a check of its first rows."""
-    row_max = settings.DATASET_ROW_MAX_BYTES
-    if size <= settings.DATASET_INLINE_MAX_BYTES:
-        try:
-            result = formats.texts_normalize(
-                [source], source.path.with_name(TEXTS_FILE), row_max=row_max,
-                inflated_max=settings.DATASET_INLINE_MAX_BYTES,
-            )  # fmt: skip
-        except formats.InflatedTooLarge:
-            result = None  # the worker normalizes it, under the full cap
-        if result is not None:
-            return _upload_ready(source, size, fields, result)
-    formats.texts_check(source.path, source.fmt, source.text_field, row_max=row_max)
-    return _row_create(
-        task="dataset_normalize_task",
-        status=DatasetStatus.QUEUED,
-        phase=WAITING,
-        bytes_total=size,
-        **fields,
-    )
+def _first_rows_check(path: Path, fmt: str, text_field: str) -> None:
+    """The request's only look inside the file: its first rows, in bounded memory and work
+    (formats.texts_check); the worker reads the rest."""
+    formats.texts_check(path, fmt, text_field or None, row_max=settings.DATASET_ROW_MAX_BYTES)
 
 
-def _upload_ready(source: Source, size: int, fields: dict, result) -> Dataset:
-    source.path.unlink()
-    return _row_create(
-        status=DatasetStatus.READY,
-        progress=100,
-        bytes_done=size,
-        bytes_total=size,
-        row_count=result.row_count,
-        size_bytes=result.size_bytes,
-        preview=result.preview,
-        **fields,
-    )
+def dataset_upload(
+    *,
+    upload: UploadedFile,
+    text_field: str = "text",
+    name: str | None = None,
+    enqueue: bool = True,
+) -> Dataset:
+    """Register an uploaded .txt/.jsonl/.csv/.parquet file (inputs validated by UploadIn).
+
+    The file is stored, its first rows checked (formats.texts_check: bounded memory and work,
+    whatever the file inflates to), and the `queued` row returned; a worker normalizes it
+    (`dataset_normalize_task`), or the caller does with jobs.dataset_normalize_run when
+    `enqueue` is False (the CLI). Raises Invalid (422: type, empty, bad first rows, a row over
+    MISTUDIO_DATASET_ROW_MAX_MB, disk full), 413 (too large) or Conflict (name); on any error
+    nothing stays on disk and no row exists.
+    """
+    filename = Path(upload.name or "upload").name
+    fmt = _upload_format(filename)
+    _upload_size_check(upload.size or 0)
+    name = name or Path(filename).stem[:NAME_MAX] or "dataset"
+    _name_free(name)
+    _disk_check(2 * upload.size)
+    dataset_id = new_dataset_id()
+    folder = dataset_dir(dataset_id)
+    folder.mkdir(parents=True)
+    fields = {
+        "id": dataset_id,
+        "name": name,
+        "source": DatasetSource.UPLOAD,
+        "original_filename": filename[:255],
+        "file_format": fmt,
+        "text_field": text_field if fmt in FIELD_FORMATS else "",
+        "bytes_total": upload.size,
+    }
+    with _nothing_kept_on_error(folder):
+        _save_upload(upload, folder / f"upload.{fmt}")
+        _first_rows_check(folder / f"upload.{fmt}", fmt, fields["text_field"])
+        task = "dataset_normalize_task" if enqueue else None
+        return _row_create(task=task, status=DatasetStatus.QUEUED, phase=WAITING, **fields)
 
 
 def dataset_import(
@@ -317,10 +301,17 @@ def _free_name(stem: str) -> str:
     return name
 
 
-def dataset_resolve(ref: str, *, text_field: str | None = None) -> Dataset:
+def dataset_resolve(
+    ref: str,
+    *,
+    text_field: str | None = None,
+    normalize: Callable[[str], None] = dataset_normalize_run,
+) -> Dataset:
     """A dataset by id, by the name the Datasets page shows, or a local file registered here as a
-    new dataset (same checks as an upload; a large file is normalized in this process, as a
-    worker would). NotFound when `ref` is none of these."""
+    new dataset (same checks as an upload) and normalized in this process by `normalize(id)`
+    (the worker's job, jobs.dataset_normalize_run; the CLI wraps it in a progress bar): no task
+    is queued for it. NotFound when `ref` is none of these; Invalid when the file is refused,
+    in the request's checks or by the normalization (the row then ends `error`, no files)."""
     if row := Dataset.objects.filter(pk=ref).first() or dataset_named(ref):
         return row  # not ready yet: the extraction request says so
     path = Path(ref).expanduser()
@@ -331,7 +322,10 @@ def dataset_resolve(ref: str, *, text_field: str | None = None) -> Dataset:
             upload=File(fh, name=path.name),
             text_field=text_field or "text",
             name=_free_name(path.stem),
+            enqueue=False,
         )
-    if not row.is_ready:
-        dataset_normalize_run(row.pk)
-    return dataset_get(row.pk)
+    normalize(row.pk)
+    row = dataset_get(row.pk)
+    if row.status != DatasetStatus.READY:
+        raise Invalid(f"{path.name}: {row.error_message or row.status}", code="bad_file")
+    return row

@@ -269,14 +269,15 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # Uploads: template imports are capped at 1 MB before parsing; dataset files stream to disk.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
-# Dataset uploads are refused above this size (checked before the body is parsed). Files up to
-# the inline size are normalized in the request (a bad line is a 4xx at once), larger by a worker.
 # The largest request body of any route but the dataset upload, refused at the headers by the
 # web server (mistudio.webserver) before a byte of it is read.
 REQUEST_BODY_MAX_BYTES = env_int("MISTUDIO_REQUEST_MAX_MB", 4) * 1024 * 1024
+# Dataset uploads are refused above this size (checked before the body is parsed). The request
+# only stores the file and checks its first rows (a bad line is a 4xx at once); every upload is
+# normalized by a worker.
 DATASET_UPLOAD_MAX_BYTES = env_int("MISTUDIO_DATASET_UPLOAD_MAX_MB", 2048) * 1024 * 1024
-DATASET_INLINE_MAX_BYTES = env_int("MISTUDIO_DATASET_INLINE_MAX_MB", 64) * 1024 * 1024
-# Decompression-bomb caps: the largest row (one text) and the largest normalized dataset.
+# Decompression-bomb caps, applied by the worker (the row cap also by the request's check of the
+# first rows): the largest row (one text) and the largest normalized dataset.
 DATASET_ROW_MAX_BYTES = env_int("MISTUDIO_DATASET_ROW_MAX_MB", 64) * 1024 * 1024
 DATASET_INFLATED_MAX_BYTES = env_int("MISTUDIO_DATASET_INFLATED_MAX_MB", 8192) * 1024 * 1024
 

@@ -1,15 +1,19 @@
 """Decompression bombs in every accepted format, uploaded and from the Hub: a row over the row
 cap or a dataset that inflates past the inflated-size cap ends `error` (or a 4xx for an upload
-refused in the request) with a message naming the cap, and no file is left. The request never
-normalizes more than DATASET_INLINE_MAX_BYTES of output (a bomb goes to the worker). Peak
+refused by the request's check of its first rows) with a message naming the cap, and no file is
+left. No request normalizes: the web server answers a bomb `queued` after reading a few rows,
+its memory and the bytes it writes measured here (not its time); the worker then ends it. Peak
 memory of the same bombs at full size is measured in benchmarks/hostile_input.py."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import re
 from pathlib import Path
 
+import httpx
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,9 +21,12 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from datasets_app import services, tasks
 from datasets_app.models import Dataset, DatasetStatus
+from datasets_app.tests.helpers import parquet_bytes, worker_ended
 from mistudio.errors import Invalid
+from mistudio.testing.live import LiveStack
+from mistudio.testing.queues import queues_purge
 
-from .conftest import FIGURES
+from .conftest import FIGURES, figure_max
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,9 +35,8 @@ MB = 1024 * 1024
 
 @pytest.fixture
 def caps(settings):
-    """Small caps so that the bombs stay small: 1 MB rows, 4 MB in the request, 24 MB in all."""
+    """Small caps so that the bombs stay small: 1 MB rows, 24 MB in all."""
     settings.DATASET_ROW_MAX_BYTES = 1 * MB
-    settings.DATASET_INLINE_MAX_BYTES = 4 * MB
     settings.DATASET_INFLATED_MAX_BYTES = 24 * MB
     return settings
 
@@ -72,18 +78,18 @@ def test_an_uploaded_row_over_the_row_cap_is_refused_and_leaves_nothing(caps, fm
     FIGURES["bombs tried"] += 1
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "txt"])
+@pytest.mark.parametrize("fmt", ["parquet", "txt", "jsonl", "csv"])
 def test_an_upload_that_inflates_past_the_cap_ends_error_in_the_worker(caps, fmt):
-    data = many_rows(fmt, 40, 900 * 1024) if fmt == "parquet" else many_rows(fmt, 40, 900 * 1024)
+    data = many_rows(fmt, 40, 900 * 1024)  # 36 MB of texts, rows under the row cap
     if fmt == "parquet":
         assert len(data) < 64 * 1024  # a few KB that inflate to 36 MB
     row = upload(f"bomb.{fmt}", data)
-    assert row.status == DatasetStatus.QUEUED  # not normalized in the request past 4 MB
-    tasks.dataset_normalize_task(row.pk)
-    row.refresh_from_db()
+    assert row.status == DatasetStatus.QUEUED  # the request read a few rows, normalized none
+    assert [p.name for p in files_left(caps)] == [f"upload.{fmt}"]
+    row = worker_ended(row.pk)
     assert row.status == DatasetStatus.ERROR
-    assert "MISTUDIO_DATASET_INFLATED_MAX_MB" in row.error_message
-    assert files_left(caps) == []
+    assert "MISTUDIO_DATASET_INFLATED_MAX_MB" in row.error_message and "24 MB" in row.error_message
+    assert files_left(caps) == [] and not (caps.DATASETS_DIR / row.pk).exists()
     FIGURES["bombs tried"] += 1
 
 
@@ -93,10 +99,63 @@ def test_the_issue_576_byte_parquet_is_handed_to_the_worker_and_capped(caps):
     caps.DATASET_ROW_MAX_BYTES = 8 * MB
     row = upload("bomb.parquet", data)
     assert row.status == DatasetStatus.QUEUED
-    tasks.dataset_normalize_task(row.pk)
-    row.refresh_from_db()
+    row = worker_ended(row.pk)
     assert row.status == DatasetStatus.ERROR and "inflate" in row.error_message
     assert files_left(caps) == []
+
+
+def _peak_reset(pid: int) -> int:
+    """Reset the process's peak RSS (VmHWM) to its current RSS; return that RSS in bytes."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return psutil.Process(pid).memory_info().rss
+
+
+def _peak(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def _post(http: httpx.Client, name: str, data: bytes) -> httpx.Response:
+    token = http.cookies["csrftoken"]
+    files = {"file": (name, data, "application/octet-stream")}
+    return http.post("/api/datasets", files=files, headers={"X-CSRFToken": token})
+
+
+def test_the_web_server_answers_a_bomb_queued_without_normalizing_it(caps, hub):
+    """The issue's parquet (1,024 rows × 4 MiB: 4 GB of texts) through the real web server: the
+    request reads its first rows only, so the server's peak RSS grows by a small fraction of a
+    single cap and it writes about the file's own size (normalizing would write texts.jsonl);
+    the worker then ends it `error` at the inflated cap, with no folder left."""
+    bomb = parquet_bomb(1024, 4 * MB)
+    caps.DATASET_ROW_MAX_BYTES = 8 * MB
+    queues_purge()
+    env = {"MISTUDIO_DATASET_ROW_MAX_MB": "8", "MISTUDIO_DATASET_INFLATED_MAX_MB": "24"}
+    with (
+        LiveStack(hub.endpoint, extra_env=env, clusters=False) as web,
+        httpx.Client(base_url=web.url, timeout=300) as http,
+    ):
+        http.get("/datasets/")
+        warm = _post(http, "warm.parquet", parquet_bytes({"text": ["warm-up"] * 10}))
+        assert warm.status_code == 202, warm.text  # pyarrow and the upload path are loaded
+        pid = web.procs["web"].pid
+        rss = _peak_reset(pid)
+        wrote = psutil.Process(pid).io_counters().write_chars
+        r = _post(http, "bomb.parquet", bomb)
+        grew = _peak(pid) - rss
+        written = psutil.Process(pid).io_counters().write_chars - wrote
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+    row_id = r.json()["id"]
+    assert [p.name for p in (caps.DATASETS_DIR / row_id).iterdir()] == ["upload.parquet"]
+    figure_max("web server peak RSS growth answering a 4 GB parquet bomb (MB)", grew / MB)
+    figure_max("bytes the web server wrote answering it (KB)", written / 1024)
+    assert grew < 64 * MB, grew / MB  # < the 64 MB the request once normalized, << 4 GB
+    assert written < 1 * MB, written  # the stored file, the row and a log line: no texts
+    row = worker_ended(row_id)
+    assert row.status == DatasetStatus.ERROR and "MISTUDIO_DATASET_INFLATED_MAX_MB" in (
+        row.error_message
+    )
+    assert not (caps.DATASETS_DIR / row_id).exists()
+    FIGURES["bombs tried"] += 1
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,7 @@ from django.test import Client
 
 from datasets_app import services as dataset_services
 from datasets_app import storage as dataset_storage
-from datasets_app import tasks as dataset_tasks
-from datasets_app.models import Dataset
+from datasets_app.tests.helpers import worker_ended
 from models_app import extraction, tasks
 from models_app.models import ExtractionJob, Model
 from models_app.tests.helpers import download, in_thread, text_dataset
@@ -143,26 +142,28 @@ def test_a_disk_that_fills_while_the_saelens_folder_is_written_ends_the_job_clea
 
 def test_a_disk_that_fills_mid_dataset_import_ends_the_job_cleanly(settings, small_disk):
     settings.DATASETS_DIR = small_disk
-    settings.DATASET_INLINE_MAX_BYTES = 1024  # larger uploads are normalized by a worker
     lines = b"".join(b"a line of text number %d for the import\n" % i for i in range(8000))
     row = dataset_services.dataset_upload(upload=SimpleUploadedFile("big.txt", lines))
     assert row.status == "queued"
     filler = fill(small_disk, leave=64 * 1024)
-    dataset_tasks.dataset_normalize_task(row.pk)
-    row.refresh_from_db()
+    row = worker_ended(row.pk)
     assert row.status == "error" and row.error_message.startswith("The disk filled up while")
     assert not dataset_storage.dataset_dir(row.pk).exists() and serves_pages(Client())
     filler.unlink()
     FIGURES["jobs ended cleanly by a disk that filled up"] += 1
 
 
-def test_an_upload_that_outgrows_the_disk_is_refused_and_leaves_nothing(settings, small_disk):
-    """Control characters grow six-fold in JSON (\\u0001): the 2x preflight passes, the disk
-    fills while the upload is normalized inside the request."""
+def test_an_upload_that_outgrows_the_disk_in_the_worker_ends_error_and_leaves_nothing(
+    settings, small_disk
+):
+    """Control characters grow six-fold in JSON (\\u0001): the 2x preflight passes and the
+    request stores the file and answers `queued`; the disk fills while the worker normalizes."""
     settings.DATASETS_DIR = small_disk
     fill(small_disk, leave=2 * 1024 * 1024)
     body = (b"\x01" * 999 + b"\n") * 400  # 400 KB in, 2.4 MB of JSON out
     r = Client().post("/api/datasets", {"file": SimpleUploadedFile("ctl.txt", body)})
-    assert r.status_code == 422 and r.json()["code"] == "disk_full", r.content
-    assert "disk filled up" in r.json()["detail"] and not Dataset.objects.exists()
-    assert [p.name for p in small_disk.iterdir()] == ["filler"]
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.content
+    row = worker_ended(r.json()["id"])
+    assert row.status == "error" and row.error_message.startswith("The disk filled up while")
+    assert [p.name for p in small_disk.iterdir()] == ["filler"] and serves_pages(Client())
+    FIGURES["jobs ended cleanly by a disk that filled up"] += 1

@@ -11,15 +11,17 @@ import pyarrow.parquet as pq
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from datasets_app import services, tasks
-from datasets_app.models import Dataset
-from mistudio.testing.waiting import in_thread, wait_for  # noqa: F401 - re-exported
+from datasets_app.models import ACTIVE_STATUSES, Dataset, DatasetStatus
+from mistudio.testing.waiting import in_thread, wait_for  # noqa: F401 - in_thread re-exported
 
 BIG_ROWS = 40_000  # ~2.4 MB of JSON Lines: long enough to watch progress at a throttled rate
 
 
-def parquet_bytes(columns: dict[str, list], row_group_size: int | None = None) -> bytes:
+def parquet_bytes(
+    columns: dict[str, list], row_group_size: int | None = None, compression: str = "snappy"
+) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf, row_group_size=row_group_size)
+    pq.write_table(pa.table(columns), buf, row_group_size=row_group_size, compression=compression)
     return buf.getvalue()
 
 
@@ -61,8 +63,26 @@ def hub_catalogue() -> dict[str, tuple[dict[str, bytes], bool]]:
 
 
 def upload(filename: str, content: bytes, **kwargs) -> Dataset:
-    """Register `content` as an uploaded file named `filename`; returns the row."""
+    """Register `content` as an uploaded file named `filename`; returns the `queued` row the
+    request answers with (no worker has run)."""
     return services.dataset_upload(upload=SimpleUploadedFile(filename, content), **kwargs)
+
+
+def worker_ended(dataset_id: str) -> Dataset:
+    """Run the upload's task inline, as the download cluster would, and wait (generously) until
+    the row is ready, error or cancelled; return it. With a live stack its cluster may have
+    taken the task first: the job's exactly-once claim makes this call a no-op; the wait holds."""
+    tasks.dataset_normalize_task(dataset_id)
+    ended = Dataset.objects.exclude(status__in=ACTIVE_STATUSES)
+    return wait_for(lambda: ended.filter(pk=dataset_id).first(), timeout=600, every=0.02)
+
+
+def upload_ready(filename: str, content: bytes, **kwargs) -> Dataset:
+    """Upload through the service, let the worker normalize it, and return the `ready` row (the
+    one helper every test uses for a dataset it needs ready)."""
+    row = worker_ended(upload(filename, content, **kwargs).pk)
+    assert row.status == DatasetStatus.READY, (row.status, row.error_message)
+    return row
 
 
 def hub_import(repo_id: str, **kwargs) -> Dataset:

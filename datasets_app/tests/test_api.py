@@ -13,7 +13,7 @@ from conftest import GOOD_TOKEN
 from datasets_app.models import Dataset
 from mistudio.testing.queues import queued_task_payloads
 
-from .helpers import files_under, jsonl_bytes, parquet_bytes
+from .helpers import files_under, jsonl_bytes, parquet_bytes, worker_ended
 
 pytestmark = pytest.mark.django_db(transaction=True)
 FIELDS = (
@@ -44,16 +44,20 @@ def post_file(client, filename: str, content: bytes, **fields):
     return client.post("/api/datasets", {"file": SimpleUploadedFile(filename, content), **fields})
 
 
-def test_a_multipart_upload_is_201_with_the_ready_dataset(client):
+def test_a_multipart_upload_is_202_queued_then_ready_through_the_worker(client):
     r = post_file(
         client, "rows.jsonl", jsonl_bytes([{"t": "a"}, {"t": "b"}]), text_field="t", name="Two rows"
     )
-    assert r.status_code == 201, r.json()
+    assert r.status_code == 202, r.json()
     body = r.json()
     for field in FIELDS:
         assert field in body
-    assert (body["status"], body["row_count"], body["preview"]) == ("ready", 2, ["a", "b"])
+    assert (body["status"], body["row_count"], body["preview"]) == ("queued", 0, [])
     assert body["name"] == "Two rows" and body["id"].startswith("d_")
+    assert [p["args"] for p in queued_task_payloads()] == [(body["id"],)]
+    worker_ended(body["id"])
+    body = client.get(f"/api/datasets/{body['id']}").json()
+    assert (body["status"], body["row_count"], body["preview"]) == ("ready", 2, ["a", "b"])
     assert body["size_bytes"] == len(b'"a"\n"b"\n')
 
 
@@ -63,10 +67,10 @@ def test_a_hub_import_is_202_queued(client, dhub):
     assert (r.json()["status"], r.json()["source"]) == ("queued", "hub")
 
 
-def test_a_large_upload_is_202_queued(client, settings):
-    settings.DATASET_INLINE_MAX_BYTES = 10
+def test_a_parquet_upload_is_202_queued(client, settings):
     r = post_file(client, "a.parquet", parquet_bytes({"text": ["x"] * 100}))
     assert r.status_code == 202 and r.json()["status"] == "queued"
+    assert files_under(settings.DATASETS_DIR / r.json()["id"]) == ["upload.parquet"]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +128,7 @@ def test_hub_errors_map_to_statuses(client, dhub):
 
 def test_list_get_cancel_delete(client, dhub):
     ready = post_file(client, "a.txt", b"one\n").json()
+    worker_ended(ready["id"])
     queued = post_json(client, {"hf_dataset_id": "tiny/wiki"}).json()
     assert [d["id"] for d in client.get("/api/datasets").json()] == [queued["id"], ready["id"]]
     assert [d["id"] for d in client.get("/api/datasets?status=ready").json()] == [ready["id"]]

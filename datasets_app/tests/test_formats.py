@@ -12,6 +12,7 @@ from datasets_app.formats import (
     ImportCancelled,
     Source,
     format_of,
+    texts_check,
     texts_iter,
     texts_normalize,
     texts_read,
@@ -186,3 +187,20 @@ def test_texts_read_streams_without_normalizing(tmp_path):
 )
 def test_upload_formats_come_from_the_extension(name, expected):
     assert format_of(name) == expected
+
+
+def test_texts_check_reads_only_the_first_rows_or_bytes_and_writes_nothing(tmp_path):
+    """What an upload's request reads: up to `rows` rows, stopping after the row that passes
+    `text_bytes`; a bad row later is the worker's to find. Read to its end, a file with only
+    blank rows is refused there."""
+    tmp_path = tmp_path / "files"
+    tmp_path.mkdir()
+    path = write(tmp_path, "a.txt", b"0123456789\n" * 3 + b"\xff bad\n")
+    texts_check(path, "txt", None, rows=3)  # the bad line 4 is not read
+    texts_check(path, "txt", None, text_bytes=20)  # stops after line 2 (20 bytes of text)
+    with pytest.raises(FormatError, match="Line 4 is not valid UTF-8"):
+        texts_check(path, "txt", None, text_bytes=31)
+    with pytest.raises(FormatError, match="No text found"):
+        texts_check(write(tmp_path, "b.txt", b"\n  \n"), "txt", None)
+    texts_check(write(tmp_path, "c.txt", b"\n" * 5 + b"late text\n"), "txt", None, rows=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]

@@ -9,7 +9,7 @@ from django.urls import reverse
 
 from datasets_app.models import Dataset, DatasetStatus
 
-from .helpers import files_under, jsonl_bytes
+from .helpers import files_under, jsonl_bytes, worker_ended
 
 pytestmark = pytest.mark.django_db(transaction=True)
 HX = {"HTTP_HX_REQUEST": "true"}
@@ -34,19 +34,23 @@ def test_htmx_requests_get_the_section_fragment(client):
     assert "<html" not in body and 'id="dataset-section"' in body
 
 
-def test_htmx_upload_returns_the_section_with_the_new_card(client, settings):
+def test_htmx_upload_returns_the_section_with_the_new_queued_card(client, settings):
     r = upload_post(client, "stories.jsonl", jsonl_bytes([{"text": "hello there"}]), **HX)
     assert r.status_code == 201
     row = Dataset.objects.get()
     body = r.content.decode()
     assert f'id="dataset-{row.pk}"' in body and "<html" not in body
-    assert "1 rows" in body and "hello there" in body and "<details" in body
-    assert row.name == "stories"
+    assert 'data-status="queued"' in body and "Cancel" in body and row.name == "stories"
+    worker_ended(row.pk)  # the card the websocket then pushes shows the rows
+    body = client.get(reverse("datasets:card", args=[row.pk]), **HX).content.decode()
+    assert 'data-status="ready"' in body and "1 rows" in body and "hello there" in body
+    assert "<details" in body
 
 
 def test_plain_upload_redirects_to_the_page(client):
     r = upload_post(client, "a.txt", b"one\ntwo\n")
-    assert r.status_code == 302 and Dataset.objects.get().row_count == 2
+    assert r.status_code == 302 and Dataset.objects.get().status == "queued"
+    assert worker_ended(Dataset.objects.get().pk).row_count == 2
 
 
 def test_a_bad_upload_is_a_4xx_fragment_for_the_form_and_changes_nothing(client, settings):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from django.core.files.uploadedfile import SimpleUploadedFile
-
-from datasets_app.services import dataset_upload
+from datasets_app.tests.helpers import upload_ready
 from mistudio.testing.waiting import in_thread, wait_for  # noqa: F401 - re-exported
 from models_app import extraction, services, tasks
 from models_app.models import ACTIVE_STATUSES, EXTRACTION_ACTIVE, ExtractionJob, Model
@@ -42,9 +40,9 @@ CORPUS = [
 
 
 def text_dataset(name: str = "corpus", lines: list[str] | None = None):
-    """A ready dataset registered through the real upload service."""
-    body = "\n".join(lines or CORPUS).encode()
-    return dataset_upload(upload=SimpleUploadedFile(f"{name}.txt", body), name=name)
+    """A ready dataset registered through the real upload service and normalized by the
+    worker's task (datasets_app.tests.helpers.upload_ready)."""
+    return upload_ready(f"{name}.txt", "\n".join(lines or CORPUS).encode(), name=name)
 
 
 def extract(model: Model, dataset, **overrides):

@@ -10,6 +10,8 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from safetensors.torch import load_file
 
+from datasets_app.models import Dataset
+from mistudio.testing.queues import queued_task_payloads
 from models_app import tasks
 from models_app.consumers import card_html
 from models_app.models import ExtractionJob, ExtractionStatus
@@ -180,6 +182,20 @@ def test_cli_extracts_from_a_text_file(ready, tmp_path, capsys):
     shard = load_file(out / "shards" / "blocks.1.hook_mlp_out" / "000000.safetensors")
     assert shard["activations"].shape == (6, 16, 128)
     assert "tok/s" in capsys.readouterr().out
+    # the file was normalized by this process (no web request): no task waits for a worker
+    assert Dataset.objects.get(pk=job.dataset_id).status == "ready"
+    assert (job.dataset_id,) not in [t["args"] for t in queued_task_payloads()]
+
+
+def test_cli_refuses_a_file_bad_past_its_first_rows_and_keeps_nothing(ready, tmp_path, settings):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "{t}"}}\n' for t in CORPUS * 3) + "{broken\n")
+    with pytest.raises(CommandError) as err:
+        call_command("extract", model="tiny/gpt2", dataset=str(corpus), layers="0", hooks="mlp")
+    assert "corpus.jsonl" in str(err.value) and "Line 301" in str(err.value)
+    row = Dataset.objects.get(original_filename="corpus.jsonl")
+    assert row.status == "error" and not ExtractionJob.objects.exists()
+    assert [p.name for p in settings.DATASETS_DIR.iterdir()] == [ready[1].pk]  # nothing kept
 
 
 def test_cli_uses_a_template(ready):

@@ -10,7 +10,8 @@ Hooks: residual (resid_post), mlp, attention, resid_pre, z (attn.hook_z), ln_fin
 --format safetensors+saelens also writes OUT/saelens, the datasets folder SAELens trains from.
 
 Runs in this process with a tqdm progress bar; exits non-zero with a message on bad input or a
-failed job.
+failed job. A dataset given as a file is registered and normalized here too (the worker's job,
+with its own bar), not queued for the cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from pydantic import ValidationError
 
-from datasets_app.services import dataset_resolve
+from datasets_app.jobs import dataset_normalize_run
+from datasets_app.services import dataset_get, dataset_resolve
 from mistudio import limits
 from mistudio.errors import ServiceError
 from mistudio.validation import validation_message
@@ -45,6 +47,22 @@ def _module_sites(raw: list[str] | None) -> list[dict] | None:
         path, _, io = module.strip().partition(":")
         sites.append({"path": path, "io": io or "output"})
     return sites
+
+
+def _dataset_progress(dataset_id: str) -> tuple[int, int, str]:
+    row = dataset_get(dataset_id)
+    return int(row.progress), 100, row.phase
+
+
+def _normalize_with_bar(dataset_id: str) -> None:
+    """Normalize a file the command registered, in this process (it is no web request), with the
+    worker's own job and a tqdm bar over the row's progress."""
+    run_with_bar(
+        lambda: dataset_normalize_run(dataset_id),
+        lambda: _dataset_progress(dataset_id),
+        unit="%",
+        desc=f"dataset {dataset_id}",
+    )
 
 
 class Command(BaseCommand):
@@ -109,7 +127,9 @@ class Command(BaseCommand):
         try:
             settings = self._settings(options)
             model = model_resolve(options["model"], options["quantization"])
-            dataset = dataset_resolve(options["dataset"], text_field=options["text_field"])
+            dataset = dataset_resolve(
+                options["dataset"], text_field=options["text_field"], normalize=_normalize_with_bar
+            )
             job = extraction.extraction_start(
                 model_id=model.pk,
                 dataset_id=dataset.pk,
