@@ -61,6 +61,7 @@ class StatsBank:
         self._ranges: list[tuple[float, float]] | None = None  # value-histogram range per site
         self._lo_scale: torch.Tensor | None = None  # (2, S, 1, 1): lo and bins/(hi-lo) per site
         self._scratch: dict[str, torch.Tensor] = {}  # CPU: flat working buffers, by role
+        self._hist_shift: tuple[torch.Tensor, ...] | None = None  # CPU: (S, 1, 1) shift, low, high
 
     def sites(self) -> list[SiteStats]:
         return [SiteStats(bank=self, index=i) for i in range(self.n_sites)]
@@ -138,7 +139,7 @@ class StatsBank:
             self._init(x)
         acc, tmp = self._acc, self._buffer("tmp", torch.float64, shape)
         sq_norms = torch.linalg.vector_norm(x, dim=-1).square_()  # (S, n) float64
-        self._count_nonfinite(x, sq_norms)
+        finite = self._count_nonfinite(x, sq_norms)
         self._merge_moments(x, sq_norms)
         torch.minimum(acc["min"], x.amin(dim=(1, 2)), out=acc["min"])
         torch.maximum(acc["max"], x.amax(dim=(1, 2)), out=acc["max"])
@@ -146,16 +147,23 @@ class StatsBank:
                         out=self._buffer("near", torch.bool, shape))  # fmt: skip
         acc["near_zero"] += torch.count_nonzero(near, dim=(1, 2))
         self._update_norms(sq_norms.sqrt_())
-        # The value histogram (see _update_hist), bins of every site counted in one bincount.
-        bins = self.value_bins + 2
-        lo, scale = self._lo_scale
-        offsets = torch.arange(0, self.n_sites * bins, bins, dtype=x.dtype).view(-1, 1, 1)
-        torch.sub(x, lo, out=tmp).mul_(scale).floor_().clamp_(-1, self.value_bins)
-        idx = self._buffer("idx", torch.int64, shape).copy_(tmp.add_(offsets.add_(1)))
-        counts = torch.bincount(idx.view(-1).clamp_(0, self.n_sites * bins - 1),
-                                minlength=self.n_sites * bins)  # fmt: skip  # NaN: < 0
-        acc["hist"] += counts.view(self.n_sites, bins)
+        self._update_hist_cpu(x, tmp, finite)
         self.n_vectors += n
+
+    def _update_hist_cpu(self, x: torch.Tensor, tmp: torch.Tensor, finite: bool) -> None:
+        # _update_hist's bins, every site's counted in one bincount: site i's slot j is
+        # i·(bins + 2) + j, from floor(x·scale + (i·(bins + 2) + 1 − lo·scale)) clamped per site.
+        lo, scale = self._lo_scale  # (S, 1, 1) each, float64
+        if self._hist_shift is None:
+            first = torch.arange(self.n_sites, dtype=x.dtype).view(-1, 1, 1) * (self.value_bins + 2)
+            self._hist_shift = (first + 1 - lo * scale, first, first + self.value_bins + 1)
+        shift, low, high = self._hist_shift
+        torch.mul(x, scale, out=tmp).add_(shift).floor_()
+        if not finite:  # NaN would survive the clamp; it has no bin (counted as nonfinite)
+            tmp.nan_to_num_(nan=-1.0)
+        idx = self._buffer("idx", torch.int64, x.shape).copy_(tmp.clamp_(low, high))
+        counts = torch.bincount(idx.view(-1), minlength=self.n_sites * (self.value_bins + 2))
+        self._acc["hist"] += counts.view(self.n_sites, -1)
 
     def _update(self, x: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.float64):
@@ -176,11 +184,14 @@ class StatsBank:
         self._update_hist(x)
         self.n_vectors += x.shape[1]
 
-    def _count_nonfinite(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
+    def _count_nonfinite(self, x: torch.Tensor, sq_norms: torch.Tensor) -> bool:
+        """Count the inf/NaN of x; returns False when there may be some (True: none, CPU)."""
         # A token with inf/NaN has a non-finite fp64 norm. On CPU that check is free, so the full
         # count only runs when needed; on a GPU it always runs, to avoid a synchronisation.
         if x.is_cuda or not bool(torch.isfinite(sq_norms).all()):
             self._acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x), dim=(1, 2))
+            return False
+        return True
 
     def _merge_moments(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
         # Per batch: sum and sum of squares in fp64 (M2_b = Σx² − n·mean², exact enough unless
