@@ -30,6 +30,8 @@ _WORDS = [
 ]
 RESIDUAL = ("residual",)
 ALL_HOOKS = ("residual", "mlp", "attention")
+EVERY_SITE = ("residual", "mlp", "attention", "resid_pre", "z")  # at every layer
+HOOK_SETS = {"residual": RESIDUAL, "all": ALL_HOOKS, "every": EVERY_SITE}
 
 
 @dataclass
