@@ -6,8 +6,13 @@
 Builds a GPT-2-small-shaped model (12 × 768, random weights, offline) and one fixed token stream,
 then times, in this one process and on the same tokens, each method end to end (capture + the
 same safetensors bytes on disk): tokens per second, the median of `repeats` rounds whose method
-order rotates. Peak RSS of our extraction for N and 10×N sequences comes from fresh subprocesses
-(`benchmarks.memory`). The last line printed is one JSON object; the lines before it are a table.
+order rotates. Workloads: residual at `--layers`, residual+mlp+attention there, and every site
+(residual, mlp, attention, resid_pre, hook_z at every layer, against the bare forward over every
+layer); contenders: TransformerLens, nnsight, SAELens's activation cache runner (one run per
+hook), the seed's approach. Peak RSS of our extraction for N and 10×N sequences, for each site
+set, comes from fresh subprocesses (`benchmarks.memory`); `manage.py extract`'s time to its first
+batch from `benchmarks.cli_start`. The last line printed is one JSON object; the lines before it
+are a table.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from models_app.ml.configs import num_layers
 from models_app.ml.device import cpu_model_name
 from models_app.ml.extract import ExtractionSpec, run_extraction
 from models_app.ml.layers import find_blocks
@@ -43,6 +47,7 @@ from .workload import (
     RESIDUAL,
     Workload,
     build_model_dir,
+    every_layer,
     gpt2_config,
     load_tokenizer,
     make_workload,
@@ -213,11 +218,6 @@ def time_methods(methods: dict[str, Method], work: Workload, repeats: int, scrat
 # Building the methods
 
 
-def every_layer(model) -> list[int]:
-    """Every block index of `model`: the layers of the every-site workload."""
-    return list(range(num_layers(model.config)))
-
-
 def core_methods(model, tokenizer, cfg: BenchConfig) -> dict[str, Method]:
     """Bare forward and ours (residual, all hooks) on one loaded model, and the every-site
     workload: EVERY_SITE at every layer against the bare forward over every layer."""
@@ -361,8 +361,7 @@ def measure_memory(work: Workload, cfg: BenchConfig) -> dict:
     )  # fmt: skip
     out = _growth(memory.peak_rss(work.model_dir, n, **opts), 10 * n, work, opts)
     out["by_hooks"] = {"residual": out["growth"]}
-    config = transformers.AutoConfig.from_pretrained(work.model_dir, local_files_only=True)
-    every = list(range(num_layers(config)))
+    every = every_layer(transformers.AutoConfig.from_pretrained(work.model_dir))
     for hooks, layers in (("all", cfg.layers), ("every", every)):  # ours, every site set timed
         more = {**opts, "hooks": hooks, "layers": layers}
         grown = _growth(memory.peak_rss(work.model_dir, n, **more), 10 * n, work, more)
