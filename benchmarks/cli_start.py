@@ -35,7 +35,8 @@ EXTRACT = ["--layers", "0,1", "--hooks", "residual", "--max-samples", "64",
 
 
 def _env(folder: Path, endpoint: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    drop = ("DATABASE_URL", "REDIS_URL", "TQDM_DISABLE")  # the bar is what is timed
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     return env | {
         "MISTUDIO_DATA_DIR": str(folder / "data"), "HF_HOME": str(folder / "hf"),
         "HF_ENDPOINT": endpoint, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -213,17 +213,18 @@ def sae_lens_cache_runner(tl_model, sites: list[Site], batch_size: int, device) 
     def run(batches: list[torch.Tensor], out_dir: Path) -> int:
         tokens = torch.cat(batches)  # (N, T)
         n, t = tokens.shape
+        b = min(batch_size, n)  # SAELens needs a whole batch in its buffer
         dataset = Dataset.from_dict({"input_ids": tokens.tolist()})
         for site in sites:
             c = tl_model.cfg
             width = c.d_head * c.n_heads if site.heads else c.d_model  # hook_z: flattened
             cfg = CacheActivationsRunnerConfig(
                 dataset_path="mistudio-benchmark", model_name="mistudio-benchmark",
-                model_batch_size=batch_size, hook_name=site.name, d_in=width,
+                model_batch_size=b, hook_name=site.name, d_in=width,
                 training_tokens=n * t, context_size=t, shuffle=False, dtype="float32",
                 device=str(device), prepend_bos=False, streaming=False,
                 new_cached_activations_path=str(out_dir / site.name),
-                buffer_size_gb=(n * t + t // 2) * width * 4 / 1e9,  # one buffer: every sequence
+                buffer_size_gb=(n + b / 2) * t * width * 4 / 1e9,  # one buffer: every sequence
             )  # fmt: skip
             with mock.patch.object(runner_module, "load_model", return_value=tl_model):
                 runner = CacheActivationsRunner(cfg, override_dataset=dataset)
