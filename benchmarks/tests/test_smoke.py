@@ -119,13 +119,16 @@ def test_sae_lens_caches_the_same_activations_as_ours(tiny_dir, tmp_path):
     runner = extraction.peer("sae_lens", tiny_dir, _config(tiny_dir), CPU, torch.float32)
     assert set(runner) == {"sae_lens_cache", "sae_lens_cache_all_hooks"}
     assert runner["sae_lens_cache_all_hooks"](work, tmp_path / "sae") == work.n_tokens
+    one = work.head(1)  # fewer sequences than a batch (the warm-up's case)
+    assert runner["sae_lens_cache"](one, tmp_path / "one") == one.n_tokens
     for site, tensors in _shards(tmp_path / "ours").items():
         cached = Dataset.load_from_disk(str(tmp_path / "sae" / site))[:]  # {column: lists}
         assert torch.equal(torch.tensor(cached["token_ids"]), tensors["token_ids"]), site
         torch.testing.assert_close(torch.tensor(cached[site]), tensors["activations"])
 
 
-def test_the_cli_first_batch_is_timed(tmp_path):
+def test_the_cli_first_batch_is_timed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # as the benchmark sets it for itself
     result = cli_start.measure(tmp_path, runs=1)
 
     assert 0 < result["first_batch_s"] <= result["total_s"][0]
