@@ -6,8 +6,13 @@
 Builds a GPT-2-small-shaped model (12 × 768, random weights, offline) and one fixed token stream,
 then times, in this one process and on the same tokens, each method end to end (capture + the
 same safetensors bytes on disk): tokens per second, the median of `repeats` rounds whose method
-order rotates. Peak RSS of our extraction for N and 10×N sequences comes from fresh subprocesses
-(`benchmarks.memory`). The last line printed is one JSON object; the lines before it are a table.
+order rotates. Workloads: residual at `--layers`, residual+mlp+attention there, and every site
+(residual, mlp, attention, resid_pre, hook_z at every layer, against the bare forward over every
+layer); contenders: TransformerLens, nnsight, SAELens's activation cache runner (one run per
+hook), the seed's approach. Peak RSS of our extraction for N and 10×N sequences, for each site
+set, comes from fresh subprocesses (`benchmarks.memory`); `manage.py extract`'s time to its first
+batch from `benchmarks.cli_start`. The last line printed is one JSON object; the lines before it
+are a table.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ from models_app.ml.extract import ExtractionSpec, run_extraction
 from models_app.ml.layers import find_blocks
 from models_app.ml.loading import QUANTIZATIONS, load_model
 
-from . import memory, peers
+from . import cli_start, disk, memory, peers
 from .workload import (
     ALL_HOOKS,
+    EVERY_SITE,
     RESIDUAL,
     Workload,
     build_model_dir,
+    every_layer,
     gpt2_config,
     load_tokenizer,
     make_workload,
@@ -212,11 +219,15 @@ def time_methods(methods: dict[str, Method], work: Workload, repeats: int, scrat
 
 
 def core_methods(model, tokenizer, cfg: BenchConfig) -> dict[str, Method]:
-    """Bare forward and ours (residual, all hooks) on one loaded model."""
+    """Bare forward and ours (residual, all hooks) on one loaded model, and the every-site
+    workload: EVERY_SITE at every layer against the bare forward over every layer."""
+    layers = every_layer(model)
     return {
         "bare_forward": _on_batches(bare_forward(model, max(cfg.layers))),
         "ours": ours(model, tokenizer, cfg.layers, RESIDUAL),
         "ours_all_hooks": ours(model, tokenizer, cfg.layers, ALL_HOOKS),
+        "bare_every_site": _on_batches(bare_forward(model, max(layers))),
+        "ours_every_site": ours(model, tokenizer, layers, EVERY_SITE),
     }
 
 
@@ -231,13 +242,15 @@ def seed_methods(model, cfg: BenchConfig, dtype) -> dict[str, Method]:
 
 
 def peer_methods(model_dir: Path, cfg: BenchConfig, device, dtype, notes: list[str]) -> dict:
-    """TransformerLens and nnsight methods, each library on a freshly loaded model of its own."""
+    """TransformerLens, nnsight and SAELens methods, each library on a freshly loaded model of
+    its own."""
     out: dict[str, Method] = {}
     for lib, version in peers.available().items():
         if not cfg.peers:
             continue
         if version is None:
-            notes.append(f"{lib} is not installed (pip install '.[bench]'): its keys are null")
+            extra = "test" if lib == "sae_lens" else "bench"
+            notes.append(f"{lib} is not installed (pip install '.[{extra}]'): its keys are null")
             continue
         try:
             out.update(peer(lib, model_dir, cfg, device, dtype))
@@ -247,17 +260,24 @@ def peer_methods(model_dir: Path, cfg: BenchConfig, device, dtype, notes: list[s
 
 
 def peer(lib: str, model_dir: Path, cfg: BenchConfig, device, dtype) -> dict[str, Method]:
-    """`<lib>` and `<lib>_all_hooks` methods of one peer library."""
+    """`<lib>` and `<lib>_all_hooks` methods of one peer library (SAELens: `sae_lens_cache…`;
+    TransformerLens also `…_every_site`)."""
     model, _ = load_model(model_dir, cfg.quantizations()[0], device, dtype=cfg.compute_dtype())
+    workloads = [("", cfg.layers, RESIDUAL), ("_all_hooks", cfg.layers, ALL_HOOKS)]
     if lib == "transformer_lens":
         tl_model = peers.wrap_transformer_lens(model, model_dir)
         make = lambda sites: peers.transformer_lens_runner(tl_model, sites, dtype, device)  # noqa: E731
+        workloads.append(("_every_site", every_layer(model), EVERY_SITE))
+    elif lib == "sae_lens":  # float32 shards, like ours on CPU
+        tl_model = peers.wrap_transformer_lens(model, model_dir)
+        make = lambda sites: peers.sae_lens_cache_runner(tl_model, sites, cfg.batch_size, device)  # noqa: E731
+        lib = "sae_lens_cache"
     else:
         wrapped = peers.wrap_nnsight(model)
         make = lambda sites: peers.nnsight_runner(wrapped, sites, dtype, device)  # noqa: E731
     return {
-        lib + suffix: _on_batches(make(sites_for(model, cfg.layers, hooks)))
-        for suffix, hooks in (("", RESIDUAL), ("_all_hooks", ALL_HOOKS))
+        lib + suffix: _on_batches(make(sites_for(model, layers, hooks)))
+        for suffix, layers, hooks in workloads
     }
 
 
@@ -274,11 +294,21 @@ RATIOS = {  # key: (numerator, denominator) method names
     "ours_all_hooks_vs_transformer_lens": ("ours_all_hooks", "transformer_lens_all_hooks"),
     "ours_all_hooks_vs_nnsight": ("ours_all_hooks", "nnsight_all_hooks"),
     "ours_all_hooks_vs_seed_style": ("ours_all_hooks", "seed_style_all_hooks"),
+    "ours_every_site_vs_bare": ("ours_every_site", "bare_every_site"),
+    "ours_every_site_vs_transformer_lens": ("ours_every_site", "transformer_lens_every_site"),
+    "ours_vs_sae_lens_cache": ("ours", "sae_lens_cache"),
+    "ours_all_hooks_vs_sae_lens_cache": ("ours_all_hooks", "sae_lens_cache_all_hooks"),
 }
 METHODS = [
     "bare_forward", "ours", "ours_all_hooks", "transformer_lens", "transformer_lens_all_hooks",
-    "nnsight", "nnsight_all_hooks", "seed_style", "seed_style_all_hooks",
+    "nnsight", "nnsight_all_hooks", "seed_style", "seed_style_all_hooks", "bare_every_site",
+    "ours_every_site", "transformer_lens_every_site", "sae_lens_cache", "sae_lens_cache_all_hooks",
 ]  # fmt: skip
+
+
+def bare_for(method: str) -> str:
+    """The bare forward a method is compared with: over the same layers."""
+    return "bare_every_site" if method.endswith("every_site") else "bare_forward"
 
 
 def paired(timings: dict, num: str, den: str, runs: str) -> float:
@@ -287,8 +317,9 @@ def paired(timings: dict, num: str, den: str, runs: str) -> float:
 
 
 def vs_bare(timings: dict, runs: str = "runs_tok_s") -> dict[str, float]:
-    """Each method's paired ratio to the bare forward (see paired_ratios)."""
-    return {m: paired(timings, m, "bare_forward", runs) for m in METHODS if m in timings}
+    """Each method's paired ratio to the bare forward over its layers (see paired_ratios)."""
+    return {m: paired(timings, m, bare_for(m), runs) for m in METHODS if bare_for(m) in timings
+            and m in timings}  # fmt: skip
 
 
 def paired_ratios(timings: dict, runs: str = "runs_tok_s") -> dict[str, float | None]:
@@ -329,6 +360,13 @@ def measure_memory(work: Workload, cfg: BenchConfig) -> dict:
         shard_sequences=n, device=cfg.device, quantization=cfg.quantizations()[0],
     )  # fmt: skip
     out = _growth(memory.peak_rss(work.model_dir, n, **opts), 10 * n, work, opts)
+    out["by_hooks"] = {"residual": out["growth"]}
+    every = every_layer(transformers.AutoConfig.from_pretrained(work.model_dir))
+    for hooks, layers in (("all", cfg.layers), ("every", every)):  # ours, every site set timed
+        more = {**opts, "hooks": hooks, "layers": layers}
+        grown = _growth(memory.peak_rss(work.model_dir, n, **more), 10 * n, work, more)
+        out["by_hooks"][hooks] = grown["growth"]
+        out[f"hooks_{hooks}"] = grown
     if cfg.memory_seed_style:
         seed = memory.peak_rss(work.model_dir, n, method="seed_style", **opts)
         out["seed_style"] = _growth(seed, 10 * n, work, {**opts, "method": "seed_style"})
@@ -341,7 +379,7 @@ def _growth(small: dict, n_large: int, work: Workload, opts: dict) -> dict:
     return {"small": small, "large": large, "growth": round(growth, 4)}
 
 
-def run_benchmark(cfg: BenchConfig, *, memory_runs: bool = True) -> dict:
+def run_benchmark(cfg: BenchConfig, *, memory_runs: bool = True, cli_runs: bool = True) -> dict:
     """Run everything `cfg` asks for; returns the JSON-ready result (see `summarize`)."""
     device = torch.device(cfg.device)
     notes: list[str] = []
@@ -357,7 +395,23 @@ def run_benchmark(cfg: BenchConfig, *, memory_runs: bool = True) -> dict:
         phases.mark("timing")
         mem = _memory_or_note(work, cfg, notes) if memory_runs else None
         phases.mark("memory")
-    return summarize(cfg, by_q, mem, notes) | {"phases_s": phases.seconds}
+        extra = {"cli_first_batch_s": None, "cli": None}
+        if cli_runs:
+            extra |= _cli_or_note(scratch, notes)
+            phases.mark("cli")
+        if device.type == "cuda":  # the GPU keys: what the disk takes, next to what we give it
+            extra["disk_seq_write_mb_s"] = disk.seq_write_mb_s(scratch)
+    return summarize(cfg, by_q, mem, notes) | extra | {"phases_s": phases.seconds}
+
+
+def _cli_or_note(scratch: Path, notes: list[str]) -> dict:
+    """`manage.py extract`'s time to its first batch (see cli_start), median of its runs."""
+    try:
+        runs = cli_start.measure(scratch / "cli")
+    except RuntimeError as exc:
+        notes.append(f"CLI first batch not measured: {exc}"[:400])
+        return {}
+    return {"cli_first_batch_s": runs["first_batch_s"], "cli": runs}
 
 
 def _memory_or_note(work: Workload, cfg: BenchConfig, notes: list[str]) -> dict | None:
@@ -422,6 +476,7 @@ def summarize(cfg: BenchConfig, by_q: dict, mem: dict | None, notes: list[str]) 
         "peak_rss_mb_small": mem and mem["small"]["peak_rss_mb"],
         "peak_rss_mb_large": mem and mem["large"]["peak_rss_mb"],
         "peak_rss_growth": mem and mem["growth"],
+        "peak_rss_growth_by_hooks": mem and mem.get("by_hooks"),
         "device": str(device),
         "quantization": first,
         "backend": by_q[first]["load"]["backend"],
@@ -435,6 +490,7 @@ def summarize(cfg: BenchConfig, by_q: dict, mem: dict | None, notes: list[str]) 
     }
     if device.type == "cuda":
         result["gpu_peak_mb"] = {m: round(t["gpu_peak_mb"], 1) for m, t in timings.items()}
+        result["end_to_end_disk_tok_s"] = result["ours_tok_s"]  # shards on disk, fsync included
     if len(by_q) > 1:
         result["by_quantization"] = {q: _quantization_row(r) for q, r in by_q.items()}
     return result
@@ -464,6 +520,8 @@ def table(result: dict) -> str:
             f"peak RSS MiB: {result['peak_rss_mb_small']} (N) → {result['peak_rss_mb_large']} "
             f"(10×N), growth {result['peak_rss_growth']:.1%}"
         )
+        for hooks, growth in (result["peak_rss_growth_by_hooks"] or {}).items():
+            lines.append(f"peak RSS growth for 10×N, {hooks} sites: {growth:.1%}")
     seed = (result["memory"] or {}).get("seed_style")
     if seed:
         lines.append(
@@ -495,6 +553,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed rounds (the median is reported)")
     p.add_argument("--no-peers", action="store_true", help="skip TransformerLens and nnsight")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--no-cli", action="store_true", help="skip timing manage.py extract's start")
     return p
 
 
@@ -524,7 +583,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    result = run_benchmark(config_from_args(args), memory_runs=not args.no_memory)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens' and datasets' bars, in every run
+    result = run_benchmark(
+        config_from_args(args), memory_runs=not args.no_memory, cli_runs=not args.no_cli
+    )
     print(table(result))
     print(json.dumps(result))
     return result

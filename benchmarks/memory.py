@@ -30,7 +30,7 @@ from models_app.ml.extract import ExtractionSpec, run_extraction
 from models_app.ml.loading import load_model
 from models_app.ml.tokens import batched, pack_documents
 
-from .workload import RESIDUAL, iter_corpus, load_tokenizer, sites_for
+from .workload import HOOK_SETS, RESIDUAL, iter_corpus, load_tokenizer, sites_for
 
 SAMPLE_S = 0.005
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ def _warm_up(model, batch_size: int, context_size: int) -> None:
 def _ours(model, tokenizer, args, out_dir: Path) -> None:
     spec = ExtractionSpec(
         layers=args.layers,
-        hook_types=list(RESIDUAL),
+        hook_types=list(HOOK_SETS[args.hooks]),
         context_size=args.context_size,
         batch_size=args.batch_size,
         max_samples=args.sequences,
@@ -123,6 +123,7 @@ def measure(args) -> dict:
         run(model, tokenizer, args, Path(tmp) / "out")
     return {
         "method": args.method,
+        "hooks": args.hooks,
         "n_sequences": args.sequences,
         "rss_before_mb": round(before, 1),
         "peak_rss_mb": round(sampler.peak_mb, 1),
@@ -132,7 +133,8 @@ def measure(args) -> dict:
 def peak_rss(model_dir: Path, n_sequences: int, *, method: str = "ours", **opts) -> dict:
     """Run `measure` in a fresh Python process; returns its JSON result (see the module doc).
 
-    opts: layers (list), context_size, batch_size, shard_sequences, device, quantization.
+    opts: layers (list), context_size, batch_size, shard_sequences, device, quantization,
+    hooks (a HOOK_SETS name).
     """
     cmd = [sys.executable, "-m", "benchmarks.memory", "--model-dir", str(model_dir)]
     cmd += ["--sequences", str(n_sequences), "--method", method]
@@ -160,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-sequences", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", default="FP16")
+    p.add_argument("--hooks", choices=sorted(HOOK_SETS), default="residual", help="ours only")
     return p
 
 

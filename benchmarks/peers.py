@@ -10,11 +10,16 @@ statistics, hashes or fsyncs — work ours does on top — so the comparison lea
   (2.x/3.x) or on the TransformerBridge (4.x), built offline from the benchmark's model;
 - nnsight: `NNsight(model).trace(input_ids=…)` with `.output.save()` per site and `tracer.stop()`
   after the deepest one;
+- SAELens: its activation cache runner (`CacheActivationsRunner`, what SAE training reads with
+  `use_cached_activations`), on a HookedTransformer around the same weights, fed the same token
+  ids as a pre-tokenized dataset; it caches one hook per run, so a workload of S sites is S runs
+  (S forwards), timed together; its Arrow shards are its own format, written by `datasets`;
 - the seed's approach (architecture.md §8): forward hooks calling `.detach().cpu()`
   synchronously, the full model forward (lm_head included), everything kept in memory until the
   end.
 
-Peer libraries are optional (`pip install '.[bench]'`): `available()` says which are importable.
+Peer libraries are optional (`pip install '.[bench]'`; sae-lens comes with '.[test]'):
+`available()` says which are importable.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import importlib
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -37,9 +43,9 @@ _BLOCK_ORDER = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
 
 
 def available() -> dict[str, str | None]:
-    """{'transformer_lens': version or None, 'nnsight': version or None}: None when the library
-    cannot be imported here."""
-    return {name: _version(name) for name in ("transformer_lens", "nnsight")}
+    """{'transformer_lens': version or None, 'nnsight': version or None, 'sae_lens': …}: None
+    when the library cannot be imported here."""
+    return {name: _version(name) for name in ("transformer_lens", "nnsight", "sae_lens")}
 
 
 def _version(module: str) -> str | None:
@@ -188,6 +194,44 @@ def _nnsight_trace(wrapped, ids: torch.Tensor, sites: list[Site]) -> dict[str, t
             saved[site.name] = (value[0] if isinstance(value, tuple) else value).save()
         tracer.stop()
     return saved
+
+
+# ---------------------------------------------------------------------------------------------
+# SAELens
+
+
+def sae_lens_cache_runner(tl_model, sites: list[Site], batch_size: int, device) -> Runner:
+    """SAELens's CacheActivationsRunner once per site, float32, unshuffled, into
+    `out_dir/<site>/` (Arrow, its own format). Its model loader is pointed at `tl_model` (a
+    HookedTransformer of the same weights, see wrap_transformer_lens): the runner would
+    otherwise download the model by name; everything else is SAELens's own code path."""
+    from datasets import Dataset
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+    from sae_lens import cache_activations_runner as runner_module
+
+    @torch.no_grad()
+    def run(batches: list[torch.Tensor], out_dir: Path) -> int:
+        tokens = torch.cat(batches)  # (N, T)
+        n, t = tokens.shape
+        b = min(batch_size, n)  # SAELens needs a whole batch in its buffer
+        dataset = Dataset.from_dict({"input_ids": tokens.tolist()})
+        for site in sites:
+            c = tl_model.cfg
+            width = c.d_head * c.n_heads if site.heads else c.d_model  # hook_z: flattened
+            cfg = CacheActivationsRunnerConfig(
+                dataset_path="mistudio-benchmark", model_name="mistudio-benchmark",
+                model_batch_size=b, hook_name=site.name, d_in=width,
+                training_tokens=n * t, context_size=t, shuffle=False, dtype="float32",
+                device=str(device), prepend_bos=False, streaming=False,
+                new_cached_activations_path=str(out_dir / site.name),
+                buffer_size_gb=(n + b / 2) * t * width * 4 / 1e9,  # one buffer: every sequence
+            )  # fmt: skip
+            with mock.patch.object(runner_module, "load_model", return_value=tl_model):
+                runner = CacheActivationsRunner(cfg, override_dataset=dataset)
+            runner.run()
+        return n * t
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------

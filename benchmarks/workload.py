@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from mistudio.testing.tiny_models import build_tokenizer
+from models_app.ml.configs import num_layers
 from models_app.ml.hooks import Site, resolve_sites
 from models_app.ml.tokens import batched, pack_documents
 
@@ -30,6 +31,8 @@ _WORDS = [
 ]
 RESIDUAL = ("residual",)
 ALL_HOOKS = ("residual", "mlp", "attention")
+EVERY_SITE = ("residual", "mlp", "attention", "resid_pre", "z")  # at every layer
+HOOK_SETS = {"residual": RESIDUAL, "all": ALL_HOOKS, "every": EVERY_SITE}
 
 
 @dataclass
@@ -103,6 +106,11 @@ def make_workload(model_dir: Path, n_sequences: int, context_size: int, batch_si
 def token_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """(N, T) -> [(B, T), ...] the way our extraction batches them."""
     return list(batched(iter(tokens), batch_size))
+
+
+def every_layer(model_or_config) -> list[int]:
+    """Every block index of a model (or of its config): the layers of the every-site workload."""
+    return list(range(num_layers(getattr(model_or_config, "config", model_or_config))))
 
 
 def sites_for(model, layers: list[int], hook_types: tuple[str, ...]) -> list[Site]:

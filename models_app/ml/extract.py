@@ -241,6 +241,7 @@ class _Run:
         self.slot: Slot | None = None
         self.b = 0  # sequences in the batch in flight
         self.fired: set[str] = set()
+        self.sources: dict[str, torch.Tensor] = {}  # CPU: each site's copy the statistics read
 
     @property
     def capture_sites(self) -> list[Site]:
@@ -263,12 +264,15 @@ class _Run:
                 f"{site.name}: {site.module_path} runs more than once per forward pass; "
                 "choose a module that runs once"
             )
-        snap = self.snaps.take(site.name, t)  # (b, T, *shape) on plan.device, taken now
         dst = self.slot.buffers[site.name][: self.b]  # (b, T, *shape), pinned on CUDA
-        if self.cuda:
-            copy_on_stream(self.copy_stream, dst, snap)
+        if not self.cuda and t.dtype == dst.dtype:  # CPU: the staging copy is the snapshot
+            self.sources[site.name] = dst.copy_(t)
         else:
-            dst.copy_(snap)
+            snap = self.snaps.take(site.name, t)  # (b, T, *shape) on plan.device, taken now
+            if self.cuda:
+                copy_on_stream(self.copy_stream, dst, snap)
+            else:
+                self.sources[site.name] = dst.copy_(snap)
         self.fired.add(site.name)
 
     def run_batch(self, cap, ids: torch.Tensor) -> None:
@@ -312,8 +316,10 @@ class _Run:
         missing = [s.name for s in self.plan.sites if s.name not in self.fired]
         if missing:
             raise ExtractionError(f"hooks did not fire for {missing}")
-        # One stacked update per width group, from the snapshots (no GPU synchronisation).
-        self.snaps.update_stats(self.b)
+        if self.cuda:  # one stacked update per width group, from the snapshots (no GPU sync)
+            self.snaps.update_stats(self.b)
+        else:  # from the staged copies: stats of the values as computed (float32 staging)
+            self.snaps.update_stats_from(self.sources)
         if self.cuda:  # the inf/NaN counts travel with the batch: the writer never syncs the GPU
             copy_on_stream(self.copy_stream, slot.nonfinite, self.snaps.nonfinite_tensor())  # (S,)
             slot.event = torch.cuda.Event()  # the writer waits on it: all copies have landed

@@ -5,7 +5,11 @@ accumulators, so the statistics of a billion-token extraction cost the same memo
 The accumulators are tensors on the input's device and `update` never synchronises a GPU after the
 first batch; `to_dict` turns them into plain floats. `StatsBank` does the same for S sites at once
 from one stacked batch (S, …, d): on a GPU that is one set of kernel launches per batch instead of
-one per site (the launches, not the arithmetic, are what the statistics cost there).
+one per site (the launches, not the arithmetic, are what the statistics cost there). On the CPU
+the arithmetic and the memory traffic are the cost: there the sites' values are taken in chunks of
+CPU_CHUNK_VALUES into one float64 working copy (and a few scratch buffers) allocated once, so
+every pass after the first reads the cache, no temporary is allocated per batch (a fresh
+full-batch temporary costs more in page faults than the pass itself) and nothing is stacked.
 
 - mean / std: over every scalar value (per-batch fp64 sums, Chan's merge of mean and M2 in fp64);
 - min / max: signed;
@@ -23,6 +27,7 @@ one per site (the launches, not the arithmetic, are what the statistics cost the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -34,6 +39,9 @@ NEAR_ZERO = 1e-6
 # Values (all sites together) per step of StatsBank.update: its float32 temporaries stay under
 # 128 MiB each, and a GPT-2-small batch of 32 × 256 tokens at 3 sites is one step.
 UPDATE_VALUES = 2**25
+# CPU: values (all sites together) of one chunk of StatsBank.update_sites: its float64 working copy
+# and scratch (~25 MiB) stay in the cache between the passes over it.
+CPU_CHUNK_VALUES = 2**19
 
 
 class StatsBank:
@@ -61,6 +69,8 @@ class StatsBank:
         self._acc: dict[str, torch.Tensor] | None = None
         self._ranges: list[tuple[float, float]] | None = None  # value-histogram range per site
         self._lo_scale: torch.Tensor | None = None  # (2, S, 1, 1): lo and bins/(hi-lo) per site
+        self._scratch: dict[str, torch.Tensor] = {}  # CPU: flat working buffers, by role
+        self._hist_shift: tuple[torch.Tensor, ...] | None = None  # CPU: (S, 1, 1) shift, low, high
 
     def sites(self) -> list[SiteStats]:
         return [SiteStats(bank=self, index=i) for i in range(self.n_sites)]
@@ -85,16 +95,84 @@ class StatsBank:
         self._ranges = self.preset_ranges or [_value_range(site) for site in x]
         lo = torch.tensor([r[0] for r in self._ranges], **f64)
         scale = torch.tensor([self.value_bins / (hi - lo) for lo, hi in self._ranges], **f64)
-        self._lo_scale = torch.stack([lo, scale]).to(torch.float32).view(2, S, 1, 1)
+        # float32 for float32 values (GPU), float64 for the CPU's float64 working copy
+        self._lo_scale = torch.stack([lo, scale]).to(x.dtype).view(2, S, 1, 1)
 
     def update(self, x: torch.Tensor) -> None:
         """Add one stacked batch of activations, shape (S, …, d), any float dtype, any device.
 
-        Taken UPDATE_VALUES values at a time, which bounds the temporaries (float32 copies)."""
+        GPU: taken UPDATE_VALUES values at a time, which bounds the temporaries (float32 copies);
+        CPU: see update_sites."""
         x = x.detach().reshape(self.n_sites, -1, x.shape[-1])  # (S, N, d)
+        if not x.is_cuda:
+            self.update_sites(list(x))
+            return
         rows = max(1, UPDATE_VALUES // (x.shape[0] * x.shape[2]))
         for part in x.split(rows, dim=1):  # (S, n, d)
             self._update(part)
+
+    def update_sites(self, xs: Sequence[torch.Tensor]) -> None:
+        """Add one batch of every site: xs[i] (…, d) is site i's, all of one shape, any float
+        dtype, on the CPU (a GPU's are stacked and go through `update`).
+
+        Each chunk of CPU_CHUNK_VALUES values is copied into one float64 working copy (S, n, d)
+        and every statistic is taken from it: exact float64 sums, no per-batch allocation."""
+        if len(xs) != self.n_sites:
+            raise ValueError(f"{len(xs)} tensors for a bank of {self.n_sites} sites")
+        if xs[0].is_cuda:
+            self.update(torch.stack(list(xs)))
+            return
+        flat = [x.detach().reshape(-1, x.shape[-1]) for x in xs]  # (N, d) each
+        n, d = flat[0].shape
+        rows = max(1, CPU_CHUNK_VALUES // (self.n_sites * d))
+        for start in range(0, n, rows):
+            self._update_cpu([x[start : start + rows] for x in flat])
+
+    def _buffer(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reused CPU scratch tensor of `shape` (grown when too small)."""
+        size = math.prod(shape)
+        buf = self._scratch.get(role)
+        if buf is None or buf.numel() < size:
+            buf = self._scratch[role] = torch.empty(size, dtype=dtype)
+        return buf[:size].view(shape)
+
+    def _update_cpu(self, parts: list[torch.Tensor]) -> None:  # parts: S × (n, d)
+        n, d = parts[0].shape
+        if n == 0:
+            return
+        shape = (self.n_sites, n, d)
+        x = self._buffer("x", torch.float64, shape)  # (S, n, d): the working copy
+        for i, part in enumerate(parts):
+            x[i].copy_(part)
+        if self._acc is None:
+            self._init(x)
+        acc, tmp = self._acc, self._buffer("tmp", torch.float64, shape)
+        sq_norms = torch.linalg.vector_norm(x, dim=-1).square_()  # (S, n) float64
+        finite = self._count_nonfinite(x, sq_norms)
+        self._merge_moments(x, sq_norms)
+        torch.minimum(acc["min"], x.amin(dim=(1, 2)), out=acc["min"])
+        torch.maximum(acc["max"], x.amax(dim=(1, 2)), out=acc["max"])
+        near = torch.lt(torch.abs(x, out=tmp), self.near_zero,
+                        out=self._buffer("near", torch.bool, shape))  # fmt: skip
+        acc["near_zero"] += torch.count_nonzero(near, dim=(1, 2))
+        self._update_norms(sq_norms.sqrt_())
+        self._update_hist_cpu(x, tmp, finite)
+        self.n_vectors += n
+
+    def _update_hist_cpu(self, x: torch.Tensor, tmp: torch.Tensor, finite: bool) -> None:
+        # _update_hist's bins, every site's counted in one bincount: site i's slot j is
+        # i·(bins + 2) + j, from floor(x·scale + (i·(bins + 2) + 1 − lo·scale)) clamped per site.
+        lo, scale = self._lo_scale  # (S, 1, 1) each, float64
+        if self._hist_shift is None:
+            first = torch.arange(self.n_sites, dtype=x.dtype).view(-1, 1, 1) * (self.value_bins + 2)
+            self._hist_shift = (first + 1 - lo * scale, first, first + self.value_bins + 1)
+        shift, low, high = self._hist_shift
+        torch.mul(x, scale, out=tmp).add_(shift).floor_()
+        if not finite:  # NaN would survive the clamp; it has no bin (counted as nonfinite)
+            tmp.nan_to_num_(nan=-1.0)
+        idx = self._buffer("idx", torch.int64, x.shape).copy_(tmp.clamp_(low, high))
+        counts = torch.bincount(idx.view(-1), minlength=self.n_sites * (self.value_bins + 2))
+        self._acc["hist"] += counts.view(self.n_sites, -1)
 
     def _update(self, x: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.float64):
@@ -115,11 +193,14 @@ class StatsBank:
         self._update_hist(x)
         self.n_vectors += x.shape[1]
 
-    def _count_nonfinite(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
+    def _count_nonfinite(self, x: torch.Tensor, sq_norms: torch.Tensor) -> bool:
+        """Count the inf/NaN of x; returns False when there may be some (True: none, CPU)."""
         # A token with inf/NaN has a non-finite fp64 norm. On CPU that check is free, so the full
         # count only runs when needed; on a GPU it always runs, to avoid a synchronisation.
         if x.is_cuda or not bool(torch.isfinite(sq_norms).all()):
             self._acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x), dim=(1, 2))
+            return False
+        return True
 
     def _merge_moments(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
         # Per batch: sum and sum of squares in fp64 (M2_b = Σx² − n·mean², exact enough unless
