@@ -23,7 +23,7 @@ from mistudio.errors import Conflict, Invalid, is_disk_full, room_check
 from mistudio.jobs import enqueue
 
 from .ml.export import ExportCancelled, ExportError, export_saelens
-from .ml.reader import ReaderError
+from .ml.reader import ReaderError, open_extraction
 from .models import EXTRACTION_ACTIVE, ExtractionExport, ExtractionJob, ExtractionStatus
 from .selectors import extraction_get
 
@@ -133,6 +133,10 @@ def extraction_export_start(extraction_id: str, *, format: str = "saelens") -> E
     if not (Path(job.output_path) / "manifest.json").is_file():
         raise Invalid(f"The files of this extraction are no longer in {job.output_path}; there"
                       " is nothing to export.", code="files_missing")  # fmt: skip
+    try:
+        open_extraction(job.output_path)  # the manifest only: shards are checked as they are read
+    except ReaderError as exc:
+        raise Invalid(f"This extraction's files cannot be read: {exc}", code="files_bad") from exc
     if done is not None:
         done.delete()
     room_check(

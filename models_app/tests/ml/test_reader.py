@@ -178,6 +178,7 @@ def test_per_head_sites_keep_their_shape_and_export_flattened(tiny, tmp_path):
     site = ext.sites[0]
     heads = model.config.num_attention_heads
     assert site.name == "blocks.1.attn.hook_z" and site.shape == (heads, 64 // heads)
+    assert site.d == 64  # the flattened width, not shape[0] (n_heads)
     acts, _ = _direct(tmp_path / "x", site.name)
     got = torch.cat([b[site.name] for b in ext.sequences(site.name, batch_size=2)])
     assert got.shape == (5, 8, heads, 64 // heads) and torch.equal(got, acts)
