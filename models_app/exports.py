@@ -250,3 +250,32 @@ def exports_queued() -> list[str]:
     """Ids of exports waiting for a worker (requeued at the download cluster's start)."""
     rows = ExtractionExport.objects.filter(status=ExtractionStatus.QUEUED, cancel_flag=False)
     return list(rows.values_list("pk", flat=True))
+
+
+def saelens_recipe(job: ExtractionJob, folder: Path, sites: list[str] | None = None) -> str:
+    """The SAELens 6 training config for an exported folder, filled in for `job` (model id,
+    the first exported site, context size, d_in = the site's flattened width), and what to pass
+    for a model TransformerLens does not know: SAELens loads `model_name` even when it trains
+    from cached activations."""
+    hooks = {h["name"]: h for h in (job.manifest or {}).get("hooks", [])}
+    names = sites or list(hooks)
+    site = names[0] if names else "…"
+    shape = (hooks.get(site) or {}).get("shape") or [(hooks.get(site) or {}).get("d", 0)]
+    d_in = 1
+    for n in shape:
+        d_in *= int(n)
+    others = f"  (other sites in the folder: {', '.join(names[1:])})\n" if names[1:] else ""
+    return (
+        "SAELens 6: LanguageModelSAETrainingRunner(LanguageModelSAERunnerConfig(\n"
+        f"    model_name={job.model.hf_repo_id!r}, hook_name={site!r},"
+        f" context_size={job.context_size},\n"
+        f"    use_cached_activations=True, cached_activations_path={str(folder)!r},\n"
+        f"    sae=StandardTrainingSAEConfig(d_in={d_in}, d_sae=…), dataset_path=<the HF text"
+        " dataset>, …)).run()\n"
+        f"{others}"
+        "  SAELens loads model_name with TransformerLens even from cached activations: for a"
+        " model TransformerLens does not know, pass override_model=HookedTransformer("
+        f"HookedTransformerConfig(d_model={d_in}, n_ctx={job.context_size}, …)) (and"
+        " override_dataset= if dataset_path is not a Hub dataset) to the runner; the"
+        " activations come from the folder."
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -219,11 +220,19 @@ def test_export_activations_cli_writes_a_saelens_folder_equal_to_the_shards(hub,
 
     job = extract(download("tiny/gpt2", "FP16"), text_dataset(), layers=[1])
     site = "blocks.1.hook_resid_post"
-    call_command("export_activations", job.pk, str(tmp_path / "sae"), "--sites", site)
+    printed = io.StringIO()
+    call_command("export_activations", job.pk, str(tmp_path / "sae"), "--sites", site,
+                 stdout=printed)  # fmt: skip
     ds = datasets.load_from_disk(str(tmp_path / "sae")).with_format("torch")
     assert ds.column_names == [site, "token_ids"]
     shard = load_file(Path(job.output_path) / "shards" / site / "000000.safetensors")
     assert torch.equal(ds[: shard["activations"].shape[0]][site], shard["activations"])
+    recipe = printed.getvalue()  # the SAELens config, filled in for this extraction's --sites
+    _, ctx, width = shard["activations"].shape
+    for part in ("model_name='tiny/gpt2'", f"hook_name='{site}'", "override_model=",
+                 f"cached_activations_path='{tmp_path / 'sae'}'", f"d_in={width},",
+                 f"context_size={ctx},"):  # fmt: skip
+        assert part in recipe, recipe
     with pytest.raises(CommandError, match="already exists"):
         call_command("export_activations", job.pk, str(tmp_path / "sae"))
     with pytest.raises(CommandError, match="no site 'blocks.5.hook_resid_post'"):

@@ -3,7 +3,8 @@
     python manage.py export_activations <extraction id> --format saelens OUT \
         [--sites a,b] [--dtype float16]
 
-SAELens then trains from it with `use_cached_activations=True, cached_activations_path=OUT`.
+SAELens then trains from it with `use_cached_activations=True, cached_activations_path=OUT`; the
+command prints that config filled in for this extraction (exports.saelens_recipe).
 Streams shard by shard (bounded memory) with a tqdm bar; exits non-zero with a message on a bad
 request, a missing or altered shard, or an extraction that is not completed.
 """
@@ -16,7 +17,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from mistudio.errors import ServiceError
-from models_app import extraction
+from models_app import exports, extraction, selectors
 from models_app.ml.export import EXPORT_DTYPES
 
 
@@ -44,7 +45,5 @@ class Command(BaseCommand):
                 )
             except ServiceError as exc:
                 raise CommandError(exc.message) from None
-        self.stdout.write(
-            f"{folder}\nSAELens: LanguageModelSAERunnerConfig(use_cached_activations=True,"
-            f" cached_activations_path={str(folder)!r}, hook_name=…, context_size=…)"
-        )
+        job = selectors.extraction_get(extraction_id)
+        self.stdout.write(f"{folder}\n{exports.saelens_recipe(job, folder, names)}")

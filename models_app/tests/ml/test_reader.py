@@ -136,7 +136,7 @@ def test_a_tiny_sae_trains_through_the_reader_in_plain_torch(extracted):
     """The README's training snippet, in miniature: an L1 SAE on resid_post, loss goes down."""
     ext = open_extraction(extracted)
     site = "blocks.2.hook_resid_post"
-    d, n_latents = ext.sites[2].shape[0], 128
+    d, n_latents = ext.sites[2].d, 128
     torch.manual_seed(0)
     enc, dec = torch.nn.Linear(d, n_latents), torch.nn.Linear(n_latents, d)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=3e-3)
