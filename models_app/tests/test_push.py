@@ -10,7 +10,6 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from django.core.management import CommandError, call_command
@@ -333,17 +332,6 @@ def test_a_tampered_manifest_is_not_pushed(client, hub, completed):
         assert "nothing was pushed" in push.error_message and push.commit_sha == ""
         assert "tester/tampered" not in hub.dataset_repos  # checked before the repo is made
         PushJob.objects.all().delete()
-
-
-def test_the_fake_hub_answers_each_lfs_object_once(hub):
-    hub.dataset_create("tester/batch", private=True)
-    oid = hashlib.sha256(b"x").hexdigest()
-    r = httpx.post(
-        f"{hub.endpoint}/datasets/tester/batch.git/info/lfs/objects/batch",
-        json={"operation": "upload", "objects": [{"oid": oid, "size": 1}] * 3},
-        headers={"Authorization": f"Bearer {VALID_TOKEN}"},
-    )
-    assert r.status_code == 200 and [o["oid"] for o in r.json()["objects"]] == [oid]
 
 
 @pytest.mark.parametrize("repeats", [False, True], ids=["hub-dedups", "batch-repeats-oids"])
