@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from ninja import Schema
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, StrictBool
 
 from mistudio import limits
 from mistudio.apischema import ByteCountsOut, JobOut
@@ -264,7 +264,7 @@ class PushIn(Schema):
 
     repo_id: PushRepoId
     token: AccessToken = None
-    private: bool = True
+    private: StrictBool = True  # JSON true/false only: "yes" or "false" is refused (422)
 
 
 class PushOut(JobOut, ByteCountsOut):

@@ -16,7 +16,10 @@ import io
 import json
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from django.conf import settings
 from django.db import connections
@@ -34,6 +37,8 @@ from .selectors import extraction_get
 log = logging.getLogger(__name__)
 
 WAITING = "waiting for a download worker"
+UPLOADING = "uploading"
+COMMITTING = "committing: every file is sent, the Hub is writing the commit"
 
 
 def enqueue_push(push_id: str) -> None:
@@ -139,7 +144,7 @@ def _push(row: PushJob, token: str) -> tuple[str, str]:
     """Create the repo (private unless asked otherwise; an existing one of the token's is reused)
     and commit manifest, shards and card in one commit. Returns (repo URL, commit sha)."""
     extraction = row.extraction
-    manifest = json.loads((Path(extraction.output_path) / "manifest.json").read_text())
+    manifest = manifest_checked(extraction.output_path, extraction.manifest)
     api = HfApi(endpoint=settings.HF_ENDPOINT, token=token, library_name="mistudio")
     url = api.create_repo(row.repo_id, repo_type="dataset", private=row.private, exist_ok=True)
     counter = ByteCounter()
@@ -148,10 +153,9 @@ def _push(row: PushJob, token: str) -> tuple[str, str]:
     try:
         for name, path, sha in push_files(extraction.output_path, manifest):
             operations.append(_operation(name, path, sha, counter))
-        card = dataset_card(manifest, repo_id=row.repo_id).encode()
-        operations.append(CommitOperationAdd("README.md", card))
-        PushJob.touch(row.pk, phase="uploading")
-        counter.armed = True
+        card = dataset_card(manifest, repo_id=row.repo_id, endpoint=settings.HF_ENDPOINT)
+        operations.append(CommitOperationAdd("README.md", card.encode()))
+        PushJob.touch(row.pk, phase=UPLOADING)
         with _progress(row.pk, row.bytes_total, counter):
             info = api.create_commit(
                 row.repo_id,
@@ -167,12 +171,27 @@ def _push(row: PushJob, token: str) -> tuple[str, str]:
     return str(url), info.oid
 
 
-def _operation(name: str, path: Path, sha256: str | None, counter: ByteCounter):
-    """An upload of `path` as `name`, read through `counter`; PushFailed when the bytes on disk
-    are not the ones the manifest lists."""
-    fileobj = CountedFile(path, counter)
+def manifest_checked(output_path: str | Path, recorded: dict) -> dict:
+    """The extraction's manifest as recorded in the database, once manifest.json on disk says
+    the same (parsed JSON compared). PushFailed naming manifest.json when it is unreadable or
+    differs (altered on disk): a push never trusts the file alone."""
     try:
-        op = CommitOperationAdd(name, fileobj)
+        on_disk = json.loads((Path(output_path) / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise PushFailed(f"manifest.json could not be read ({type(exc).__name__});"
+                         " nothing was pushed.") from exc  # fmt: skip
+    if on_disk != recorded:
+        raise PushFailed("manifest.json differs from the extraction's record (altered on disk);"
+                         " nothing was pushed.")  # fmt: skip
+    return recorded
+
+
+def _operation(name: str, path: Path, sha256: str | None, counter: ByteCounter):
+    """An upload of `path` as `name` whose content counts as sent once read out whole; PushFailed
+    when the bytes on disk are not the ones the manifest lists."""
+    fileobj = open(path, "rb")  # noqa: SIM115 - closed by _push (a file object keeps the LFS path)
+    try:
+        op = _CountedAdd(name, fileobj)
     except BaseException:
         fileobj.close()
         raise
@@ -180,45 +199,58 @@ def _operation(name: str, path: Path, sha256: str | None, counter: ByteCounter):
         fileobj.close()
         raise PushFailed(f"{name} differs from the sha256 the manifest lists (altered on disk);"
                          " nothing was pushed.")  # fmt: skip
+    op.local, op.counter = path, counter
+    counter.expect(op.upload_info.sha256.hex(), op.upload_info.size)
     return op
 
 
+class _CountedAdd(CommitOperationAdd):
+    """A CommitOperationAdd of a local file that hands huggingface_hub a fresh file object on
+    every `as_file()` (its uploads and its commit payload read through it): identical files
+    (one LFS object, possibly uploaded by several threads) or a retried upload never share
+    one. A read that ends without error marks the content sent in `counter`.
+
+    It is built on an open file object, not a path, so huggingface_hub takes the LFS route (the
+    one the fake hub speaks) and not Xet."""
+
+    local: Path
+    counter: ByteCounter
+
+    @contextmanager
+    def as_file(self, with_tqdm: bool = False) -> Iterator[BinaryIO]:  # noqa: ARG002 - no bar
+        with open(self.local, "rb") as fileobj:
+            yield fileobj
+        self.counter.sent(self.upload_info.sha256.hex())
+
+
 class ByteCounter:
-    """Bytes read from the files being uploaded (thread-safe; counts only once `armed`)."""
+    """Bytes of the files whose content has been sent (thread-safe). A file counts whole once
+    huggingface_hub has read it out for an upload the Hub answered (LFS) or into the commit
+    (small files), so the figure moves file by file and never runs ahead of the Hub. Identical
+    files are one object on the Hub: they count together when it is sent."""
 
     def __init__(self) -> None:
-        self.done = 0
-        self.armed = False
+        self.sizes: dict[str, int] = {}  # sha256 → bytes of every file with that content
+        self.sent_oids: set[str] = set()
         self._lock = threading.Lock()
 
-    def add(self, n: int) -> None:
-        if self.armed and n > 0:
-            with self._lock:
-                self.done += n
+    def expect(self, oid: str, size: int) -> None:
+        self.sizes[oid] = self.sizes.get(oid, 0) + size
 
+    def sent(self, oid: str) -> None:
+        with self._lock:
+            self.sent_oids.add(oid)
 
-class CountedFile(io.BufferedReader):
-    """A file opened for reading whose reads add to a ByteCounter (huggingface_hub accepts a
-    buffered file object and streams it to the Hub)."""
+    @property
+    def done(self) -> int:
+        with self._lock:
+            return sum(self.sizes.get(oid, 0) for oid in self.sent_oids)
 
-    def __init__(self, path: Path, counter: ByteCounter):
-        super().__init__(io.FileIO(path, "rb"))
-        self.counter = counter
-
-    def read(self, size: int | None = -1) -> bytes:
-        data = super().read(size)
-        self.counter.add(len(data))
-        return data
-
-    def read1(self, size: int = -1) -> bytes:
-        data = super().read1(size)
-        self.counter.add(len(data))
-        return data
-
-    def readinto(self, buffer) -> int:
-        n = super().readinto(buffer)
-        self.counter.add(n or 0)
-        return n
+    @property
+    def phase(self) -> str:
+        """UPLOADING while files remain to send, then COMMITTING (the Hub writes the commit)."""
+        with self._lock:
+            return COMMITTING if self.sent_oids >= self.sizes.keys() else UPLOADING
 
 
 class _progress:  # noqa: N801 - used as a context manager
@@ -226,7 +258,9 @@ class _progress:  # noqa: N801 - used as a context manager
     upload reads files in huggingface_hub's own threads), and once more at the end."""
 
     def __init__(self, push_id: str, total: int, counter: ByteCounter):
-        self.tracker = ByteRate(lambda **kw: PushJob.touch(push_id, **kw), total)
+        self.tracker = ByteRate(
+            lambda **kw: PushJob.touch(push_id, phase=counter.phase, **kw), total
+        )
         self.counter, self.total = counter, total
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"push-{push_id}", daemon=True)

@@ -4,7 +4,8 @@
     POST /api/repos/create                                {name, organization, type, visibility}
     POST /api/validate-yaml                               a README's YAML header
     POST /api/datasets/<repo>/preupload/<rev>             upload mode of each file (lfs / regular)
-    POST /datasets/<repo>.git/info/lfs/objects/batch      where to PUT each LFS object
+    POST /datasets/<repo>.git/info/lfs/objects/batch      where to PUT each LFS object (each
+                                                          oid once, as the Hub: lfs_batch_repeats)
     PUT  /lfs-upload/<sha256>?ticket=…                    the object (a presigned URL: no token)
     POST /api/datasets/<repo>/commit/<rev>                ndjson: header, file, lfsFile, deleted…
 
@@ -48,6 +49,9 @@ class Uploads:
         self._uploads_open = threading.Event()
         self._uploads_open.set()
         self._upload_held = threading.Event()
+        # True: the LFS batch answers an object asked for twice twice (a git-lfs server that
+        # does not de-duplicate), so a client uploads it twice, concurrently
+        self.lfs_batch_repeats = False
 
     def hold_uploads(self) -> None:
         """Hold every LFS upload once its bytes are in, before answering (a push mid-upload)."""
@@ -185,9 +189,12 @@ class HubWithUploadsHandler(HubWithDatasetsHandler):
         repo = self._writable_repo(repo_id)
         if repo is None:
             return
-        objects = []
+        objects, seen = [], set()
         for obj in body.get("objects", []):
             oid, size = str(obj.get("oid")), int(obj.get("size", 0))
+            if oid in seen and not self.hub.lfs_batch_repeats:
+                continue  # the real Hub answers each object once, however often it is asked
+            seen.add(oid)
             entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
             if _repo_object(self.hub, repo, oid) is None:  # else "already present upstream"
                 ticket = secrets.token_hex(8)

@@ -3,6 +3,7 @@ create_commit with LFS and regular files), checks the token, and serves the file
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
@@ -87,3 +88,14 @@ def test_an_upload_url_needs_its_ticket_and_the_right_bytes(fake_hub):
     fake_hub.tickets["t"] = ("tester/t", oid)
     r = httpx.put(f"{fake_hub.endpoint}/lfs-upload/{oid}?ticket=t", content=b"not those bytes")
     assert r.status_code == 400 and ("tester/t", oid) not in fake_hub.uploaded
+
+
+def test_the_fake_hub_answers_each_lfs_object_once(fake_hub):
+    fake_hub.dataset_create("tester/batch", private=True)
+    oid = hashlib.sha256(b"x").hexdigest()
+    r = httpx.post(
+        f"{fake_hub.endpoint}/datasets/tester/batch.git/info/lfs/objects/batch",
+        json={"operation": "upload", "objects": [{"oid": oid, "size": 1}] * 3},
+        headers={"Authorization": f"Bearer {VALID_TOKEN}"},
+    )
+    assert r.status_code == 200 and [o["oid"] for o in r.json()["objects"]] == [oid]

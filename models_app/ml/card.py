@@ -1,6 +1,6 @@
 """The dataset card (README.md) of an extraction pushed to the Hub, generated from its manifest.
 
-    text = dataset_card(manifest, repo_id="me/gpt2-acts")
+    text = dataset_card(manifest, repo_id="me/gpt2-acts", endpoint="https://huggingface.co")
 
 A YAML header (licence, tags, task category, size category, pretty name) the Hub reads, then
 what a reader needs to trust and reuse the activations: the model (repo, revision and commit,
@@ -22,14 +22,15 @@ SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"
                    (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))  # fmt: skip
 
 
-def dataset_card(manifest: dict, *, repo_id: str) -> str:
+def dataset_card(manifest: dict, *, repo_id: str, endpoint: str = "https://huggingface.co") -> str:
     """README.md text (YAML header + Markdown) for an extraction pushed as dataset `repo_id`.
 
-    `manifest` is the extraction's manifest.json as a dict; missing keys print as "—"."""
+    `manifest` is the extraction's manifest.json as a dict; missing keys print as "—".
+    `endpoint` is the Hub the card's links point at (the one pushed to)."""
     sections = [
         _header(manifest),
         _title(manifest, repo_id),
-        _source(manifest),
+        _source(manifest, endpoint),
         _extraction(manifest),
         _sites(manifest),
         _statistics(manifest),
@@ -86,7 +87,7 @@ def _title(m: dict, repo_id: str) -> str:
     )
 
 
-def _source(m: dict) -> str:
+def _source(m: dict, endpoint: str) -> str:
     model, tok, ds = m.get("model") or {}, m.get("tokenizer") or {}, m.get("dataset") or {}
     meta = m.get("meta") or {}
     origin = (
@@ -95,7 +96,7 @@ def _source(m: dict) -> str:
         else f"uploaded file `{ds.get('file')}`"
     )
     rows = [
-        ("model", f"[{model.get('repo')}](https://huggingface.co/{model.get('repo')})"),
+        ("model", f"[{model.get('repo')}]({endpoint.rstrip('/')}/{model.get('repo')})"),
         ("revision", f"`{model.get('revision')}` (commit `{model.get('commit')}`)"),
         ("quantization", f"{model.get('quantization')} ({meta.get('backend') or 'none'})"),
         ("compute dtype", model.get("dtype")),
@@ -110,8 +111,9 @@ def _source(m: dict) -> str:
         ),  # fmt: skip
         (
             "dataset",
-            f"{ds.get('name')}: {origin}, text field `{ds.get('text_field')}`,"
-            f" {_n(ds.get('rows'))} rows",
+            f"{ds.get('name')}: {origin},"
+            + (f" text field `{ds['text_field']}`," if ds.get("text_field") else "")
+            + f" {_n(ds.get('rows'))} rows",
         ),  # fmt: skip
         ("dataset sha256", f"`{ds.get('texts_sha256')}` (the normalized texts read)"),
     ]

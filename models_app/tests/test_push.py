@@ -106,29 +106,38 @@ def test_the_card_says_what_the_manifest_says(client, hub, completed, tmp_path):
         assert f"| [{', '.join(map(str, hook['shape']))}] |" in card
     for name, version in m["environment"]["python_libraries"].items():
         assert f"| {name} | {version or 'not installed'} |" in card
-    assert card == dataset_card(m, repo_id="tester/carded")  # the card pushed is the generated one
+    assert f"[{model['repo']}]({hub.endpoint}/{model['repo']})" in card  # the Hub pushed to
+    assert "huggingface.co" not in card and "text field ``" not in card
+    card_again = dataset_card(m, repo_id="tester/carded", endpoint=hub.endpoint)
+    assert card == card_again  # the card pushed is the generated one
 
 
 def test_progress_reaches_the_live_page(client, hub, completed):
-    """Mid-upload (the hub holds the LFS uploads once their bytes are in) the row is running with
-    bytes counted, and the websocket's fragment shows the bar; then the repo's link."""
+    """Mid-upload (the hub holds the LFS uploads once their bytes are in) the row is running and
+    says it is uploading, with no byte counted yet: a file counts once the Hub has answered its
+    upload (bytes merely read ran to ~100 % long before the Hub had them). The websocket's
+    fragment shows the bar; then the repo's link."""
     r = post(
         client,
         f"/api/extractions/{completed.pk}/push",
         {"repo_id": "tester/live", "token": VALID_TOKEN},
     )
+    shards = {sha for _, _, sha in share.push_files(completed.output_path, completed.manifest)}
+    shards.discard(None)
     hub.hold_uploads()
     try:
         worker = in_thread(tasks.push_run_task, r.json()["id"])
         assert hub.wait_until_upload_held(timeout=300)
-        mid = wait_for(lambda: PushJob.objects.filter(bytes_done__gt=0).first(), timeout=300)
-        assert (
-            mid.status == "running"
-            and mid.phase == "uploading"
-            and mid.bytes_done <= mid.bytes_total
+        assert wait_for(lambda: shards <= {oid for _, oid in hub.uploaded}, timeout=300)
+        every_byte_read = timezone.now() + timedelta(seconds=0.5)  # the row is written after
+        mid = wait_for(
+            lambda: PushJob.objects.filter(updated_at__gt=every_byte_read).first(), timeout=300
         )
+        assert mid.bytes_done == 0 and mid.progress == 0  # no upload has been answered yet
+        assert mid.status == "running" and mid.phase == share.UPLOADING
         html = card_html(completed.model_id)
         assert "Pushing to tester/live" in html and 'role="progressbar"' in html
+        assert "uploading" in html
     finally:
         hub.release_uploads()
     worker.join(timeout=300)
@@ -139,6 +148,17 @@ def test_progress_reaches_the_live_page(client, hub, completed):
     assert html.count(status) == 1  # pushed on its own …
     assert html.count(f'id="push-status-{completed.pk}"') == 2  # … and inside the row, not oob
     assert push.commit_sha[:7] in html and f'href="{push.repo_url}"' in html
+
+
+def test_the_byte_counter_moves_file_by_file_then_says_committing():
+    counter = share.ByteCounter()
+    for oid, size in (("a", 10), ("b", 5), ("a", 10)):  # two identical files: one object
+        counter.expect(oid, size)
+    assert counter.done == 0 and counter.phase == share.UPLOADING
+    counter.sent("a")
+    assert counter.done == 20 and counter.phase == share.UPLOADING
+    counter.sent("b")
+    assert counter.done == 25 and counter.phase == share.COMMITTING
 
 
 @pytest.mark.parametrize(
@@ -199,6 +219,9 @@ def test_an_altered_shard_is_not_pushed(client, hub, completed):
             422,
             "private: Input should be a valid boolean",
         ),
+        ({"repo_id": "tester/x", "private": "yes"}, 422, "private: Input should be a valid bool"),
+        ({"repo_id": "tester/x", "private": "false"}, 422, "private: Input should be a valid b"),
+        ({"repo_id": "tester/x", "private": 1}, 422, "private: Input should be a valid boolean"),
     ],
 )
 def test_bad_input_is_4xx_and_changes_nothing(client, hub, completed, body, status, says):
@@ -285,3 +308,49 @@ def test_a_dead_workers_push_is_ended_and_a_lost_one_queued_again(client, hub, c
     assert PushCredential.objects.count() == 0
     tasks.push_run_task(push.pk)  # a late delivery of its task does nothing
     assert PushJob.objects.get().status == "failed" and "tester/stale" not in hub.dataset_repos
+
+
+def test_the_card_names_the_text_field_only_when_there_is_one(completed):
+    m = json.loads(json.dumps(completed.manifest))
+    m["dataset"]["text_field"] = ""  # an uploaded .txt: no field
+    card = dataset_card(m, repo_id="tester/x")
+    assert "text field" not in card and f"{m['dataset']['name']}: uploaded file" in card
+    m["dataset"]["text_field"] = "content"
+    assert "text field `content`," in dataset_card(m, repo_id="tester/x")
+    default = dataset_card(m, repo_id="tester/x")
+    assert f"(https://huggingface.co/{m['model']['repo']})" in default
+    mirror = dataset_card(m, repo_id="tester/x", endpoint="http://hub.internal:8080/")
+    assert f"(http://hub.internal:8080/{m['model']['repo']})" in mirror
+
+
+def test_a_tampered_manifest_is_not_pushed(client, hub, completed):
+    manifest = Path(completed.output_path) / "manifest.json"
+    for text in ("{}", manifest.read_text().replace('"n_tokens"', '"n_tokens_x"'), "not json"):
+        manifest.write_text(text)
+        push = pushed(client, completed, "tester/tampered")
+        assert push.status == PushStatus.FAILED and "manifest.json" in push.error_message
+        assert "nothing was pushed" in push.error_message and push.commit_sha == ""
+        assert "tester/tampered" not in hub.dataset_repos  # checked before the repo is made
+        PushJob.objects.all().delete()
+
+
+@pytest.mark.parametrize("repeats", [False, True], ids=["hub-dedups", "batch-repeats-oids"])
+def test_identical_shards_push_and_read_back(client, hub, monkeypatch, tmp_path, repeats):
+    """blocks.0.hook_resid_post and blocks.1.hook_resid_pre hold the same activations: their
+    shards are byte-identical, one LFS object. Pushed again and again (whether or not the
+    Hub's LFS batch repeats an object asked for twice), every file reads back equal."""
+    job = extract(
+        download("tiny/gpt2", "FP16"), text_dataset(), hook_types=["residual", "resid_pre"]
+    )
+    assert job.status == "completed", job.error_message
+    files = share.push_files(job.output_path, job.manifest)
+    shas = [sha for _, _, sha in files if sha]
+    assert len(set(shas)) < len(shas)  # some shards are identical
+    monkeypatch.setattr(hub, "lfs_batch_repeats", repeats)
+    for i in range(3):
+        push = pushed(client, job, f"tester/same-{int(repeats)}-{i}")
+        assert push.status == PushStatus.COMPLETED, push.error_message
+        assert push.bytes_done == push.bytes_total
+        for name, local, _ in files:
+            got = fetch(hub, f"tester/same-{int(repeats)}-{i}", name, tmp_path / str(i))
+            assert sha256(got) == sha256(local), name
