@@ -19,10 +19,10 @@ from .schemas import (
     EstimateOut,
     ExportIn,
     ExportOut,
+    ExtractionEstimateIn,
     ExtractionIn,
     ExtractionOut,
     ExtractionPartOut,
-    ExtractionSettings,
     ExtractionStarted,
     ModelOut,
     PushIn,
@@ -137,7 +137,7 @@ def models_extract(request: HttpRequest, model_id: str, payload: ExtractionIn):
 
 
 @router.post("/{model_id}/extract-estimate", response={200: EstimateOut, **ERRORS})
-def models_extract_estimate(request: HttpRequest, model_id: str, payload: ExtractionSettings):
+def models_extract_estimate(request: HttpRequest, model_id: str, payload: ExtractionEstimateIn):
     """Before Start: the bytes an extraction would write (tokens × sites × d × bytes, plus the
     SAELens folder if chosen) and the free disk in the output folder; `fits` says if it fits."""
     return extraction.extraction_estimate(model_id, **payload.model_dump())

@@ -41,24 +41,46 @@ def saelens_dir(job: ExtractionJob) -> Path:
     return Path(job.output_path) / SAELENS_DIR
 
 
-def saelens_bytes(n_sequences: int, context_size: int, widths: list[int]) -> int:
-    """Bytes of the SAELens folder's rows: per sequence and site [context_size, d] float32, plus
-    int32 token_ids [context_size] (Arrow's own overhead is a few KB per file on top)."""
-    per_token = sum(widths) * SAELENS_BYTES_PER_ELEMENT + 4
+def saelens_bytes(
+    n_sequences: int, context_size: int, widths: list[int], element_bytes: int = 4
+) -> int:
+    """Bytes of the SAELens folder's rows: per sequence and site [context_size, d] float32
+    (element_bytes 2 for a float16 export), plus int32 token_ids [context_size] (Arrow's own
+    overhead is a few KB per file on top)."""
+    per_token = sum(widths) * element_bytes + 4
     return n_sequences * context_size * per_token
 
 
-def saelens_room(n_sequences: int, context_size: int, widths: list[int]) -> int:
+def saelens_room(
+    n_sequences: int, context_size: int, widths: list[int], element_bytes: int = 4
+) -> int:
     """Free bytes the SAELens folder needs while written: `datasets` builds the table in a work
     folder, then save_to_disk copies it, so twice its size for a moment."""
-    return 2 * saelens_bytes(n_sequences, context_size, widths)
+    return 2 * saelens_bytes(n_sequences, context_size, widths, element_bytes)
 
 
-def _manifest_room(job: ExtractionJob) -> int:
-    manifest = job.manifest or {}
-    widths = [int(h.get("d") or 1) for h in manifest.get("hooks", [])]
-    n_seq = sum(s.get("n_seq", 0) for s in (manifest.get("hooks") or [{}])[0].get("shards", []))
-    return saelens_room(n_seq, job.context_size, widths)
+def saelens_export_room(job: ExtractionJob, sites=None, dtype: str | None = None) -> int:
+    """Free bytes an export of `job`'s sites (default: all; names not in its manifest are left
+    to the exporter to refuse) as `dtype` ("float32" default, or "float16") needs, from its
+    manifest (saelens_room)."""
+    hooks = (job.manifest or {}).get("hooks") or []
+    chosen = [h for h in hooks if sites is None or h.get("name") in sites]
+    widths = [int(h.get("d") or 1) for h in chosen]
+    n_seq = sum(s.get("n_seq", 0) for s in (hooks or [{}])[0].get("shards", []))
+    element = 2 if dtype == "float16" else SAELENS_BYTES_PER_ELEMENT
+    return saelens_room(n_seq, job.context_size, widths, element)
+
+
+def saelens_export_room_check(job: ExtractionJob, where: Path, sites=None, dtype=None) -> None:
+    """Invalid (422, code disk_full) when the export (saelens_export_room) plus the
+    MISTUDIO_DISK_MARGIN_MB margin does not fit in `where` (created if missing)."""
+    room_check(
+        Path(where),
+        saelens_export_room(job, sites, dtype),
+        settings.DISK_MARGIN_BYTES,
+        what="the SAELens export",
+        hint=" Free some space first.",
+    )
 
 
 def folder_bytes(path: Path) -> int:
@@ -111,10 +133,11 @@ def saelens_recorded(job: ExtractionJob, folder: Path) -> None:
 def extraction_export_start(extraction_id: str, *, format: str = "saelens") -> ExtractionExport:
     """Queue the SAELens export of a completed extraction on the download cluster.
 
-    Conflict (409) when the extraction is not completed, or is already exported or being
-    exported; Invalid (422) when its files are gone, or (code disk_full) when the folder (twice
-    its size while written, see saelens_room) does not fit. A failed or cancelled earlier export
-    is replaced."""
+    Conflict (409) when the extraction is not completed, or is already exported (its folder
+    whole on disk) or being exported; Invalid (422) when its files are gone, or (code disk_full)
+    when the folder (twice its size while written, see saelens_room) does not fit. A failed or
+    cancelled earlier export is replaced, and so is a completed one whose folder was removed or
+    is incomplete (ExtractionExport.missing)."""
     job = extraction_get(extraction_id)
     if job.status != ExtractionStatus.COMPLETED:
         raise Conflict(
@@ -126,7 +149,7 @@ def extraction_export_start(extraction_id: str, *, format: str = "saelens") -> E
         raise Conflict(
             "This extraction is being exported for SAELens already; wait for it.", code="exporting"
         )
-    if done is not None and done.status == ExtractionStatus.COMPLETED:
+    if done is not None and done.status == ExtractionStatus.COMPLETED and not done.missing:
         raise Conflict(
             f"This extraction is exported for SAELens already: {done.path}", code="exported"
         )
@@ -137,15 +160,9 @@ def extraction_export_start(extraction_id: str, *, format: str = "saelens") -> E
         open_extraction(job.output_path)  # the manifest only: shards are checked as they are read
     except ReaderError as exc:
         raise Invalid(f"This extraction's files cannot be read: {exc}", code="files_bad") from exc
+    saelens_export_room_check(job, Path(job.output_path))
     if done is not None:
         done.delete()
-    room_check(
-        Path(job.output_path),
-        _manifest_room(job),
-        settings.DISK_MARGIN_BYTES,
-        what="the SAELens export",
-        hint=" Free some space first.",
-    )
     return ExtractionExport.create_queued(
         task=lambda pk: enqueue(EXPORT_TASK, pk, cluster=settings.DOWNLOAD_CLUSTER),
         conflict="This extraction is being exported for SAELens already; wait for it.",

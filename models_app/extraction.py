@@ -24,7 +24,7 @@ from mistudio.limits import DEFAULT_CONTEXT_SIZE
 
 from . import exports
 from .jobs import enqueue_gpu
-from .ml.export import ExportCancelled, ExportError, export_saelens
+from .ml.export import EXPORT_DTYPES, ExportCancelled, ExportError, export_saelens
 from .ml.extract import ExtractionCancelled, ExtractionError, ExtractionSpec
 from .ml.reader import ReaderError
 from .ml.storage import sequence_bytes, sha256_file, storage_dtype
@@ -98,22 +98,38 @@ def _disk_check(needed: int, where: Path | None = None) -> None:
     )
 
 
-def _needed_bytes(model, widths, max_samples, context_size, output_format) -> tuple[int, int]:
-    """(shard bytes, SAELens folder bytes) an extraction writes at most; the second is 0 without
-    the SAELens choice. Free room needed: shards + 2 × SAELens (see exports.saelens_room)."""
-    shards = output_bytes_estimate(model, widths, max_samples, context_size)
+def sequences_bound(max_samples: int, context_size: int, dataset: Dataset | None) -> int:
+    """Upper bound of the sequences an extraction packs (ml/tokens.py): max_samples, and what the
+    dataset can give. Every token but BOS/EOS covers at least one character, the dataset's texts
+    file (size_bytes: one JSON string per line, UTF-8) has at least as many bytes as characters,
+    packing adds one EOS per document (2 per row counted, to be safe), a sequence holds at least
+    context_size - 1 stream tokens (the BOS takes one) and the last partial one is dropped:
+    sequences <= ceil((size_bytes + 2 × row_count) / (context_size - 1)). None: max_samples."""
+    if dataset is None or dataset.size_bytes <= 0:
+        return max_samples
+    tokens = dataset.size_bytes + 2 * dataset.row_count
+    return min(max_samples, -(-tokens // max(context_size - 1, 1)))
+
+
+def _needed_bytes(model, widths, n_sequences, context_size, output_format) -> tuple[int, int]:
+    """(shard bytes, SAELens folder bytes) an extraction of at most n_sequences writes at most;
+    the second is 0 without the SAELens choice. Free room needed: shards + 2 × SAELens (see
+    exports.saelens_room)."""
+    shards = output_bytes_estimate(model, widths, n_sequences, context_size)
     if output_format != exports.SAELENS_FORMAT:
         return shards, 0
-    return shards, exports.saelens_bytes(max_samples, context_size, widths)
+    return shards, exports.saelens_bytes(n_sequences, context_size, widths)
 
 
 def extraction_estimate(
     model_id: str, *, layers: list[int], hook_types: list[str], module_sites: list[dict],
     max_samples: int, context_size: int | None,
-    output_format: str = limits.DEFAULT_OUTPUT_FORMAT, **_ignored,
+    output_format: str = limits.DEFAULT_OUTPUT_FORMAT, dataset_id: str | None = None, **_ignored,
 ) -> dict:  # fmt: skip
-    """What an extraction with these settings would write and whether it fits, before Start:
-    {n_tokens (max_samples × context_size), n_sites, widths (d per site), bytes_per_element,
+    """What an extraction with these settings would write at most and whether it fits, before
+    Start: {n_sequences (max_samples, bounded by the dataset's size when dataset_id is given:
+    see sequences_bound), n_tokens (n_sequences × context_size), upper_bound (True), n_sites,
+    widths (d per site), bytes_per_element,
     shard_bytes (tokens × Σ d × bytes + int32 token ids per site), saelens_bytes (0 without the
     SAELens choice; float32), output_bytes (their sum), needed_bytes (what must be free: the
     SAELens folder counts twice while written), free_bytes, margin_bytes, fits, folder}.
@@ -125,13 +141,17 @@ def extraction_estimate(
         model, layers=layers, hook_types=hook_types, module_sites=[dict(s) for s in module_sites]
     )
     widths = [site["d"] or model.hidden_dim or 1 for site in sites]
-    shards, saelens = _needed_bytes(model, widths, max_samples, context_size, output_format)
+    dataset = _dataset(dataset_id) if dataset_id else None
+    n_seq = sequences_bound(max_samples, context_size, dataset)
+    shards, saelens = _needed_bytes(model, widths, n_seq, context_size, output_format)
     folder = Path(settings.ACTIVATIONS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     free, needed = shutil.disk_usage(folder).free, shards + 2 * saelens
     uniform = len(set(widths)) == 1
     return {
-        "n_tokens": max_samples * context_size,
+        "n_sequences": n_seq,
+        "n_tokens": n_seq * context_size,
+        "upper_bound": True,
         "n_sites": len(sites),
         "widths": widths,
         "d": widths[0] if uniform else None,
@@ -196,7 +216,8 @@ def extraction_start(
     dataset = _dataset(dataset_id)
     out = _out_dir_check(out) if out else None
     widths = [site["d"] or model.hidden_dim or 1 for site in sites]
-    shards, saelens = _needed_bytes(model, widths, max_samples, context_size, output_format)
+    n_seq = sequences_bound(max_samples, context_size, dataset)
+    shards, saelens = _needed_bytes(model, widths, n_seq, context_size, output_format)
     _disk_check(shards + 2 * saelens, out.parent if out else None)
     job_id = new_extraction_id()
     job = ExtractionJob.objects.create(
@@ -272,22 +293,33 @@ def extraction_meta(job: ExtractionJob, backend: str) -> dict:
 
 def extraction_saelens_phase(job: ExtractionJob, should_cancel) -> None:
     """The job's last phase with the SAELens choice: the `datasets` folder from the shards
-    (after the manifest). ExtractionCancelled, or ExtractionError with the reason."""
+    (after the manifest). The job's progress goes on from where the extraction left it (a short
+    dataset ends below 100 %) up to 100 % (see phase_progress), never back to 0.
+    ExtractionCancelled, or ExtractionError with the reason."""
+    start = ExtractionJob.objects.filter(pk=job.pk).values_list("progress", flat=True).first()
+    start = float(start or 0.0)
 
     def write(done: int, total: int) -> None:
         ExtractionJob.touch(
             job.pk,
-            progress=min(100.0, 100.0 * done / max(total, 1)),
+            progress=phase_progress(start, done, total),
             phase=f"writing the SAELens folder: {done}/{total} sequences",
         )
 
-    write(0, 1)
+    ExtractionJob.touch(job.pk, phase="writing the SAELens folder")
     try:
         exports.saelens_write(job, write, should_cancel)
     except ExportCancelled:
         raise ExtractionCancelled() from None
     except (ExportError, ReaderError) as exc:
         raise ExtractionError(f"Writing the SAELens folder failed: {exc}") from exc
+
+
+def phase_progress(start: float, done: int, total: int) -> float:
+    """Percent of a job whose last phase goes from `start` % to 100 %, `done` of `total` units
+    through it: start + (100 - start) × done / total, within [start, 100]."""
+    start = min(max(start, 0.0), 100.0)
+    return min(100.0, start + (100.0 - start) * max(done, 0) / max(total, 1))
 
 
 def _dataset_provenance(job: ExtractionJob) -> dict:
@@ -395,15 +427,35 @@ def extractions_remove_for_model(model: Model) -> None:
         extraction_files_remove(job)
 
 
-def extraction_export(extraction_id: str, out: Path, *, sites=None, dtype=None, on_progress=None):
-    """Export a completed extraction as the `datasets` folder SAELens trains from (ml/export.py);
-    returns the folder. Invalid (400) for a bad site, dtype or existing folder, or a missing or
-    altered shard; Conflict (409) while the extraction is not completed."""
+def extraction_export_check(extraction_id: str, out: Path, *, sites=None, dtype=None):
+    """What extraction_export refuses, checked before anything is written (the CLI checks this
+    before it draws its progress bar); returns the job. Conflict (409) while the extraction is not
+    completed; Invalid for an existing `out`, a dtype or site the export does not take, or (422,
+    code disk_full) no room for the folder in out's parent (see exports.saelens_export_room)."""
     job = extraction_get(extraction_id)
     if job.status != ExtractionStatus.COMPLETED:
         raise Conflict(
             f"Extraction {job.pk} is {job.status}: only a completed one can be exported."
         )
+    out = Path(out)
+    if out.exists():
+        raise Invalid(f"{out} already exists: choose a new folder")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise Invalid(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, not {dtype}")
+    names = [h.get("name") for h in (job.manifest or {}).get("hooks") or []]
+    unknown = [s for s in sites or [] if s not in names]
+    if unknown:
+        raise Invalid(f"No site {', '.join(unknown)} in this extraction: it has {', '.join(names)}")
+    exports.saelens_export_room_check(job, out.parent, sites, dtype)
+    return job
+
+
+def extraction_export(extraction_id: str, out: Path, *, sites=None, dtype=None, on_progress=None):
+    """Export a completed extraction as the `datasets` folder SAELens trains from (ml/export.py);
+    returns the folder. Invalid (400) for a bad site, dtype or existing folder, or a missing or
+    altered shard, or (422, disk_full) no room; Conflict (409) while the extraction is not
+    completed (see extraction_export_check)."""
+    job = extraction_export_check(extraction_id, out, sites=sites, dtype=dtype)
     try:
         return export_saelens(job.output_path, Path(out), sites=sites, dtype=dtype,
                               on_progress=on_progress)  # fmt: skip

@@ -13,6 +13,8 @@ from mistudio import limits
 from mistudio.jobs import ByteCounts, Job
 from mistudio.secretbox import SealedToken
 
+from .ml.folders import datasets_folder_whole
+
 
 def new_model_id() -> str:
     return f"m_{uuid.uuid4().hex}"
@@ -296,6 +298,12 @@ class ExtractionExport(Job):
 
     def __str__(self) -> str:
         return f"{self.format} export of {self.extraction_id}"
+
+    @property
+    def missing(self) -> bool:
+        """A completed export whose folder is gone from disk (removed by hand) or incomplete:
+        not exported any more; the card and the API say so, and it may be exported again."""
+        return self.status == ExtractionStatus.COMPLETED and not datasets_folder_whole(self.path)
 
     @classmethod
     def card_ids(cls, pk: str) -> list[str]:

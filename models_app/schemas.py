@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from ninja import Schema
-from pydantic import AfterValidator, Field, StrictBool
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool
 
 from mistudio import limits
 from mistudio.apischema import ByteCountsOut, JobOut
@@ -116,6 +117,28 @@ def _printable_id(value: str) -> str:
     return value
 
 
+_WHOLE_RE = re.compile(r"[+-]?[0-9]{1,30}")
+
+
+def whole_number(low: int, high: int):
+    """An int field between low and high (inclusive) that refuses anything else (a float such
+    as 1e30 or 2.5, a bool, a non-numeric string, a number out of range) with one clear message:
+    "must be a whole number between low and high" (an integral float like 8.0 and a digit string
+    like "8", as the HTML form posts, are taken)."""
+    message = f"must be a whole number between {low} and {high}."
+
+    def check(value: object) -> int:
+        if isinstance(value, str) and _WHOLE_RE.fullmatch(value.strip()):
+            value = int(value.strip())
+        elif isinstance(value, float) and value.is_integer() and abs(value) <= high:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(message)
+        return value
+
+    return Annotated[int, BeforeValidator(check)]
+
+
 LayerIndex = Annotated[int, Field(ge=0, le=limits.LAYER_INDEX_MAX)]
 HookType = Literal[limits.HOOK_TYPES]  # type: ignore[valid-type]
 SpecialTokens = Literal[limits.SPECIAL_TOKENS]  # type: ignore[valid-type]
@@ -137,15 +160,13 @@ class ExtractionSettings(Schema):
         AfterValidator(_unique_sorted),
     ]
     module_sites: ModuleSites = []  # advanced: module paths of the model, input or output
-    batch_size: int = Field(
-        default=limits.DEFAULT_BATCH_SIZE, ge=limits.BATCH_SIZE_MIN, le=limits.BATCH_SIZE_MAX
+    batch_size: whole_number(limits.BATCH_SIZE_MIN, limits.BATCH_SIZE_MAX) = (
+        limits.DEFAULT_BATCH_SIZE
     )
-    max_samples: int = Field(
-        default=limits.DEFAULT_MAX_SAMPLES, ge=limits.MAX_SAMPLES_MIN, le=limits.MAX_SAMPLES_MAX
+    max_samples: whole_number(limits.MAX_SAMPLES_MIN, limits.MAX_SAMPLES_MAX) = (
+        limits.DEFAULT_MAX_SAMPLES
     )
-    context_size: int | None = Field(
-        default=None, ge=limits.CONTEXT_SIZE_MIN, le=limits.CONTEXT_SIZE_MAX
-    )
+    context_size: whole_number(limits.CONTEXT_SIZE_MIN, limits.CONTEXT_SIZE_MAX) | None = None
     # "text": special-token strings in the data are plain text; "parse": they are special tokens
     special_tokens: SpecialTokens = limits.DEFAULT_SPECIAL_TOKENS
     # "safetensors" (the shards) or "safetensors+saelens" (also a SAELens datasets folder)
@@ -178,6 +199,7 @@ class ExportOut(JobOut):
     format: str
     path: str
     bytes_written: int
+    missing: bool  # completed, but the folder was removed or is incomplete: export again
 
 
 class ExtractionOut(JobOut):
@@ -211,10 +233,21 @@ class ExportIn(Schema):
     format: Literal["saelens"] = "saelens"
 
 
-class EstimateOut(Schema):
-    """What an extraction would write (bytes) and the room for it (see extraction_estimate)."""
+class ExtractionEstimateIn(ExtractionSettings):
+    """The settings to estimate, and optionally the dataset (its size bounds the sequences)."""
 
+    dataset_id: (
+        Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable_id)] | None
+    ) = None
+
+
+class EstimateOut(Schema):
+    """What an extraction would write at most (bytes, an upper bound) and the room for it (see
+    extraction_estimate)."""
+
+    n_sequences: int
     n_tokens: int
+    upper_bound: bool
     n_sites: int
     widths: list[int]
     d: int | None  # the one width of every site, None when they differ

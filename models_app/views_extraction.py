@@ -16,7 +16,7 @@ from templates_app.selectors import section_context, template_get
 
 from . import exports, extraction, inspection, selectors, sites
 from .models import Model
-from .schemas import ExtractionIn, ExtractionSettings, SitesIn
+from .schemas import ExtractionEstimateIn, ExtractionIn, SitesIn
 
 MODAL = "models_app/extract.html"
 TOKENS = "models_app/tokens.html"
@@ -236,7 +236,9 @@ def extract_estimate(request: HttpRequest, model_id: str) -> HttpResponse:
     disk, or what is missing to tell them. A form that is not complete yet is not an error: the
     line says what is missing (200), and Start stays disabled while it does not fit."""
     try:
-        data = ExtractionSettings.model_validate(_posted_form(request))
+        form = _posted_form(request)
+        form["dataset_id"] = form["dataset_id"] or None
+        data = ExtractionEstimateIn.model_validate(form)
         estimate = extraction.extraction_estimate(model_id, **data.model_dump())
     except ValidationError as exc:
         return render(request, f"{MODAL}#estimate", {"note": validation_message(exc)})

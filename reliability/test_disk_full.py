@@ -18,7 +18,7 @@ from datasets_app import storage as dataset_storage
 from datasets_app.tests.helpers import worker_ended
 from models_app import extraction, tasks
 from models_app.models import ExtractionJob, Model
-from models_app.tests.helpers import download, in_thread, text_dataset
+from models_app.tests.helpers import CORPUS, download, in_thread, text_dataset
 
 from .conftest import FIGURES
 from .helpers import partial_model_files
@@ -63,7 +63,9 @@ def test_a_download_that_cannot_fit_is_refused_before_any_byte(hub, settings, sm
 def test_an_extraction_that_cannot_fit_is_refused_before_it_starts(hub, settings, small_disk):
     model = download("tiny/llama")
     settings.ACTIVATIONS_DIR = small_disk
-    body = {"dataset_id": text_dataset().pk, "layers": [0, 1], "hook_types": ["residual"]}
+    # enough text for 500 sequences: the disk check is bounded by what the dataset can give
+    dataset = text_dataset("long", CORPUS * 10)
+    body = {"dataset_id": dataset.pk, "layers": [0, 1], "hook_types": ["residual"]}
     r = post(Client(), f"/api/models/{model.pk}/extract-activations", {**body, "max_samples": 500})
     assert r.status_code == 422 and r.json()["code"] == "disk_full", r.content
     assert not ExtractionJob.objects.exists()

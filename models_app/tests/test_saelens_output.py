@@ -201,7 +201,9 @@ def test_a_stale_export_is_ended_and_its_folder_removed(client, ready):
 def test_the_size_estimate_equals_the_bytes_written(client, ready):
     model, ds = ready
     body = {**BODY, "max_samples": 20, "output_format": SAE}
-    est = post(client, f"/api/models/{model.pk}/extract-estimate", body).json()
+    # the dataset gives more than max_samples sequences: its size does not lower the bound
+    est = post(client, f"/api/models/{model.pk}/extract-estimate", {**body, "dataset_id": ds.pk})
+    est = est.json()
     assert est["n_tokens"] == 20 * 32 and est["n_sites"] == 4
     d, b = est["d"], est["bytes_per_element"]  # float32 on CPU, bfloat16 on a GPU
     assert b == (4 if device().type == "cpu" else 2)
@@ -236,7 +238,8 @@ def test_the_modal_shows_the_size_and_refuses_what_will_not_fit(client, ready, s
     assert 'data-fits="true"' in page and "free" in page and "tokens" in page
     est = post(client, f"/api/models/{model.pk}/extract-estimate",
                {"layers": [0, 1], "hook_types": ["residual"], "max_samples": 100000,
-                "context_size": 32, "output_format": SAE}).json()  # fmt: skip
+                "context_size": 32, "output_format": SAE, "dataset_id": ds.pk}).json()  # fmt: skip
+    assert est["n_sequences"] < 100000  # bounded by the dataset's size, as the modal's line is
     # a margin (the settings knob) that leaves room for the shards but not the SAELens folder
     settings.DISK_MARGIN_BYTES = est["free_bytes"] - est["shard_bytes"] - est["saelens_bytes"]
     assert 'data-fits="true"' in client.post(url, form, **HX).content.decode()

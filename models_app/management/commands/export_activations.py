@@ -6,7 +6,9 @@
 SAELens then trains from it with `use_cached_activations=True, cached_activations_path=OUT`; the
 command prints that config filled in for this extraction (exports.saelens_recipe).
 Streams shard by shard (bounded memory) with a tqdm bar; exits non-zero with a message on a bad
-request, a missing or altered shard, or an extraction that is not completed.
+request, no room on the disk (the same check as the API export, with MISTUDIO_DISK_MARGIN_MB), a
+missing or altered shard, or an extraction that is not completed; those it can tell beforehand
+are refused before the bar is drawn.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, extraction_id, out, sites, dtype, **options):
         names = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
+        try:  # refused before the bar is drawn: a bad request or no room writes nothing
+            extraction.extraction_export_check(extraction_id, out, sites=names, dtype=dtype)
+        except ServiceError as exc:
+            raise CommandError(exc.message) from None
         with tqdm(unit="seq", desc=f"export {extraction_id}", dynamic_ncols=True) as bar:
 
             def progress(done: int, total: int) -> None:
