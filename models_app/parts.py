@@ -235,6 +235,11 @@ def _stop_requested(job_pk: str) -> bool:
 
 
 def _job_fail(job: ExtractionJob, message: str) -> None:
+    """End the job `failed`. When no part is running, its files go before the row says so (a
+    failed job is never seen with partial files); else the last part to stop removes them."""
+    job.parts.filter(status=Part.QUEUED).update(status=Part.CANCELLED)
+    if not job.parts.filter(status=Part.RUNNING).exists():
+        extraction_files_remove(job)
     ExtractionJob.objects.filter(pk=job.pk, status=ExtractionStatus.RUNNING).update(
         status=ExtractionStatus.FAILED, error_message=message, phase="", eta_seconds=None,
         finished_at=timezone.now(), updated_at=timezone.now(),
