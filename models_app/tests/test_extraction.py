@@ -235,7 +235,9 @@ def test_export_activations_cli_writes_a_saelens_folder_equal_to_the_shards(hub,
         assert part in recipe, recipe
     with pytest.raises(CommandError, match="already exists"):
         call_command("export_activations", job.pk, str(tmp_path / "sae"))
-    with pytest.raises(CommandError, match="no site 'blocks.5.hook_resid_post'"):
+    with pytest.raises(
+        CommandError, match="No site blocks.5.hook_resid_post in this extraction: it has"
+    ):
         call_command(
             "export_activations", job.pk, str(tmp_path / "b"), "--sites", "blocks.5.hook_resid_post"
         )
