@@ -144,24 +144,9 @@ class Job(models.Model):
         Beats every `every` seconds (default: a quarter of STALE_HEARTBEAT_SECONDS, so a live job
         is never taken for a dead one by the reconciler)."""
         every = every or settings.STALE_HEARTBEAT_SECONDS / 4
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(every):
-                try:
-                    cls.objects.filter(pk=pk).update(heartbeat_at=timezone.now())
-                except Exception:  # noqa: BLE001
-                    log.warning("heartbeat failed for %s", pk, exc_info=True)
-                finally:
-                    close_old_connections()
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{pk}", daemon=True)
-        thread.start()
-        try:
+        beat = lambda: cls.objects.filter(pk=pk).update(heartbeat_at=timezone.now())  # noqa: E731
+        with beating(beat, every=every, name=f"heartbeat-{pk}"):
             yield
-        finally:
-            stop.set()
-            thread.join(timeout=5)
 
 
 def enqueue(func: str, job_id: str, *, cluster: str) -> None:
@@ -222,3 +207,27 @@ class ByteRate:
         eta = remaining / speed if speed > 0 else None
         progress = min(100.0, 100.0 * self.done / self.total)
         self.write(progress=progress, bytes_done=self.done, speed_bps=speed, eta_seconds=eta)
+
+
+@contextmanager
+def beating(beat: Callable[[], object], *, every: float, name: str) -> Iterator[None]:
+    """Call `beat()` (a heartbeat write) every `every` seconds from a daemon thread while the
+    block runs; a failing beat is logged and tried again; the thread's DB connections close."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            try:
+                beat()
+            except Exception:  # noqa: BLE001
+                log.warning("%s failed", name, exc_info=True)
+            finally:
+                close_old_connections()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

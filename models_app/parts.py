@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,12 +28,13 @@ from functools import partial
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from datasets_app.services import dataset_texts
 from mistudio.errors import ServiceError, is_disk_full
+from mistudio.jobs import beating
 
 from . import exports
 from .extraction import (
@@ -288,26 +288,15 @@ def _finish(job: ExtractionJob, in_worker: bool) -> None:
 @contextmanager
 def _heartbeat(part_pk: int, job_pk: str) -> Iterator[None]:
     """Keep the part's and the job's heartbeat fresh while the part runs."""
-    stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(settings.STALE_HEARTBEAT_SECONDS / 4):
-            try:
-                now = timezone.now()
-                ExtractionPart.objects.filter(pk=part_pk).update(heartbeat_at=now)
-                ExtractionJob.objects.filter(pk=job_pk).update(heartbeat_at=now)
-            except Exception:  # noqa: BLE001
-                log.warning("heartbeat failed for part %s", part_pk, exc_info=True)
-            finally:
-                close_old_connections()
+        now = timezone.now()
+        ExtractionPart.objects.filter(pk=part_pk).update(heartbeat_at=now)
+        ExtractionJob.objects.filter(pk=job_pk).update(heartbeat_at=now)
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-part-{part_pk}", daemon=True)
-    thread.start()
-    try:
+    every = settings.STALE_HEARTBEAT_SECONDS / 4
+    with beating(beat, every=every, name=f"heartbeat-part-{part_pk}"):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 class _Progress:
