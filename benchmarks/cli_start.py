@@ -70,7 +70,10 @@ def first_batch_seconds(env: dict, text_file: Path) -> tuple[float, float]:
 
 
 def _work_done(piece: bytes) -> bool:
-    match = _DONE.search(piece.split(b":", 1)[-1])  # after "extract x_…:"
+    """A line of the extraction's own bar ("extract x_…: …") with tokens done (not the dataset
+    import's bar, which comes first)."""
+    label, _, rest = piece.strip().partition(b":")
+    match = _DONE.search(rest) if label.startswith(b"extract ") else None
     return bool(match) and float(match.group(1)) > 0
 
 

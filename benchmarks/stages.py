@@ -1,7 +1,7 @@
 """Where extraction time goes: the pipeline built up stage by stage against the bare forward.
 
     python -m benchmarks.stages [--device cpu|cuda] [--dtype bfloat16] [--shape 12x768]
-                                [--hooks residual|all] [--sequences N] [--repeats R]
+                                [--hooks residual|all|every] [--sequences N] [--repeats R]
 
 Each stage adds one part of what `run_extraction` does, on the same model and tokens:
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from models_app.ml.hooks import capture
+from models_app.ml.hooks import capture, known_shape
 from models_app.ml.loading import load_model
-from models_app.ml.stats import StatsBank
+from models_app.ml.snapshot import SiteSnapshots
 from models_app.ml.storage import copy_on_stream
 
 from .extraction import (
@@ -46,9 +46,9 @@ from .extraction import (
     warm_up,
 )
 from .workload import (
-    ALL_HOOKS,
-    RESIDUAL,
+    HOOK_SETS,
     build_model_dir,
+    every_layer,
     gpt2_config,
     load_tokenizer,
     make_workload,
@@ -67,8 +67,12 @@ def staged(model, sites, device: torch.device, *, copy: bool, stats: bool) -> Me
 
     def run(work, out_dir: Path) -> int:
         b, t, d = work.batch_size, work.tokens.shape[1], model.config.hidden_size
-        buffers = {s.name: torch.empty((b, t, d), dtype=storage, pin_memory=cuda) for s in sites}
-        bank, fired = StatsBank(len(sites)), {}
+        shape = {s.name: known_shape(model, s, d) for s in sites}  # one token's: (d,), (H, d_h)
+        buffers = {
+            s.name: torch.empty((b, t, *shape[s.name]), dtype=storage, pin_memory=cuda)
+            for s in sites
+        }  # (B, T, *shape)
+        snaps, fired = SiteSnapshots([s.name for s in sites], shape, b, t, device), {}
 
         def sink(site, x):  # x: (b, T, d)
             fired[site.name] = x
@@ -82,8 +86,12 @@ def staged(model, sites, device: torch.device, *, copy: bool, stats: bool) -> Me
         with capture(model, sites, sink) as cap:  # the timing synchronises every stream
             for ids in work.batches():  # (B, T)
                 cap.forward(ids.pin_memory().to(device, non_blocking=True) if cuda else ids)
-                if stats:
-                    bank.update(torch.stack([fired[s.name] for s in sites]))  # (S, b, T, d)
+                if stats and cuda:  # one stacked update per width, as extraction does
+                    for s in sites:
+                        snaps.take(s.name, fired[s.name])
+                    snaps.update_stats(ids.shape[0])
+                elif stats:  # CPU: from the staged copies, as extraction does
+                    snaps.update_stats_from({n: buffers[n][: ids.shape[0]] for n in buffers})
         return work.n_tokens
 
     return run
@@ -118,7 +126,8 @@ def stage_methods(model, tokenizer, cfg: BenchConfig, hooks, device) -> dict[str
     return methods
 
 
-def run_stages(cfg: BenchConfig, hooks=RESIDUAL) -> dict:
+def run_stages(cfg: BenchConfig, hooks: str = "residual") -> dict:
+    """Time every stage; `hooks` names a HOOK_SETS entry ("every": at every layer)."""
     device = torch.device(cfg.device)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="mistudio-stages-") as tmp:
@@ -126,13 +135,15 @@ def run_stages(cfg: BenchConfig, hooks=RESIDUAL) -> dict:
         model_dir = build_model_dir(scratch / "gpt2", gpt2_config(cfg.shape))
         work = make_workload(model_dir, cfg.n_sequences, cfg.context_size, cfg.batch_size)
         model, report = load_model(model_dir, cfg.quantization, device, dtype=cfg.compute_dtype())
-        methods = stage_methods(model, load_tokenizer(model_dir), cfg, hooks, device)
+        if hooks == "every":
+            cfg.layers = every_layer(model)
+        methods = stage_methods(model, load_tokenizer(model_dir), cfg, HOOK_SETS[hooks], device)
         methods = warm_up(methods, work, scratch, device, notes)
         timings = time_methods(methods, work, cfg.repeats, scratch, device)
     return {
         "tok_s": {m: round(t["tok_s"], 1) for m, t in timings.items()},
         "vs_bare": {m: paired(timings, m, "bare_forward", "runs_tok_s") for m in timings},
-        "hooks": list(hooks), "layers": cfg.layers, "device": str(device),
+        "hooks": list(HOOK_SETS[hooks]), "layers": cfg.layers, "device": str(device),
         "compute_dtype": report.compute_dtype, "quantization": cfg.quantization,
         "tokens_per_run": work.n_tokens, "batch": [cfg.batch_size, cfg.context_size],
         "shape": cfg.shape, "machine": machine(device), "notes": notes,
@@ -146,7 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quantization", default="FP16")
     p.add_argument("--shape", default="12x768")
     p.add_argument("--layers", default="3,6,9")
-    p.add_argument("--hooks", choices=("residual", "all"), default="residual")
+    p.add_argument(
+        "--hooks",
+        choices=tuple(HOOK_SETS),
+        default="residual",
+        help="residual, all (+mlp, attention) or every (5 hook types at every layer)",
+    )
     p.add_argument("--sequences", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
@@ -160,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cuda":
         cfg.scale_for_cuda()
     cfg.n_sequences = args.sequences or cfg.n_sequences
-    result = run_stages(cfg, ALL_HOOKS if args.hooks == "all" else RESIDUAL)
+    result = run_stages(cfg, args.hooks)
     for m, v in result["tok_s"].items():
         print(f"{m:<14}{v:>12.1f} tok/s {result['vs_bare'][m]:>8.3f} × bare")
     print(json.dumps(result))

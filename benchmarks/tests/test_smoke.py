@@ -134,6 +134,14 @@ def test_the_cli_first_batch_is_timed(tmp_path, monkeypatch):
     assert 0 < result["first_batch_s"] <= result["total_s"][0]
 
 
+def test_only_the_extraction_bar_marks_the_first_batch():
+    # the dataset import's bar comes first and reaches 100/100 before any token is extracted
+    assert not cli_start._work_done(b"dataset d_1: 100%|####| 100/100 [00:00<00:00, 9%/s]")
+    assert not cli_start._work_done(b"extract x_1: 0.00tok [00:00, ?tok/s]")
+    assert not cli_start._work_done(b"extract x_1:   0%|   | 0.00/4.10k [00:00<?, ?tok/s]")
+    assert cli_start._work_done(b"extract x_1:  12%|#  | 512/4.10k [00:01<00:07, 480tok/s]")
+
+
 def test_peak_rss_comes_from_a_fresh_process(tiny_dir):
     result = memory.peak_rss(tiny_dir, 2, layers=LAYERS, context_size=32, batch_size=2,
                              method="seed_style")  # fmt: skip

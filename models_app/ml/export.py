@@ -24,11 +24,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 
 from .reader import TOKEN_IDS, Extraction, ReaderError, open_extraction
+
+if TYPE_CHECKING:
+    import datasets
 
 EXPORT_DTYPES = ("float32", "float16")
 _RECORD_BATCH_BYTES = 64 * 2**20  # rows buffered by the Arrow writer before each write
@@ -83,6 +86,8 @@ def export_saelens(
 
 def _generate(ext, names, features, work: Path, verify, on_progress) -> datasets.Dataset:
     """The Arrow table, written by `datasets` into `work`; our own errors come out unwrapped."""
+    import datasets  # pyarrow and pandas (~0.4 s): only an export needs them
+
     try:
         return datasets.Dataset.from_generator(
             _rows,
@@ -113,6 +118,8 @@ def _fingerprint(ext: Extraction, names: list[str], features: datasets.Features)
 
 
 def _features(ext: Extraction, names: list[str], dtype: str) -> datasets.Features:
+    import datasets  # see _generate
+
     by_name = {s.name: s for s in ext.sites}
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:

@@ -17,13 +17,20 @@ import time
 from pathlib import Path
 
 import torch
-from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+
+def _quanto():
+    """optimum-quanto's extension registry, imported on first use: the import brings torch's C++
+    builder and setuptools (~0.2 s), which only a 2-bit model needs (a CLI starts faster)."""
+    from optimum.quanto.library import extensions  # deferred on purpose
+
+    return extensions
 
 
 def extension_names() -> list[str]:
     """The extensions optimum-quanto uses on this machine: the CPU one, and CUDA's when usable."""
     names = ["quanto_cpp"]
-    if torch.cuda.is_available() and is_extension_available("quanto_cuda"):
+    if torch.cuda.is_available() and _quanto().is_extension_available("quanto_cuda"):
         names.append("quanto_cuda")
     return names
 
@@ -32,7 +39,7 @@ def extensions_built() -> bool:
     """Whether every extension optimum-quanto needs here is already built for this torch (so a
     Q2 load will not start by compiling)."""
     for name in extension_names():
-        ext = get_extension(name)
+        ext = _quanto().get_extension(name)
         version_file = Path(ext.build_directory) / "pytorch_version.txt"
         if ext._lib is None and not (
             version_file.is_file() and version_file.read_text().strip() == torch.__version__
@@ -52,7 +59,7 @@ def extensions_load() -> bool:
     """
     loaded = True
     for name in extension_names():
-        ext = get_extension(name)
+        ext = _quanto().get_extension(name)
         build = Path(ext.build_directory)
         library = build / f"{name}.so"
         version_file = build / "pytorch_version.txt"
@@ -76,7 +83,7 @@ def build_extensions() -> dict[str, float]:
     for name in extension_names():
         start = time.monotonic()
         if not extensions_load():
-            get_extension(name).lib  # noqa: B018 - the property compiles and loads the extension
+            _quanto().get_extension(name).lib  # noqa: B018 - the property compiles and loads the extension
         took[name] = time.monotonic() - start
     return took
 

@@ -67,6 +67,9 @@ def _normalize_with_bar(dataset_id: str) -> None:
 
 class Command(BaseCommand):
     help = "Extract activations (residual, mlp, attention, z, … or any module) over a dataset."
+    # The system checks are about serving (bind host, allowed hosts) and load the URL conf and
+    # the API (~0.3 s before the first batch); this command serves nothing.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True, help="model id (m_…) or repo id")
