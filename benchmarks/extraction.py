@@ -36,7 +36,7 @@ import torch
 import transformers
 
 from models_app.ml.device import cpu_model_name
-from models_app.ml.extract import ExtractionSpec, run_extraction
+from models_app.ml.extract import POOL_SLOTS, ExtractionSpec, run_extraction
 from models_app.ml.layers import find_blocks
 from models_app.ml.loading import QUANTIZATIONS, load_model
 
@@ -352,11 +352,14 @@ def measure_memory(work: Workload, cfg: BenchConfig) -> dict:
     """Peak RSS (MiB) of our extraction for N and 10×N sequences.
 
     Both runs use the same batch size and shards of N sequences, so the small run fills one
-    shard and the large one ten: what grows with the dataset, if anything, shows.
+    shard and the large one ten: what grows with the dataset, if anything, shows. The batch is
+    small enough for N to fill every staging slot (POOL_SLOTS + 1 batches): otherwise the large
+    run's "growth" would be the slots the small run never touched.
     """
     n = cfg.memory_sequences
+    batch = min(cfg.batch_size, max(1, n // (POOL_SLOTS + 1)))
     opts = dict(
-        layers=cfg.layers, context_size=cfg.context_size, batch_size=min(cfg.batch_size, n),
+        layers=cfg.layers, context_size=cfg.context_size, batch_size=batch,
         shard_sequences=n, device=cfg.device, quantization=cfg.quantizations()[0],
     )  # fmt: skip
     out = _growth(memory.peak_rss(work.model_dir, n, **opts), 10 * n, work, opts)

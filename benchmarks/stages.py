@@ -32,7 +32,7 @@ import transformers
 from models_app.ml.hooks import capture, known_shape
 from models_app.ml.loading import load_model
 from models_app.ml.snapshot import SiteSnapshots
-from models_app.ml.storage import copy_on_stream
+from models_app.ml.storage import StagingPool, copy_on_stream
 
 from .extraction import (
     BenchConfig,
@@ -68,10 +68,8 @@ def staged(model, sites, device: torch.device, *, copy: bool, stats: bool) -> Me
     def run(work, out_dir: Path) -> int:
         b, t, d = work.batch_size, work.tokens.shape[1], model.config.hidden_size
         shape = {s.name: known_shape(model, s, d) for s in sites}  # one token's: (d,), (H, d_h)
-        buffers = {
-            s.name: torch.empty((b, t, *shape[s.name]), dtype=storage, pin_memory=cuda)
-            for s in sites
-        }  # (B, T, *shape)
+        pool = StagingPool(1, {n: (b, t, *s) for n, s in shape.items()}, storage, cuda).acquire()
+        buffers = pool.buffers  # (B, T, *shape) each, views of pool.stacks (S_w, B, T, w)
         snaps, fired = SiteSnapshots([s.name for s in sites], shape, b, t, device), {}
 
         def sink(site, x):  # x: (b, T, d)
@@ -91,7 +89,7 @@ def staged(model, sites, device: torch.device, *, copy: bool, stats: bool) -> Me
                         snaps.take(s.name, fired[s.name])
                     snaps.update_stats(ids.shape[0])
                 elif stats:  # CPU: from the staged copies, as extraction does
-                    snaps.update_stats_from({n: buffers[n][: ids.shape[0]] for n in buffers})
+                    snaps.update_stats_from(pool.stacks, ids.shape[0])
         return work.n_tokens
 
     return run

@@ -241,7 +241,6 @@ class _Run:
         self.slot: Slot | None = None
         self.b = 0  # sequences in the batch in flight
         self.fired: set[str] = set()
-        self.sources: dict[str, torch.Tensor] = {}  # CPU: each site's copy the statistics read
 
     @property
     def capture_sites(self) -> list[Site]:
@@ -266,13 +265,13 @@ class _Run:
             )
         dst = self.slot.buffers[site.name][: self.b]  # (b, T, *shape), pinned on CUDA
         if not self.cuda and t.dtype == dst.dtype:  # CPU: the staging copy is the snapshot
-            self.sources[site.name] = dst.copy_(t)
+            dst.copy_(t)
         else:
             snap = self.snaps.take(site.name, t)  # (b, T, *shape) on plan.device, taken now
             if self.cuda:
                 copy_on_stream(self.copy_stream, dst, snap)
             else:
-                self.sources[site.name] = dst.copy_(snap)
+                dst.copy_(snap)
         self.fired.add(site.name)
 
     def run_batch(self, cap, ids: torch.Tensor) -> None:
@@ -318,8 +317,8 @@ class _Run:
             raise ExtractionError(f"hooks did not fire for {missing}")
         if self.cuda:  # one stacked update per width group, from the snapshots (no GPU sync)
             self.snaps.update_stats(self.b)
-        else:  # from the staged copies: stats of the values as computed (float32 staging)
-            self.snaps.update_stats_from(self.sources)
+        else:  # from the staged copies (stacked by width, in the snapshots' group order)
+            self.snaps.update_stats_from(slot.stacks, self.b)
         if self.cuda:  # the inf/NaN counts travel with the batch: the writer never syncs the GPU
             copy_on_stream(self.copy_stream, slot.nonfinite, self.snaps.nonfinite_tensor())  # (S,)
             slot.event = torch.cuda.Event()  # the writer waits on it: all copies have landed

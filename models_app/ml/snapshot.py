@@ -10,8 +10,8 @@ Sites are grouped by the width of one token's vector (d for the residual sites, 
 hook_z, anything for a module path); each group is one buffer (S, B, T, width) and one
 StatsBank, updated with one stacked call per batch. On the CPU, where the staging copy into host
 memory is itself taken at hook time, that copy is the snapshot (no second copy): the statistics
-read it (`update_stats_from`), and the buffers here serve only a site whose dtype differs from
-the storage dtype.
+read the staging slot's stacked buffers (`update_stats_from`), and the buffers here serve only a
+site whose dtype differs from the storage dtype.
 """
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ class SiteSnapshots:
         """{site name: value-histogram range}, once the first batch was counted."""
         return {n: self.banks[w].ranges[i] for n, (w, i) in self.where.items()}
 
-    def update_stats_from(self, sources: dict[str, torch.Tensor]) -> None:
-        """CPU: one statistics update per width group from each site's copy of this batch
-        (b, T, *shape), taken at hook time; no snapshot buffer and no stacking."""
+    def update_stats_from(self, stacks: dict[int, torch.Tensor], b: int) -> None:
+        """CPU: one statistics update per width group from the staged copies of this batch,
+        stacks[width] (S_w, B, T, w) with the sites in this object's group order (a staging
+        slot's, see StagingPool), of which b sequences are valid; no snapshot, no stacking."""
         for width, bank in self.banks.items():
-            bank.update_sites([sources[n].reshape(-1, width) for n in self.groups[width]])
+            bank.update(stacks[width][:, :b])  # (S_w, b, T, w)
 
     def nonfinite_tensor(self) -> torch.Tensor:
         """(len(names),) inf/NaN counts so far, in the caller's order, on the device."""

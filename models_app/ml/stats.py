@@ -6,10 +6,12 @@ The accumulators are tensors on the input's device and `update` never synchronis
 first batch; `to_dict` turns them into plain floats. `StatsBank` does the same for S sites at once
 from one stacked batch (S, …, d): on a GPU that is one set of kernel launches per batch instead of
 one per site (the launches, not the arithmetic, are what the statistics cost there). On the CPU
-the arithmetic and the memory traffic are the cost: there the sites' values are taken in chunks of
-CPU_CHUNK_VALUES into one float64 working copy (and a few scratch buffers) allocated once, so
-every pass after the first reads the cache, no temporary is allocated per batch (a fresh
-full-batch temporary costs more in page faults than the pass itself) and nothing is stacked.
+the arithmetic and the memory traffic are the cost: there the sites' values (a view of the
+staging buffer (S, B, T, d) the extraction copies them into, so nothing is stacked) are taken in
+chunks of CPU_CHUNK_VALUES into one float64 working copy (and a few scratch buffers) allocated
+once, so every pass after the first reads the cache, no temporary is allocated per batch (a fresh
+full-batch temporary costs more in page faults than the pass itself), and a pass that a chunk
+does not need (clamping into the bins, the near-zero count) is skipped.
 
 - mean / std: over every scalar value (per-batch fp64 sums, Chan's merge of mean and M2 in fp64);
 - min / max: signed;
@@ -27,7 +29,6 @@ full-batch temporary costs more in page faults than the pass itself) and nothing
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -39,7 +40,7 @@ NEAR_ZERO = 1e-6
 # Values (all sites together) per step of StatsBank.update: its float32 temporaries stay under
 # 128 MiB each, and a GPT-2-small batch of 32 × 256 tokens at 3 sites is one step.
 UPDATE_VALUES = 2**25
-# CPU: values (all sites together) of one chunk of StatsBank.update_sites: its float64 working copy
+# CPU: values (all sites together) of one chunk of StatsBank.update: its float64 working copy
 # and scratch (~25 MiB) stay in the cache between the passes over it.
 CPU_CHUNK_VALUES = 2**19
 
@@ -71,6 +72,8 @@ class StatsBank:
         self._lo_scale: torch.Tensor | None = None  # (2, S, 1, 1): lo and bins/(hi-lo) per site
         self._scratch: dict[str, torch.Tensor] = {}  # CPU: flat working buffers, by role
         self._hist_shift: tuple[torch.Tensor, ...] | None = None  # CPU: (S, 1, 1) shift, low, high
+        self._range_lo: torch.Tensor | None = None  # (S,) the value bins' range, float64
+        self._range_hi: torch.Tensor | None = None
 
     def sites(self) -> list[SiteStats]:
         return [SiteStats(bank=self, index=i) for i in range(self.n_sites)]
@@ -97,36 +100,32 @@ class StatsBank:
         scale = torch.tensor([self.value_bins / (hi - lo) for lo, hi in self._ranges], **f64)
         # float32 for float32 values (GPU), float64 for the CPU's float64 working copy
         self._lo_scale = torch.stack([lo, scale]).to(x.dtype).view(2, S, 1, 1)
+        self._range_lo = lo  # (S,) float64: a chunk within [lo, hi) needs no clamp (CPU)
+        self._range_hi = torch.tensor([r[1] for r in self._ranges], **f64)
 
     def update(self, x: torch.Tensor) -> None:
         """Add one stacked batch of activations, shape (S, …, d), any float dtype, any device.
 
         GPU: taken UPDATE_VALUES values at a time, which bounds the temporaries (float32 copies);
-        CPU: see update_sites."""
+        CPU: CPU_CHUNK_VALUES values at a time into one float64 working copy (see _update_cpu).
+        x may be a view with any strides (a slice of a staging buffer (S, B, T, d))."""
         x = x.detach().reshape(self.n_sites, -1, x.shape[-1])  # (S, N, d)
-        if not x.is_cuda:
-            self.update_sites(list(x))
+        if x.is_cuda:
+            rows = max(1, UPDATE_VALUES // (x.shape[0] * x.shape[2]))
+            for part in x.split(rows, dim=1):  # (S, n, d)
+                self._update(part)
             return
-        rows = max(1, UPDATE_VALUES // (x.shape[0] * x.shape[2]))
-        for part in x.split(rows, dim=1):  # (S, n, d)
-            self._update(part)
-
-    def update_sites(self, xs: Sequence[torch.Tensor]) -> None:
-        """Add one batch of every site: xs[i] (…, d) is site i's, all of one shape, any float
-        dtype, on the CPU (a GPU's are stacked and go through `update`).
-
-        Each chunk of CPU_CHUNK_VALUES values is copied into one float64 working copy (S, n, d)
-        and every statistic is taken from it: exact float64 sums, no per-batch allocation."""
-        if len(xs) != self.n_sites:
-            raise ValueError(f"{len(xs)} tensors for a bank of {self.n_sites} sites")
-        if xs[0].is_cuda:
-            self.update(torch.stack(list(xs)))
+        if x.shape[1] == 0:
             return
-        flat = [x.detach().reshape(-1, x.shape[-1]) for x in xs]  # (N, d) each
-        n, d = flat[0].shape
-        rows = max(1, CPU_CHUNK_VALUES // (self.n_sites * d))
-        for start in range(0, n, rows):
-            self._update_cpu([x[start : start + rows] for x in flat])
+        rows = max(1, CPU_CHUNK_VALUES // (self.n_sites * x.shape[2]))
+        sq_norms = self._buffer("sq_norms", torch.float64, x.shape[:2])  # (S, N)
+        sums = torch.zeros(self.n_sites, dtype=torch.float64)
+        for start in range(0, x.shape[1], rows):
+            part = x[:, start : start + rows]  # (S, n, d)
+            sums += self._update_cpu(part, sq_norms[:, start : start + rows])
+        self._merge_sums(sums, sq_norms, x.shape[1] * x.shape[2])
+        self._update_norms(sq_norms.sqrt_())
+        self.n_vectors += x.shape[1]
 
     def _buffer(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused CPU scratch tensor of `shape` (grown when too small)."""
@@ -136,41 +135,66 @@ class StatsBank:
             buf = self._scratch[role] = torch.empty(size, dtype=dtype)
         return buf[:size].view(shape)
 
-    def _update_cpu(self, parts: list[torch.Tensor]) -> None:  # parts: S × (n, d)
-        n, d = parts[0].shape
-        if n == 0:
-            return
-        shape = (self.n_sites, n, d)
-        x = self._buffer("x", torch.float64, shape)  # (S, n, d): the working copy
-        for i, part in enumerate(parts):
-            x[i].copy_(part)
-        if self._acc is None:
+    def _update_cpu(self, part: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+        """One chunk part (S, n, d) of a CPU batch: min/max, near-zero and value-histogram counts
+        into the accumulators, each token's squared norm into sq_norms (S, n); returns the
+        chunk's float64 sums (S,). One float64 working copy of the chunk, reused buffers, and
+        the passes a chunk needs only when it needs them (clamping when it leaves the bins'
+        range, the near-zero count when some |x| is below the threshold)."""
+        acc, shape = self._acc, part.shape
+        x = self._buffer("x", torch.float64, shape).copy_(part)  # (S, n, d): the working copy
+        if acc is None:
             self._init(x)
-        acc, tmp = self._acc, self._buffer("tmp", torch.float64, shape)
-        sq_norms = torch.linalg.vector_norm(x, dim=-1).square_()  # (S, n) float64
-        finite = self._count_nonfinite(x, sq_norms)
-        self._merge_moments(x, sq_norms)
-        torch.minimum(acc["min"], x.amin(dim=(1, 2)), out=acc["min"])
-        torch.maximum(acc["max"], x.amax(dim=(1, 2)), out=acc["max"])
-        near = torch.lt(torch.abs(x, out=tmp), self.near_zero,
-                        out=self._buffer("near", torch.bool, shape))  # fmt: skip
-        acc["near_zero"] += torch.count_nonzero(near, dim=(1, 2))
-        self._update_norms(sq_norms.sqrt_())
-        self._update_hist_cpu(x, tmp, finite)
-        self.n_vectors += n
+            acc = self._acc
+        torch.linalg.vector_norm(x, dim=-1, out=sq_norms).square_()  # (S, n)
+        finite = bool(torch.isfinite(sq_norms).all())  # a token with inf/NaN has a non-finite norm
+        if not finite:
+            acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x), dim=(1, 2))
+        lo, hi = part.amin(dim=(1, 2)).double(), part.amax(dim=(1, 2)).double()  # (S,) exact
+        torch.minimum(acc["min"], lo, out=acc["min"])
+        torch.maximum(acc["max"], hi, out=acc["max"])
+        tmp = self._buffer("tmp", torch.float64, shape)
+        self._count_near_zero(x, tmp)
+        in_range = finite and bool((lo >= self._range_lo).all() and (hi < self._range_hi).all())
+        self._update_hist_cpu(x, tmp, finite, in_range)
+        return x.sum(dim=(1, 2))  # (S,) float64
 
-    def _update_hist_cpu(self, x: torch.Tensor, tmp: torch.Tensor, finite: bool) -> None:
+    def _count_near_zero(self, x: torch.Tensor, tmp: torch.Tensor) -> None:
+        # |x| < near_zero, counted only for the sites whose smallest |x| is below the threshold
+        # (most chunks of most sites have none: one abs and one min instead of three passes).
+        small = (torch.abs(x, out=tmp).amin(dim=(1, 2)) < self.near_zero).nonzero().flatten()
+        for i in small.tolist():
+            self._acc["near_zero"][i] += torch.count_nonzero(tmp[i] < self.near_zero)
+
+    def _merge_sums(self, sums: torch.Tensor, sq_norms: torch.Tensor, n_b: int) -> None:
+        """Chan's merge of one batch of n_b values per site, from its float64 sums (S,) and its
+        tokens' squared norms (S, N) (M2_b = Σx² − n·mean², exact enough unless
+        |mean| > 1e6·std)."""
+        acc = self._acc
+        mean_b = sums / n_b  # (S,)
+        m2_b = (sq_norms.sum(dim=1) - n_b * mean_b.square()).clamp_min(0)  # (S,)
+        total = self.count + n_b
+        delta = mean_b - acc["mean"]
+        acc["mean"] += delta * (n_b / total)
+        acc["m2"] += m2_b + delta.square() * (self.count * n_b / total)
+        self.count = total
+
+    def _update_hist_cpu(self, x, tmp, finite: bool, in_range: bool) -> None:
         # _update_hist's bins, every site's counted in one bincount: site i's slot j is
-        # i·(bins + 2) + j, from floor(x·scale + (i·(bins + 2) + 1 − lo·scale)) clamped per site.
+        # i·(bins + 2) + j, from x·scale + (i·(bins + 2) + 1 − lo·scale), truncated (the slots
+        # are ≥ 0, so that is the floor). A chunk inside every site's range stays inside the
+        # site's slots without a clamp; one outside (or with inf/NaN) is clamped per site.
         lo, scale = self._lo_scale  # (S, 1, 1) each, float64
         if self._hist_shift is None:
             first = torch.arange(self.n_sites, dtype=x.dtype).view(-1, 1, 1) * (self.value_bins + 2)
             self._hist_shift = (first + 1 - lo * scale, first, first + self.value_bins + 1)
         shift, low, high = self._hist_shift
-        torch.mul(x, scale, out=tmp).add_(shift).floor_()
+        torch.mul(x, scale, out=tmp).add_(shift)
         if not finite:  # NaN would survive the clamp; it has no bin (counted as nonfinite)
             tmp.nan_to_num_(nan=-1.0)
-        idx = self._buffer("idx", torch.int64, x.shape).copy_(tmp.clamp_(low, high))
+        if not in_range:
+            tmp.clamp_(low, high)
+        idx = self._buffer("idx", torch.int64, x.shape).copy_(tmp)  # truncation = floor here
         counts = torch.bincount(idx.view(-1), minlength=self.n_sites * (self.value_bins + 2))
         self._acc["hist"] += counts.view(self.n_sites, -1)
 
@@ -183,8 +207,10 @@ class StatsBank:
             self._init(x)
         acc = self._acc
         sq_norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square()  # (S, N)
-        self._count_nonfinite(x, sq_norms)
-        self._merge_moments(x, sq_norms)
+        # counted on every step: checking first would synchronise the GPU
+        acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x), dim=(1, 2))
+        sums = x.sum(dim=(1, 2), dtype=torch.float64)  # (S,)
+        self._merge_sums(sums, sq_norms, x.shape[1] * x.shape[2])
         lo, hi = torch.aminmax(x.reshape(self.n_sites, -1), dim=1)  # (S,) each
         torch.minimum(acc["min"], lo.double(), out=acc["min"])
         torch.maximum(acc["max"], hi.double(), out=acc["max"])
@@ -192,27 +218,6 @@ class StatsBank:
         self._update_norms(sq_norms.sqrt())
         self._update_hist(x)
         self.n_vectors += x.shape[1]
-
-    def _count_nonfinite(self, x: torch.Tensor, sq_norms: torch.Tensor) -> bool:
-        """Count the inf/NaN of x; returns False when there may be some (True: none, CPU)."""
-        # A token with inf/NaN has a non-finite fp64 norm. On CPU that check is free, so the full
-        # count only runs when needed; on a GPU it always runs, to avoid a synchronisation.
-        if x.is_cuda or not bool(torch.isfinite(sq_norms).all()):
-            self._acc["nonfinite"] += torch.count_nonzero(~torch.isfinite(x), dim=(1, 2))
-            return False
-        return True
-
-    def _merge_moments(self, x: torch.Tensor, sq_norms: torch.Tensor) -> None:
-        # Per batch: sum and sum of squares in fp64 (M2_b = Σx² − n·mean², exact enough unless
-        # |mean| > 1e6·std); across batches: Chan's merge, so the result does not drift.
-        acc, n_b = self._acc, x.shape[1] * x.shape[2]
-        mean_b = x.sum(dim=(1, 2), dtype=torch.float64) / n_b  # (S,)
-        m2_b = (sq_norms.sum(dim=1) - n_b * mean_b.square()).clamp_min(0)  # (S,)
-        total = self.count + n_b
-        delta = mean_b - acc["mean"]
-        acc["mean"] += delta * (n_b / total)
-        acc["m2"] += m2_b + delta.square() * (self.count * n_b / total)
-        self.count = total
 
     def _update_norms(self, norms: torch.Tensor) -> None:  # norms: (S, N)
         acc = self._acc

@@ -30,7 +30,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -196,6 +196,8 @@ class Slot:
     # so that checking it needs no GPU synchronisation; without an event (CPU) the statistics are
     # read directly.
     nonfinite: torch.Tensor | None = None  # (n_hooks,) int64
+    # width w -> (S_w, B, T, w): the buffers of the hooks of that width, stacked (see StagingPool)
+    stacks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def nonfinite_counts(self, stats: dict[str, SiteStats]) -> dict[str, int]:
         """{hook name: inf/NaN values seen up to this batch}."""
@@ -207,7 +209,10 @@ class Slot:
 class StagingPool:
     """A fixed number of batch-sized host buffers per hook, reused for the whole extraction.
 
-    `acquire` blocks while every slot is in flight: this is the back-pressure that bounds memory.
+    The hooks whose token vectors have the same width w share one buffer (S_w, B, T, w) per slot
+    (`Slot.stacks`); each hook's buffer is a view of it, so the statistics read every site of a
+    width in one stacked call without a copy. `acquire` blocks while every slot is in flight:
+    this is the back-pressure that bounds memory.
     """
 
     def __init__(
@@ -217,14 +222,20 @@ class StagingPool:
         dtype: torch.dtype,
         pin: bool,
     ):
+        groups: dict[int, list[str]] = {}  # width -> hook names, in the order of `shapes`
+        for name, shape in shapes.items():
+            groups.setdefault(math.prod(shape[2:]), []).append(name)
         self._free: queue.Queue[Slot] = queue.Queue()
         for _ in range(n_slots):
-            buffers = {
-                name: torch.empty(shape, dtype=dtype, pin_memory=pin)  # (B, T, d)
-                for name, shape in shapes.items()
-            }
+            stacks, buffers = {}, {}
+            for width, names in groups.items():
+                b, t = shapes[names[0]][:2]
+                stack = torch.empty((len(names), b, t, width), dtype=dtype, pin_memory=pin)
+                stacks[width] = stack  # (S_w, B, T, w)
+                buffers |= {n: stack[i].view(shapes[n]) for i, n in enumerate(names)}
             counts = torch.zeros(len(shapes), dtype=torch.int64, pin_memory=pin)
-            self._free.put(Slot(buffers, nonfinite=counts))
+            buffers = {name: buffers[name] for name in shapes}  # the caller's order
+            self._free.put(Slot(buffers, nonfinite=counts, stacks=stacks))
 
     def acquire(self) -> Slot:
         return self._free.get()
