@@ -353,11 +353,11 @@ def measure_memory(work: Workload, cfg: BenchConfig) -> dict:
 
     Both runs use the same batch size and shards of N sequences, so the small run fills one
     shard and the large one ten: what grows with the dataset, if anything, shows. The batch is
-    small enough for N to fill every staging slot (POOL_SLOTS + 1 batches): otherwise the large
-    run's "growth" would be the slots the small run never touched.
+    small enough for N to fill every staging slot (the largest POOL_SLOTS, + 1 batches):
+    otherwise the large run's "growth" would be the slots the small run never touched.
     """
     n = cfg.memory_sequences
-    batch = min(cfg.batch_size, max(1, n // (POOL_SLOTS + 1)))
+    batch = min(cfg.batch_size, max(1, n // (max(POOL_SLOTS.values()) + 1)))
     opts = dict(
         layers=cfg.layers, context_size=cfg.context_size, batch_size=batch,
         shard_sequences=n, device=cfg.device, quantization=cfg.quantizations()[0],

@@ -75,7 +75,11 @@ __all__ = ["ExtractionCancelled", "ExtractionError", "ExtractionSpec", "run_extr
            "self_check"]  # fmt: skip
 
 SELF_CHECK_SEQUENCES = 2  # sequences of the first batch the sum check runs on
-POOL_SLOTS = 3  # staged batches in flight: one being filled, two queued for the writer
+# Staged batches in flight, by device type. CUDA: one being filled, two queued for the writer
+# (the forward outruns the disk there). CPU: one being filled, one being written; the writer
+# (sha256 and a page-cache copy) takes a fraction of a CPU forward, so a third slot would only
+# add a batch of host memory and its page faults.
+POOL_SLOTS = {"cuda": 3, "cpu": 2}
 
 
 @dataclass
@@ -226,7 +230,8 @@ class _Run:
         )
         self.stats: dict[str, SiteStats] = self.snaps.stats
         shapes = {n: (plan.batch_size, plan.context_size, *plan.shapes[n]) for n in names}
-        self.pool = StagingPool(POOL_SLOTS, shapes, plan.dtype, self.cuda)  # (B, T, *shape)
+        slots = POOL_SLOTS["cuda" if self.cuda else "cpu"]
+        self.pool = StagingPool(slots, shapes, plan.dtype, self.cuda)  # (B, T, *shape)
         self.writer = ShardWriter(
             out_dir,
             plan.shapes,
@@ -235,7 +240,7 @@ class _Run:
             plan.dtype,
             self.stats,
             release=self.pool.release,
-            max_pending=POOL_SLOTS,
+            max_pending=slots,
             first_shard=first_shard,
         ).start()
         self.slot: Slot | None = None

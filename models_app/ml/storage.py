@@ -301,6 +301,7 @@ class ShardFile:
         """Add rows (k, T, *shape), a contiguous CPU tensor of the shard's dtype."""
         self._write(_bytes_of(rows))
         self.n += rows.shape[0]
+        _start_writeback(self.file.fileno())
 
     def close(self, token_ids: torch.Tensor) -> dict:
         """Write token_ids (n, T) int32, fsync, rename; returns {file, n_seq, bytes, sha256}."""
@@ -318,6 +319,16 @@ class ShardFile:
     def discard(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing what this file holds to the disk now, and let the page cache drop what is
+    already there (Linux: POSIX_FADV_DONTNEED starts an asynchronous writeback of dirty pages,
+    then drops the clean ones). The fsync at close then waits for the last batch only, not for
+    the whole shard, so the disk works while the forward runs; and an extraction does not fill
+    the page cache (shared with the model on a Jetson) with shards it will not read back."""
+    if hasattr(os, "posix_fadvise"):  # not on macOS or Windows: the fsync does it all
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _bytes_of(t: torch.Tensor):

@@ -116,3 +116,21 @@ def test_a_bank_counts_inf_and_nan_per_site():
     bank = StatsBank(2)
     bank.update(x)
     assert [s.nonfinite for s in bank.sites()] == [0, 1]
+
+
+def test_a_bank_reads_a_strided_view_of_a_staging_buffer_like_a_copy():
+    # the extraction's last batch may fill b < B sequences of a (S, B, T, d) buffer
+    g = torch.Generator().manual_seed(30)
+    stack = torch.randn(3, 8, 16, 32, generator=g)  # (S, B, T, d)
+    stack[1, :, :, 5] = 0.0  # exact zeros in one site only
+    view, copy = StatsBank(3), StatsBank(3)
+    for b in (8, 3):
+        view.update(stack[:, :b])  # not contiguous across sites
+        copy.update(stack[:, :b].contiguous())
+    for got, want in zip(view.sites(), copy.sites(), strict=True):
+        assert got.to_dict() == want.to_dict()
+    assert (
+        view.sites()[1].to_dict()["frac_near_zero"]
+        > 0
+        == view.sites()[0].to_dict()["frac_near_zero"]
+    )

@@ -177,3 +177,16 @@ def test_remove_partial_deletes_what_an_extraction_wrote_and_nothing_else(tmp_pa
     (tmp_path / "run" / "notes.txt").write_text("the user's file")
     remove_partial(tmp_path / "run")
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+def test_hooks_of_one_width_share_a_stacked_staging_buffer():
+    shapes = {"a": (2, 3, 4), "z": (2, 3, 2, 2), "b": (2, 3, 4), "wide": (2, 3, 6)}  # (B, T, …)
+    slot = StagingPool(1, shapes, torch.float32, pin=False).acquire()
+    assert list(slot.buffers) == list(shapes)  # the caller's order
+    assert {w: tuple(s.shape) for w, s in slot.stacks.items()} == {4: (3, 2, 3, 4), 6: (1, 2, 3, 6)}
+    for i, name in enumerate(shapes):
+        slot.buffers[name].fill_(i)
+        assert tuple(slot.buffers[name].shape) == shapes[name]
+    # a, z (2 × 2 = 4 wide) and b stacked in order; each a view of its stack
+    assert [int(slot.stacks[4][i, 0, 0, 0]) for i in range(3)] == [0, 1, 2]
+    assert int(slot.stacks[6].min()) == int(slot.stacks[6].max()) == 3
