@@ -15,8 +15,10 @@ Memory: the main thread copies hooked tensors into a small pool of batch-sized s
 each slot to shard k of every hook (the hooks' files side by side, IO_THREADS at a time), hashing
 the bytes as it writes them, and closes the shard when it is full. Host memory is therefore
 pool slots × batch (+ the token ids of one shard), whatever the dataset and shard sizes. The
-writer runs no torch kernels (file writes and hashing only, which release the GIL), so it never
-competes with the forward's OpenMP threads.
+writer runs no torch kernels (file writes and hashing only, which release the GIL). On CUDA it
+works while the GPU computes; on the CPU (one slot, see extract.POOL_SLOTS) the forward waits
+for it, since a writer beside a CPU forward preempts the forward's OpenMP threads. Each append
+starts the disk's writeback, so the fsync at close has little left to wait for.
 """
 
 from __future__ import annotations
