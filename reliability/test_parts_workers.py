@@ -166,8 +166,11 @@ def _kill_mid_part(live, job_id: str, rng: random.Random) -> list[dict]:
         running = job.parts.filter(status="running", crashes=0)
         return next((p for p in running if p.tokens_done >= share * p.tokens_total), None)
 
+    running = ExtractionPart.objects.filter(extraction_id=job_id, status="running")
+    wait_for(running.exists, timeout=DEADLINE_S, every=0.01)
+    _shown_while_running(live, job_id)  # before the choice: its requests take a while, in which
+    # the chosen part could end and its worker take the part an earlier kill left to resume
     part = wait_for(target, timeout=DEADLINE_S, every=0.01)
-    _shown_while_running(live, job_id)
     kill_pid(int(part.worker.rsplit(":", 1)[1]))
     crash_recorded(stuck=0)
     held = ExtractionPart.objects.filter(extraction_id=job_id, worker=part.worker, status="running")
