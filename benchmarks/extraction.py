@@ -352,9 +352,8 @@ def measure_memory(work: Workload, cfg: BenchConfig) -> dict:
     """Peak RSS (MiB) of our extraction for N and 10×N sequences.
 
     Both runs use the same batch size and shards of N sequences, so the small run fills one
-    shard and the large one ten: what grows with the dataset, if anything, shows. The batch is
-    small enough for N to fill every staging slot (the largest POOL_SLOTS, + 1 batches):
-    otherwise the large run's "growth" would be the slots the small run never touched.
+    shard and the large one ten: what grows with the dataset, if anything, shows. N fills every
+    staging slot (batches ≤ N / (slots + 1)), else "growth" is slots only the large run touched.
     """
     n = cfg.memory_sequences
     batch = min(cfg.batch_size, max(1, n // (max(POOL_SLOTS.values()) + 1)))

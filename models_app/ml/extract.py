@@ -75,12 +75,9 @@ __all__ = ["ExtractionCancelled", "ExtractionError", "ExtractionSpec", "run_extr
            "self_check"]  # fmt: skip
 
 SELF_CHECK_SEQUENCES = 2  # sequences of the first batch the sum check runs on
-# Staged batches in flight, by device type. CUDA: one being filled, two queued for the writer
-# (the forward outruns the disk there). CPU: one, so the forward waits while the writer hashes
-# and writes its batch on every core: the CPU forward already uses every core, and a writer
-# beside it preempts the forward's OpenMP threads, which stalls each matmul (every site, 2 cores:
-# 0.78× → 0.81× the bare forward, 1 CPU second less per 4 batches) and a slot is a batch of
-# host memory.
+# Staged batches in flight. CUDA: one filled, two queued (the forward outruns the disk). CPU: one:
+# the forward waits while the writer uses every core; beside it, the writer would preempt the
+# forward's OpenMP threads (every site, 2 cores: 0.78 → 0.81× the bare forward).
 POOL_SLOTS = {"cuda": 3, "cpu": 1}
 
 
@@ -271,14 +268,10 @@ class _Run:
                 "choose a module that runs once"
             )
         dst = self.slot.buffers[site.name][: self.b]  # (b, T, *shape), pinned on CUDA
-        if not self.cuda and t.dtype == dst.dtype:  # CPU: the staging copy is the snapshot
+        if self.cuda:  # snapshot (b, T, *shape) on the device now, copied to the host later
+            copy_on_stream(self.copy_stream, dst, self.snaps.take(site.name, t))
+        else:  # CPU: the staging copy, taken now (in the storage dtype), is the snapshot
             dst.copy_(t)
-        else:
-            snap = self.snaps.take(site.name, t)  # (b, T, *shape) on plan.device, taken now
-            if self.cuda:
-                copy_on_stream(self.copy_stream, dst, snap)
-            else:
-                dst.copy_(snap)
         self.fired.add(site.name)
 
     def run_batch(self, cap, ids: torch.Tensor) -> None:

@@ -10,8 +10,7 @@ Sites are grouped by the width of one token's vector (d for the residual sites, 
 hook_z, anything for a module path); each group is one buffer (S, B, T, width) and one
 StatsBank, updated with one stacked call per batch. On the CPU, where the staging copy into host
 memory is itself taken at hook time, that copy is the snapshot (no second copy): the statistics
-read the staging slot's stacked buffers (`update_stats_from`), and the buffers here serve only a
-site whose dtype differs from the storage dtype.
+read the staging slot's stacked buffers (`update_stats_from`); the buffers here serve CUDA.
 """
 
 from __future__ import annotations
