@@ -154,16 +154,18 @@ def _shown_while_running(live, job_id: str) -> None:
         web.close()
 
 
-def _kill_mid_part(live, job_id: str, rng: random.Random) -> list[dict]:
+def _kill_mid_part(live, job_id: str, rng: random.Random, dead: set[str]) -> list[dict]:
     """Wait until a part that never crashed has done a random share of its tokens, kill -9 its
     worker process; returns what the part the dead process held (that one, or the next it took
-    if it finished it in the meantime) had done, read after the kill (it cannot change)."""
+    if it finished it in the meantime) had done, read after the kill (it cannot change).
+    `dead` holds the workers killed before: their parts stay "running" with no crash counted
+    until their heartbeat goes stale and a live worker takes them, so they are never chosen."""
     share = rng.uniform(0.05, 0.9)
 
     def target():
         job = ExtractionJob.objects.get(pk=job_id)
         assert job.status in ("queued", "running"), (job.status, job.error_message, live.logs())
-        running = job.parts.filter(status="running", crashes=0)
+        running = job.parts.filter(status="running", crashes=0).exclude(worker__in=dead)
         return next((p for p in running if p.tokens_done >= share * p.tokens_total), None)
 
     running = ExtractionPart.objects.filter(extraction_id=job_id, status="running")
@@ -172,6 +174,7 @@ def _kill_mid_part(live, job_id: str, rng: random.Random) -> list[dict]:
     # the chosen part could end and its worker take the part an earlier kill left to resume
     part = wait_for(target, timeout=DEADLINE_S, every=0.01)
     kill_pid(int(part.worker.rsplit(":", 1)[1]))
+    dead.add(part.worker)
     crash_recorded(stuck=0)
     held = ExtractionPart.objects.filter(extraction_id=job_id, worker=part.worker, status="running")
     return list(held.values("pk", "tokens_done", "shards_done"))
@@ -184,7 +187,8 @@ def test_a_worker_killed_mid_part_is_resumed_from_its_last_finished_shard(stack,
     model, dataset = download("tiny/llama", "FP16"), big_dataset()
     _workers(stack, 2)
     job_id = _start(model, dataset).pk
-    kills = [_kill_mid_part(stack, job_id, rng) for _ in range(2)]
+    dead: set[str] = set()
+    kills = [_kill_mid_part(stack, job_id, rng, dead) for _ in range(2)]
     job = _ended(job_id)
     _assert_complete_and_clean(job, tmp_path)
     S, T, B = job.manifest["shard_sequences"], job.context_size, job.batch_size
