@@ -9,7 +9,10 @@ directly and no relay runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +28,13 @@ log = logging.getLogger(__name__)
 
 # Rows written by other processes can commit slightly out of timestamp order: re-read a window.
 OVERLAP = timedelta(seconds=2)
+# A resync also covers the seconds before the page saw its socket close: a consumer that died
+# (or a page still loading) missed what was sent while its end was already gone.
+RESYNC_MARGIN = timedelta(seconds=30)
+RESYNC_MAX_GAP_S = 7 * 24 * 3600
+RESYNC_MAX_IDS = 1000
+RESYNC_MAX_BYTES = 64 * 1024
+_CARD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _in_event_loop() -> bool:
@@ -113,9 +123,42 @@ def relay_ensure_running() -> None:
     _task = asyncio.get_running_loop().create_task(Relay().run(settings.PROGRESS_RELAY_INTERVAL))
 
 
+def resync_request(text: str | None) -> tuple[float, list[str]] | None:
+    """(gap in seconds, card ids) of a page's resync message, or None for anything else.
+
+    The message, sent by static/js/live.js once per connection: {"resync": {"gap_s": seconds
+    since the page last heard the server (or since it was requested), "ids": [ids of the cards
+    it shows]}}. Bounded: at most RESYNC_MAX_BYTES, RESYNC_MAX_IDS ids of <= 64 safe
+    characters, a gap clamped to RESYNC_MAX_GAP_S; anything malformed is ignored, never an
+    error."""
+    if not text or len(text) > RESYNC_MAX_BYTES:
+        return None
+    try:
+        body = json.loads(text)["resync"]
+        gap, ids = float(body["gap_s"]), body["ids"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        return None
+    if not math.isfinite(gap) or not isinstance(ids, list) or len(ids) > RESYNC_MAX_IDS:
+        return None
+    if not all(isinstance(pk, str) and _CARD_ID.fullmatch(pk) for pk in ids):
+        return None
+    return min(max(gap, 0.0), RESYNC_MAX_GAP_S), list(dict.fromkeys(ids))
+
+
+def changed_since(group: str, since: datetime) -> list[str]:
+    """The ids the relay sources of `group` would announce for rows written since `since`."""
+    ids = [pk for src in SOURCES if src.group == group for _, pk, _ in src.changes(since)]
+    return list(dict.fromkeys(ids))
+
+
 class CardConsumer(AsyncWebsocketConsumer):
     """Pushes a card partial (marked for an out-of-band swap) for each `<kind>.changed` message
     of `group`, and a delete swap for `<kind>.deleted`. Subclasses set group, prefix, card_html.
+
+    What is sent while a page has no socket (it is loading, or the connection dropped) is lost;
+    so once per connection the page asks for a resync (see resync_request): the cards of every
+    row changed since it last heard the server, and of every card it shows (a gone one is
+    deleted).
 
     Changes are coalesced per card: the handler returns at once and one task renders the row as
     it is now, once more if it changed meanwhile. A busy page thus never lets the channel
@@ -132,6 +175,7 @@ class CardConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.dirty: dict[str, bool] = {}  # card id -> changed since its push task last read it
         self.pushes: set[asyncio.Task] = set()
+        self.resynced = False
         await self.channel_layer.group_add(self.group, self.channel_name)
         relay_ensure_running()
         await self.accept()
@@ -142,7 +186,17 @@ class CardConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
-        """Clients only listen; anything they send is ignored."""
+        """Clients listen; they send one resync request per connection, and anything else they
+        send (or a second request) is ignored."""
+        request = None if self.resynced else resync_request(text_data)
+        if request is None:
+            return
+        self.resynced = True
+        gap_s, shown = request
+        since = timezone.now() - timedelta(seconds=gap_s) - RESYNC_MARGIN
+        changed = await database_sync_to_async(changed_since)(self.group, since)
+        for pk in dict.fromkeys([*changed, *shown]):
+            await self.card_changed({"id": pk})
 
     async def card_changed(self, event: dict) -> None:
         pk = event["id"]
@@ -158,8 +212,7 @@ class CardConsumer(AsyncWebsocketConsumer):
             while self.dirty.get(pk):
                 self.dirty[pk] = False
                 html = await database_sync_to_async(type(self).card_html)(pk)
-                if html is not None:
-                    await self.send(text_data=html)
+                await self.send(text_data=self._delete_html(pk) if html is None else html)
                 await self.card_pushed(pk)
         finally:
             self.dirty.pop(pk, None)
@@ -168,6 +221,8 @@ class CardConsumer(AsyncWebsocketConsumer):
         """Called after each push of card `pk` (subclasses push what depends on it)."""
 
     async def card_deleted(self, event: dict) -> None:
-        await self.send(
-            text_data=f'<div id="{self.prefix}-{event["id"]}" hx-swap-oob="delete"></div>'
-        )
+        await self.send(text_data=self._delete_html(event["id"]))
+
+    def _delete_html(self, pk: str) -> str:
+        """The swap that removes card `pk` (a page without it skips it: see live.js)."""
+        return f'<div id="{self.prefix}-{pk}" hx-swap-oob="delete"></div>'

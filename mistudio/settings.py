@@ -194,11 +194,19 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL")
 
+# channels_redis waits for a consumer's messages with a blocking read of 5 s (BZPOPMIN); redis-py
+# ≥ 8 gives every connection a 5 s socket timeout, which ends that read first: every idle
+# consumer then died after ~5 s and its page missed what was sent until it reconnected.
+CHANNEL_REDIS_SOCKET_TIMEOUT = 30
+
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_REDIS_SOCKET_TIMEOUT}],
+                "capacity": 1000,
+            },
         }
     }
 else:

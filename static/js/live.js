@@ -27,3 +27,23 @@ htmx.defineExtension("live", {
     return kept.join("");
   },
 });
+
+// What the server sends while a socket is down (the page is loading, the connection dropped, the
+// server restarted) is lost; so on each open the page asks once for a resync: the cards of
+// every row changed since it last heard the server, and the cards it shows (one whose row is
+// gone is deleted). See CardConsumer.receive.
+const liveSince = new WeakMap(); // socket element -> ms when it last heard the server
+const pageStart = Date.now() - performance.now(); // the page's content is as old as its request
+document.addEventListener("htmx:wsClose", (e) => {
+  if (!liveSince.has(e.target)) liveSince.set(e.target, Date.now());
+});
+document.addEventListener("htmx:wsOpen", (e) => {
+  const socketElt = e.target;
+  const since = liveSince.has(socketElt) ? liveSince.get(socketElt) : pageStart;
+  liveSince.delete(socketElt);
+  const ids = Array.from(socketElt.querySelectorAll("[data-live-card]"))
+    .filter((el) => el.closest("[ws-connect]") === socketElt)
+    .map((el) => el.dataset.liveCard);
+  const gap_s = Math.max(0, (Date.now() - since) / 1000);
+  e.detail.socketWrapper.send(JSON.stringify({ resync: { gap_s, ids } }), socketElt);
+});
