@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from models_app.ml.layers import find_blocks
 from models_app.ml.loading import QUANTIZATIONS, load_model
 
 from . import cli_start, disk, memory, peers
+from .timing import Method, time_methods, warm_up
 from .workload import (
     ALL_HOOKS,
     EVERY_SITE,
@@ -54,10 +54,6 @@ from .workload import (
     sites_for,
 )
 
-# Runs one workload end to end, writing under the given folder; returns the tokens processed.
-Method = Callable[[Workload, Path], int]
-WARM_UP_SEQUENCES = 2
-
 
 @dataclass
 class BenchConfig:
@@ -67,6 +63,10 @@ class BenchConfig:
     quantization: str = "FP16"  # or "all" (CUDA: every quantization; CPU: FP16 first)
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])
     n_sequences: int = 16  # N, per timed run (short runs, many rounds: see time_methods)
+    # N of the every-site runs: 64 × 128 tokens, the workload issue 16 set its target on. Each
+    # run ends with the fsync of its last batch (188 MB here); 16 sequences would time that
+    # tail more than the steady state (see docs/performance.md)
+    every_site_sequences: int = 64
     context_size: int = 128  # T
     batch_size: int = 8  # B
     repeats: int = 9  # timed rounds; medians are reported
@@ -80,6 +80,10 @@ class BenchConfig:
     def compute_dtype(self) -> torch.dtype | None:
         return getattr(torch, self.dtype) if self.dtype else None
 
+    def sequences_of(self, method: str) -> int:
+        """The sequences per timed run of `method`."""
+        return self.every_site_sequences if method.endswith("every_site") else self.n_sequences
+
     def quantizations(self) -> list[str]:
         """The quantizations to time; the first one also runs the peers, seed and memory."""
         return list(QUANTIZATIONS) if self.quantization.lower() == "all" else [self.quantization]
@@ -87,12 +91,14 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
         """Under two minutes on 2 CPU cores."""
-        return cls(n_sequences=8, repeats=3, memory_sequences=4, memory_seed_style=False, **kw)
+        return cls(n_sequences=8, every_site_sequences=8, repeats=3, memory_sequences=4,
+                   memory_seed_style=False, **kw)  # fmt: skip
 
     def scale_for_cuda(self) -> BenchConfig:
         """A GPU runs GPT-2-small ~1000× faster than 2 CPU cores: longer runs, bigger batches,
         so that each timed run lasts long enough (N × 32, B = 32, T = 256)."""
         self.n_sequences *= 32
+        self.every_site_sequences = self.n_sequences  # 12 GB of shards per run already
         self.memory_sequences *= 8
         self.batch_size, self.context_size = 32, 256
         return self
@@ -148,70 +154,6 @@ def ours(model, tokenizer, layers: list[int], hook_types) -> Method:
 
 def _on_batches(runner) -> Method:
     return lambda work, out_dir: runner(work.batches(), out_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once(method: Method, work: Workload, scratch: Path, device) -> dict:
-    """Run once into a fresh folder: {"s": wall seconds, "cpu_s": CPU seconds of this process
-    (all its threads), "tokens", "gpu_mb": peak GPU MiB or 0}."""
-    out_dir = scratch / "out"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start, cpu = time.perf_counter(), time.process_time()
-    tokens = method(work, out_dir)
-    _sync(device)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return {"s": seconds, "cpu_s": cpu, "tokens": tokens, "gpu_mb": gpu}
-
-
-def warm_up(methods: dict[str, Method], work: Workload, scratch, device, notes) -> dict:
-    """Run each method once on the first WARM_UP_SEQUENCES sequences, untimed, so one-off costs
-    (allocator, lazy inits) do not count; a method that fails is dropped with a note."""
-    head = work.head(WARM_UP_SEQUENCES)
-    kept = {}
-    for name, method in methods.items():
-        try:
-            time_once(method, head, scratch, device)
-            kept[name] = method
-        except Exception as exc:  # a peer that cannot run this model is reported, not fatal
-            notes.append(f"{name} failed: {type(exc).__name__}: {exc}"[:400])
-    return kept
-
-
-def time_methods(methods: dict[str, Method], work: Workload, repeats: int, scratch, device):
-    """Tokens/s of each method over `repeats` rounds, rotating the order every round.
-
-    Ratios are taken within a round (see paired_ratios): load from other processes that lasts
-    longer than a round then hits both sides alike, so many short rounds beat a few long ones.
-
-    Returns {name: {"tok_s": median, "runs_tok_s": [one per round], "runs_cpu_tok_s": [tokens
-    per CPU second of this process, one per round], "gpu_peak_mb": max}}. Wall time is what
-    the targets are about; CPU time shows the work a method does whatever else loads the machine.
-    """
-    names = list(methods)
-    out = {n: {"runs_tok_s": [], "runs_cpu_tok_s": [], "gpu_peak_mb": 0.0} for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            run, row = time_once(methods[name], work, scratch, device), out[name]
-            row["runs_tok_s"].append(run["tokens"] / run["s"])
-            row["runs_cpu_tok_s"].append(run["tokens"] / run["cpu_s"])
-            row["gpu_peak_mb"] = max(row["gpu_peak_mb"], run["gpu_mb"])
-    for row in out.values():
-        row["tok_s"] = statistics.median(row["runs_tok_s"])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +282,8 @@ def time_quantization(q: str, work: Workload, cfg: BenchConfig, device, scratch,
         methods |= seed_methods(model, cfg, dtype)
         methods |= peer_methods(work.model_dir, cfg, device, dtype, notes)
     methods = warm_up(methods, work, scratch, device, notes)
-    timings = time_methods(methods, work, cfg.repeats, scratch, device)
+    sizes = {m: cfg.sequences_of(m) for m in methods}
+    timings = time_methods(methods, work, cfg.repeats, scratch, device, sizes)
     del methods, model
     gc.collect()
     if device.type == "cuda":
@@ -389,7 +332,8 @@ def run_benchmark(cfg: BenchConfig, *, memory_runs: bool = True, cli_runs: bool 
     with tempfile.TemporaryDirectory(prefix="mistudio-bench-") as tmp:
         scratch = Path(tmp)
         model_dir = cfg.model_dir or build_model_dir(scratch / "gpt2", gpt2_config(cfg.shape))
-        work = make_workload(model_dir, cfg.n_sequences, cfg.context_size, cfg.batch_size)
+        n = max(cfg.n_sequences, cfg.every_site_sequences)
+        work = make_workload(model_dir, n, cfg.context_size, cfg.batch_size)
         phases.mark("setup")
         by_q = {
             q: time_quantization(q, work, cfg, device, scratch, notes) for q in cfg.quantizations()
@@ -476,6 +420,7 @@ def summarize(cfg: BenchConfig, by_q: dict, mem: dict | None, notes: list[str]) 
         "vs_bare": vs_bare(timings),
         "best_tok_s": {m: round(max(t["runs_tok_s"]), 1) for m, t in timings.items()},
         "runs_tok_s": {m: [round(v, 1) for v in t["runs_tok_s"]] for m, t in timings.items()},
+        "sequences": {m: t["sequences"] for m, t in timings.items()},
         "cpu_time_vs_bare": vs_bare(timings, "runs_cpu_tok_s"),
         "peak_rss_mb_small": mem and mem["small"]["peak_rss_mb"],
         "peak_rss_mb_large": mem and mem["large"]["peak_rss_mb"],
@@ -554,6 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shape", default="12x768", help="LAYERSxWIDTH of the GPT-2 model built")
     p.add_argument("--sequences", type=int, help="N sequences per timed run")
+    p.add_argument("--every-site-sequences", type=int, help="N of the every-site runs")
     p.add_argument("--repeats", type=int, help="timed rounds (the median is reported)")
     p.add_argument("--no-peers", action="store_true", help="skip TransformerLens and nnsight")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
@@ -573,6 +519,7 @@ def config_from_args(args) -> BenchConfig:
     if device == "cuda":
         cfg.scale_for_cuda()
     cfg.n_sequences = args.sequences or cfg.n_sequences
+    cfg.every_site_sequences = args.every_site_sequences or cfg.every_site_sequences
     cfg.repeats = args.repeats or cfg.repeats
     return cfg
 

@@ -34,17 +34,8 @@ from models_app.ml.loading import load_model
 from models_app.ml.snapshot import SiteSnapshots
 from models_app.ml.storage import StagingPool, copy_on_stream
 
-from .extraction import (
-    BenchConfig,
-    Method,
-    bare_forward,
-    machine,
-    ours,
-    paired,
-    parse_shape,
-    time_methods,
-    warm_up,
-)
+from .extraction import BenchConfig, bare_forward, machine, ours, paired, parse_shape
+from .timing import Method, time_methods, warm_up
 from .workload import (
     HOOK_SETS,
     build_model_dir,

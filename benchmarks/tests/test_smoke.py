@@ -34,8 +34,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def _config(model_dir: Path, **kw) -> extraction.BenchConfig:
     return extraction.BenchConfig(
-        layers=LAYERS, n_sequences=4, context_size=32, batch_size=2, repeats=1,
-        memory_sequences=2, memory_seed_style=False, model_dir=model_dir, **kw,
+        layers=LAYERS, n_sequences=4, every_site_sequences=6, context_size=32, batch_size=2,
+        repeats=1, memory_sequences=2, memory_seed_style=False, model_dir=model_dir, **kw,
     )  # fmt: skip
 
 
@@ -49,6 +49,9 @@ def test_it_reports_every_key_as_one_json_object(tiny_dir):
         assert result[key] > 0
     assert result["ratios"]["ours_every_site_vs_bare"] > 0
     assert result["vs_bare"]["ours_every_site"] == result["ratios"]["ours_every_site_vs_bare"]
+    sequences = result["sequences"]  # the every-site workload has its own N, on both sides
+    assert sequences["ours_every_site"] == sequences["bare_every_site"] == 6
+    assert sequences["ours"] == sequences["bare_forward"] == sequences["ours_all_hooks"] == 4
     assert set(result["peak_rss_growth_by_hooks"]) == {"residual", "all", "every"}
     assert result["cli_first_batch_s"] is None  # not asked for
     assert "end_to_end_disk_tok_s" not in result  # a GPU key
