@@ -22,3 +22,4 @@ class DatasetsConsumer(CardConsumer):
     group = Dataset.live_group
     prefix = "dataset"
     card_html = staticmethod(card_html)
+    rows = Dataset

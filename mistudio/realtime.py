@@ -157,8 +157,8 @@ class CardConsumer(AsyncWebsocketConsumer):
 
     What is sent while a page has no socket (it is loading, or the connection dropped) is lost;
     so once per connection the page asks for a resync (see resync_request): the cards of every
-    row changed since it last heard the server, and of every card it shows (a gone one is
-    deleted).
+    row changed since it last heard the server, and a delete swap for each card it shows whose
+    row is gone (one query; the cards that did not change are not rendered again).
 
     Changes are coalesced per card: the handler returns at once and one task renders the row as
     it is now, once more if it changed meanwhile. A busy page thus never lets the channel
@@ -167,6 +167,7 @@ class CardConsumer(AsyncWebsocketConsumer):
 
     group = ""
     prefix = ""
+    rows = None  # the Django model of the cards' rows (a subclass sets it)
 
     @staticmethod
     def card_html(pk: str) -> str | None:
@@ -195,8 +196,15 @@ class CardConsumer(AsyncWebsocketConsumer):
         gap_s, shown = request
         since = timezone.now() - timedelta(seconds=gap_s) - RESYNC_MARGIN
         changed = await database_sync_to_async(changed_since)(self.group, since)
-        for pk in dict.fromkeys([*changed, *shown]):
+        for pk in changed:
             await self.card_changed({"id": pk})
+        for pk in await database_sync_to_async(self._gone)(shown):
+            await self.send(text_data=self._delete_html(pk))
+
+    def _gone(self, ids: list[str]) -> list[str]:
+        """The ids among `ids` that have no row any more."""
+        present = set(self.rows.objects.filter(pk__in=ids).values_list("pk", flat=True))
+        return [pk for pk in ids if pk not in present]
 
     async def card_changed(self, event: dict) -> None:
         pk = event["id"]

@@ -70,6 +70,7 @@ class ModelsConsumer(CardConsumer):
     group = Model.live_group
     prefix = "model"
     card_html = staticmethod(card_html)
+    rows = Model
     loaded: list | None = None
 
     async def connect(self) -> None:
