@@ -43,37 +43,31 @@ def _error_row(cls, i: int, **fields):
     return row
 
 
-def test_the_models_page_catches_up_after_its_socket_came_back(page, live):
-    changed, gone = (_error_row(Model, i, name=f"m{i}", hf_repo_id=f"o/m{i}", quantization="Q4")
-                     for i in range(2))  # fmt: skip
-    socket = FirstSocketLost(page, "/ws/models/")
-    page.goto("/models/")
+PAGES = {  # row class, page, websocket, card id prefix, the fields of row i
+    "models": (Model, "/models/", "/ws/models/", "model",
+               lambda i: dict(name=f"m{i}", hf_repo_id=f"o/m{i}", quantization="Q4")),
+    "datasets": (Dataset, "/datasets/", "/ws/datasets/", "dataset",
+                 lambda i: dict(name=f"d{i}", source="upload")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_a_page_catches_up_after_its_socket_came_back(page, live, name):
+    cls, url, ws_path, prefix, fields = PAGES[name]
+    changed, gone = (_error_row(cls, i, **fields(i)) for i in range(2))
+    socket = FirstSocketLost(page, ws_path)
+    page.goto(url)
     page.get_by_text("API Connected").wait_for()
-    page.locator(f"#model-{gone.pk}").wait_for()
+    page.locator(f"#{prefix}-{gone.pk}").wait_for()
     # meanwhile, in other processes: a change, a deletion, a new row (their messages are lost)
-    Model.objects.filter(pk=changed.pk).update(error_message="changed while away",
-                                               updated_at=timezone.now())  # fmt: skip
-    Model.objects.filter(pk=gone.pk).delete()
-    new = _error_row(Model, 2, name="m2", hf_repo_id="o/m2", quantization="Q8")
-    Model.objects.filter(pk=new.pk).update(updated_at=timezone.now())
+    cls.objects.filter(pk=changed.pk).update(error_message="changed while away",
+                                             updated_at=timezone.now())  # fmt: skip
+    cls.objects.filter(pk=gone.pk).delete()
+    new = _error_row(cls, 2, **fields(2))
+    cls.objects.filter(pk=new.pk).update(updated_at=timezone.now())
     assert len(socket.routes) == 1  # the page's socket was routed before it opened
     socket.drop()
-    page.locator(f"#model-{changed.pk}", has_text="changed while away").wait_for()
-    page.locator(f"#model-{new.pk}", has_text="failure 2").wait_for()
-    page.locator(f"#model-{gone.pk}").wait_for(state="detached")
+    page.locator(f"#{prefix}-{changed.pk}", has_text="changed while away").wait_for()
+    page.locator(f"#{prefix}-{new.pk}", has_text="failure 2").wait_for()
+    page.locator(f"#{prefix}-{gone.pk}").wait_for(state="detached")
     assert len(socket.routes) >= 2
-
-
-def test_the_datasets_page_catches_up_after_its_socket_came_back(page, live):
-    changed, gone = (_error_row(Dataset, i, name=f"d{i}", source="upload") for i in range(2))
-    socket = FirstSocketLost(page, "/ws/datasets/")
-    page.goto("/datasets/")
-    page.get_by_text("API Connected").wait_for()
-    page.locator(f"#dataset-{gone.pk}").wait_for()
-    Dataset.objects.filter(pk=changed.pk).update(error_message="changed while away",
-                                                 updated_at=timezone.now())  # fmt: skip
-    Dataset.objects.filter(pk=gone.pk).delete()
-    assert len(socket.routes) == 1  # the page's socket was routed before it opened
-    socket.drop()
-    page.locator(f"#dataset-{changed.pk}", has_text="changed while away").wait_for()
-    page.locator(f"#dataset-{gone.pk}").wait_for(state="detached")
