@@ -48,6 +48,7 @@ def hub(fake_hub, settings):
     fake_hub.resume()
     settings.HF_ENDPOINT = fake_hub.endpoint
     yield fake_hub
+    fake_hub.on_body(None)
     fake_hub.truth()
     fake_hub.resume()
     fake_hub.set_rate(None)

@@ -67,15 +67,21 @@ def job_cancelled(dataset_id: str) -> None:
 
 
 def _job_ready(dataset_id: str, result: Normalized) -> None:
+    """Ready, unless a cancel landed after the last poll: then cancelled, files removed."""
     DatasetCredential.drop(dataset_id)
-    _job_end(
+    if not Dataset.advance(
         dataset_id,
-        DatasetStatus.READY,
+        from_status=DatasetStatus.IMPORTING,
+        status=DatasetStatus.READY,
+        speed_bps=0,
+        eta_seconds=None,
+        phase="",
         progress=100.0,
         row_count=result.row_count,
         size_bytes=result.size_bytes,
         preview=result.preview,
-    )
+    ) and Dataset.stopped_in(dataset_id, DatasetStatus.IMPORTING):
+        job_cancelled(dataset_id)
 
 
 def _normalize(dataset_id: str, sources: list[Source], start: float) -> Normalized:

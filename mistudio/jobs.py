@@ -128,6 +128,28 @@ class Job(models.Model):
         return n
 
     @classmethod
+    def advance(cls, pk: str, *, from_status: str, **fields) -> bool:
+        """End a step: move row `pk` from `from_status` on (`fields`: the next step's waiting
+        state, or success) in one UPDATE that fails when the user asked to stop. A cancel the
+        API accepted is never lost between a step's last poll and its end: it lands before
+        (False: the caller ends the job `cancelled`) or after (a cancel ends a waiting row at
+        once; a finished one has nothing left to cancel). False too when the row left
+        `from_status` (deleted, or ended by the reconciler)."""
+        now = timezone.now()
+        n = cls.objects.filter(pk=pk, status=from_status, cancel_flag=False).update(
+            updated_at=now, heartbeat_at=now, **fields
+        )
+        if n:
+            cls.announce(pk)
+        return n == 1
+
+    @classmethod
+    def stopped_in(cls, pk: str, status: str) -> bool:
+        """Whether row `pk` is still in `status` with a cancel asked for (after advance() failed:
+        the caller ends it cancelled; otherwise someone else already ended it)."""
+        return cls.objects.filter(pk=pk, status=status, cancel_flag=True).exists()
+
+    @classmethod
     def cancel_requested(cls, pk: str) -> bool:
         """Whether the user asked to stop row `pk` (read from the database, not a cached row)."""
         return cls.objects.filter(pk=pk, cancel_flag=True).exists()

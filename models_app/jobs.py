@@ -142,8 +142,9 @@ def model_download_run(model_id: str, *, queue_load_check: bool = True) -> None:
     finally:
         token = None
     HubCredential.drop(model_id)
-    Model.touch(
+    if not Model.advance(
         model_id,
+        from_status=ModelStatus.DOWNLOADING,
         status=ModelStatus.QUANTIZING,
         local_path=str(snapshot),
         size_bytes=pre.total_bytes,
@@ -152,7 +153,10 @@ def model_download_run(model_id: str, *, queue_load_check: bool = True) -> None:
         speed_bps=0,
         eta_seconds=None,
         phase=WAITING_GPU,
-    )
+    ):
+        if Model.stopped_in(model_id, ModelStatus.DOWNLOADING):  # after the last file's last poll
+            job_cancelled(row)
+        return
     if queue_load_check:
         transaction.on_commit(lambda: enqueue_gpu("model_load_check_task", model_id))
 

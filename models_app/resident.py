@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from mistudio.errors import Conflict, ServiceError
 
-from .jobs import LOADING, WAITING_GPU, job_cancelled, job_fail, job_finish
+from .jobs import LOADING, WAITING_GPU, job_cancelled, job_fail
 from .ml.architecture import describe
 from .ml.cache import MODEL_CACHE
 from .ml.configs import ConfigError
@@ -130,21 +130,22 @@ def model_load_check_run(model_id: str, *, in_worker: bool = True) -> None:
         MODEL_CACHE.evict(model_id)
         job_fail(model_id, load_failure_message(row.quantization, exc))
         return
-    if Model.cancel_requested(model_id):
-        MODEL_CACHE.evict(model_id)
-        job_cancelled(row)
-        return
-    if not in_worker:
-        MODEL_CACHE.evict(model_id)
-    job_finish(
+    ready = Model.advance(
         model_id,
-        ModelStatus.READY,
+        from_status=ModelStatus.QUANTIZING,
+        status=ModelStatus.READY,
         progress=100.0,
         phase="",
+        speed_bps=0,
+        eta_seconds=None,
         is_loaded=in_worker,
         loaded_device=report.device if in_worker else "",
         **_record(row, report, arch),
     )
+    if not (ready and in_worker):
+        MODEL_CACHE.evict(model_id)
+    if not ready and Model.stopped_in(model_id, ModelStatus.QUANTIZING):
+        job_cancelled(row)
 
 
 def model_load_run(model_id: str) -> None:

@@ -12,6 +12,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -67,6 +68,8 @@ class Valve:
         self.bytes_sent = 0
         self._stopped = False
         self._link_free_at = 0.0  # time.monotonic() when the throttled link is idle again
+        # on_body(path): a file's body was asked for; called before the answer's first byte
+        self.on_body: Callable[[str], None] | None = None
 
     def chunk_size(self, sent: int) -> int:
         """Bytes to send next, given `sent` bytes of this body are out (never past a pause mark)."""
@@ -237,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = parsed
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{f.size}"}
+        if self.method != "HEAD" and self.hub.valve.on_body is not None:
+            self.hub.valve.on_body(f.path)
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(end - start)}.items():
             self.send_header(name, value)

@@ -23,7 +23,7 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -190,6 +190,12 @@ class FakeHub(DatasetRepos, Uploads):
     def resume(self) -> None:
         """Let held and future file bodies flow again."""
         self.valve.set(paused=False)
+
+    def on_body(self, callback: Callable[[str], None] | None) -> None:
+        """Call `callback(path)` in the hub's thread when a file's body is asked for, before the
+        answer's first byte (None: no more calls): a test's way to act at an exact point of a
+        download (a body of one chunk then arrives with no pause between its headers and end)."""
+        self.valve.set(on_body=callback)
 
     def release_held(self) -> None:
         """Let the bodies held now run to their end; bodies that start later still hold."""

@@ -10,6 +10,7 @@ from optimum.quanto import QLinear
 from conftest import GOOD_TOKEN
 from mistudio.errors import Conflict
 from mistudio.hub import HubError
+from mistudio.testing.tiny_models import build_tiny_model
 from models_app import resident, services, tasks
 from models_app.jobs import LOAD_QUEUED, UNLOAD_QUEUED
 from models_app.ml.layers import find_blocks
@@ -90,6 +91,44 @@ def test_cancel_mid_download_leaves_no_partial_files(hub, settings):
     worker.join(timeout=300)
     row.refresh_from_db()
     assert row.status == ModelStatus.CANCELLED
+    assert not [f for f in cache_files(settings) if "blobs" in f or "snapshots" in f]
+
+
+@pytest.fixture(scope="module")
+def one_chunk_repo(fake_hub, tmp_path_factory) -> str:
+    """A Llama so small (1 layer, hidden 16: ~60 KB of weights) that every file is one chunk."""
+    folder = build_tiny_model("llama", tmp_path_factory.mktemp("mini"), layers=1, hidden=16)
+    fake_hub.add_repo("tiny/llama-one-chunk", folder)
+    return "tiny/llama-one-chunk"
+
+
+@pytest.mark.parametrize("repo", ["one chunk", "tiny/gpt2", "shapes/sharded-consolidated"])
+@pytest.mark.parametrize("at", ["first file", "last file"])
+def test_a_cancel_as_a_file_is_asked_for_ends_the_job_cancelled(
+    hub, settings, shapes, one_chunk_repo, repo, at
+):
+    """The cancel lands as a file's body is asked for. A file of one chunk then arrives with no
+    poll seeing the flag; after the last file the job used to hand over to the load check,
+    which never claims a cancelled row: the row waited for ever. Wherever the cancel lands, the
+    job ends cancelled, no file of ours stays in the cache, and a late load check does nothing."""
+    repo = one_chunk_repo if repo == "one chunk" else repo
+    row = services.model_download(hf_repo_id=repo, quantization="FP16")
+    fetched = sorted((f for f in row.files if f["name"] != "config.json"), key=lambda f: f["size"])
+    name = fetched[0 if at == "first file" else -1]["name"]  # (smallest first; config: cached)
+    asked: list[str] = []
+
+    def cancel_when_asked(path: str) -> None:
+        if path == name and not asked:
+            asked.append(path)
+            services.model_cancel(row.pk)
+
+    hub.on_body(cancel_when_asked)
+    tasks.model_download_task(row.pk)
+    assert asked == [name]
+    row.refresh_from_db()
+    assert (row.status, row.error_message) == (ModelStatus.CANCELLED, "Cancelled by the user.")
+    tasks.model_load_check_task(row.pk)  # delivered anyway: finds nothing to do
+    assert Model.objects.get(pk=row.pk).status == ModelStatus.CANCELLED
     assert not [f for f in cache_files(settings) if "blobs" in f or "snapshots" in f]
 
 

@@ -88,7 +88,9 @@ def test_after_each_action_the_card_shows_what_the_api_reports(page, live, hub):
     assert hub.wait_until_held(timeout=300)
 
     card.get_by_role("button", name="Cancel", exact=True).click()
-    card.get_by_role("button", name="Cancelling…").wait_for()  # the click says it was heard
+    card.get_by_role("button", name="Cancelling…").wait_for()  # the click says it was sent
+    # the label changes as the request leaves: let the file go on only once the server has it
+    wait_for(lambda: Model.objects.filter(pk=model_id, cancel_flag=True).exists())
     hub.resume()
     follow(page, base, model_id, lambda s: s[0] == "cancelled")
 
