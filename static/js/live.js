@@ -47,3 +47,19 @@ document.addEventListener("htmx:wsOpen", (e) => {
   const gap_s = Math.max(0, (Date.now() - since) / 1000);
   e.detail.socketWrapper.send(JSON.stringify({ resync: { gap_s, ids } }), socketElt);
 });
+
+// htmx's ws extension reconnects only after an abnormal close (1006, 1011, 1012, 1013); a server
+// that closes cleanly (1000, or 1001 "going away": a restart, a proxy's idle timeout) would leave
+// the page disconnected for good. Reconnect after any other close too, with a capped backoff,
+// while the socket's element is on the page (the extension closes it when the element goes).
+const EXTENSION_RECONNECTS = [1006, 1011, 1012, 1013];
+const closesInARow = new WeakMap(); // socket element -> closes since it last opened
+document.addEventListener("htmx:wsOpen", (e) => closesInARow.delete(e.target));
+document.addEventListener("htmx:wsClose", (e) => {
+  const socketElt = e.target;
+  if (EXTENSION_RECONNECTS.includes(e.detail.event.code) || !socketElt.isConnected) return;
+  const n = closesInARow.get(socketElt) || 0;
+  closesInARow.set(socketElt, n + 1);
+  const delay = Math.min(500 * 2 ** n, 30000) * (0.5 + Math.random() / 2);
+  setTimeout(() => socketElt.isConnected && e.detail.socketWrapper.reconnect(), delay);
+});

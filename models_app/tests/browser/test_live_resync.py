@@ -31,10 +31,10 @@ class FirstSocketLost:
             ws.connect_to_server()
         self.routes.append(ws)
 
-    def drop(self) -> None:
-        """Close the lost connection as a restarting server does (1012): the page reconnects,
-        this time to the server."""
-        self.routes[0].close(code=1012, reason="service restart")
+    def drop(self, code: int) -> None:
+        """Close the lost connection with `code` (1012: a restarting server; 1000, 1001: a clean
+        close, a server or proxy going away): the page reconnects, this time to the server."""
+        self.routes[0].close(code=code, reason="going")
 
 
 def _error_row(cls, i: int, **fields):
@@ -51,8 +51,9 @@ PAGES = {  # row class, page, websocket, card id prefix, the fields of row i
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", PAGES)
-def test_a_page_catches_up_after_its_socket_came_back(page, live, name):
+@pytest.mark.parametrize(("name", "code"), [("models", 1012), ("datasets", 1012),
+                                            ("models", 1000), ("datasets", 1001)])  # fmt: skip
+def test_a_page_catches_up_after_its_socket_came_back(page, live, name, code):
     cls, url, ws_path, prefix, fields = PAGES[name]
     changed, gone = (_error_row(cls, i, **fields(i)) for i in range(2))
     socket = FirstSocketLost(page, ws_path)
@@ -66,7 +67,7 @@ def test_a_page_catches_up_after_its_socket_came_back(page, live, name):
     new = _error_row(cls, 2, **fields(2))
     cls.objects.filter(pk=new.pk).update(updated_at=timezone.now())
     assert len(socket.routes) == 1  # the page's socket was routed before it opened
-    socket.drop()
+    socket.drop(code)
     page.locator(f"#{prefix}-{changed.pk}", has_text="changed while away").wait_for()
     page.locator(f"#{prefix}-{new.pk}", has_text="failure 2").wait_for()
     page.locator(f"#{prefix}-{gone.pk}").wait_for(state="detached")
