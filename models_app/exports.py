@@ -130,6 +130,11 @@ def saelens_recorded(job: ExtractionJob, folder: Path) -> None:
     )
 
 
+def saelens_forget(job: ExtractionJob) -> None:
+    """Drop the export record of a job that did not complete (its files go with the job's)."""
+    ExtractionExport.objects.filter(extraction=job).delete()
+
+
 def extraction_export_start(extraction_id: str, *, format: str = "saelens") -> ExtractionExport:
     """Queue the SAELens export of a completed extraction on the download cluster.
 

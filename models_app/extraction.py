@@ -338,15 +338,21 @@ def _dataset_provenance(job: ExtractionJob) -> dict:
             "texts_sha256": sha256_file(path) if path.is_file() else None}  # fmt: skip
 
 
-def extraction_completed(job: ExtractionJob, manifest: dict) -> None:
+def extraction_completed(job: ExtractionJob, manifest: dict) -> bool:
+    """End a running job `completed` with its manifest and statistics, in one UPDATE that fails
+    when a cancel landed since the last poll (the merge does not poll): False then, with
+    nothing recorded, and the caller ends the job cancelled (see JobRow.advance)."""
     if job.output_format == exports.SAELENS_FORMAT:
         exports.saelens_recorded(job, exports.saelens_dir(job))
     hooks = manifest.get("hooks", [])
     stats = {h["name"]: h.get("statistics") for h in hooks}
     written = sum(s.get("bytes", 0) for h in hooks for s in h.get("shards", []))
-    extraction_end(
-        job,
-        ExtractionStatus.COMPLETED,
+    completed = ExtractionJob.advance(
+        job.pk,
+        from_status=ExtractionStatus.RUNNING,
+        status=ExtractionStatus.COMPLETED,
+        finished_at=timezone.now(),
+        eta_seconds=None,
         manifest=manifest,
         statistics=stats,
         bytes_written=written,
@@ -354,6 +360,9 @@ def extraction_completed(job: ExtractionJob, manifest: dict) -> None:
         phase="",
         batch_size_used=(manifest.get("batch_size") or {}).get("used") or job.batch_size,
     )
+    if not completed:
+        exports.saelens_forget(job)
+    return completed
 
 
 DISK_FULL = (

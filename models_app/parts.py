@@ -282,7 +282,8 @@ def _finish(job: ExtractionJob, in_worker: bool) -> None:
     except Exception as exc:  # noqa: BLE001
         _job_fail(job, failure_message(job, exc, expected=(ExtractionError, OSError)))
         return
-    extraction_completed(job, manifest)
+    if not extraction_completed(job, manifest):
+        _job_stopped(job.pk)  # cancelled during the merge: ends it cancelled, files removed
 
 
 @contextmanager

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mistudio.errors import Conflict, Invalid
-from models_app import extraction, reconcile, services, tasks
+from models_app import extraction, parts, reconcile, services, tasks
 from models_app.ml.storage import verify
-from models_app.models import ExtractionJob, ExtractionStatus
+from models_app.models import ExtractionExport, ExtractionJob, ExtractionStatus
 
 from .helpers import download, extract, in_thread, text_dataset, wait_for
 
@@ -113,6 +113,36 @@ def test_cancel_mid_run_leaves_no_partial_shard(hub):
     job.refresh_from_db()
     assert job.status == ExtractionStatus.CANCELLED
     assert not Path(job.output_path).exists()
+
+
+@pytest.mark.parametrize("output_format", ["safetensors", "safetensors+saelens"])
+def test_a_cancel_during_the_merge_ends_cancelled_or_is_refused(hub, output_format):
+    """Every part has finished and the last one merges (it polls no cancel), while the cancel
+    ends the row and removes the folder. A cancel the API accepts ends the job cancelled with
+    nothing on disk and no export record, never `completed` over a removed folder; one it
+    refuses (409: too late) leaves a whole, completed job."""
+    row = download("tiny/llama", "FP16")
+    job = extraction.extraction_start(
+        model_id=row.pk, dataset_id=text_dataset(lines=["word " * 200] * 40).pk, layers=[0, 1],
+        hook_types=["residual", "mlp", "attention", "resid_pre", "hook_z"], batch_size=4,
+        max_samples=40, context_size=64, output_format=output_format,
+    )  # fmt: skip
+    worker = in_thread(tasks.extraction_run_task, job.pk)
+    merging = ExtractionJob.objects.filter(pk=job.pk, phase=parts.MERGING)
+    wait_for(lambda: merging.exists() or not worker.is_alive(), every=0)
+    try:
+        extraction.extraction_cancel(job.pk)
+        accepted = True
+    except Conflict:
+        accepted = False
+    worker.join(timeout=300)
+    job.refresh_from_db()
+    out = Path(job.output_path)
+    if accepted:
+        assert job.status == ExtractionStatus.CANCELLED, job.status
+        assert not out.exists() and not ExtractionExport.objects.filter(extraction=job).exists()
+    else:
+        assert job.status == ExtractionStatus.COMPLETED and verify(out) == []
 
 
 def test_an_unknown_dataset_id_is_refused(hub):
