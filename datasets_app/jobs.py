@@ -53,7 +53,11 @@ def _job_end(dataset_id: str, status: str, **fields) -> None:
 
 
 def job_fail(dataset_id: str, message: str) -> None:
-    """End a job in `error` with `message`; its files and token are removed."""
+    """End a job in `error` with `message`; its files and token are removed. `cancelled`
+    instead when the user had asked to stop (a cancel answered 200 ends cancelled)."""
+    if Dataset.cancel_requested(dataset_id):
+        job_cancelled(dataset_id)
+        return
     log.warning("dataset %s failed: %s", dataset_id, message)
     files_remove(dataset_id)
     DatasetCredential.drop(dataset_id)
@@ -67,9 +71,10 @@ def job_cancelled(dataset_id: str) -> None:
 
 
 def _job_ready(dataset_id: str, result: Normalized) -> None:
-    """Ready, unless a cancel landed after the last poll: then cancelled, files removed."""
+    """Ready, unless a cancel landed after the last poll (then cancelled) or the row ended
+    meanwhile; either way the files go."""
     DatasetCredential.drop(dataset_id)
-    if not Dataset.advance(
+    if Dataset.advance(
         dataset_id,
         from_status=DatasetStatus.IMPORTING,
         status=DatasetStatus.READY,
@@ -80,8 +85,12 @@ def _job_ready(dataset_id: str, result: Normalized) -> None:
         row_count=result.row_count,
         size_bytes=result.size_bytes,
         preview=result.preview,
-    ) and Dataset.stopped_in(dataset_id, DatasetStatus.IMPORTING):
+    ):
+        return
+    if Dataset.stopped_in(dataset_id, DatasetStatus.IMPORTING):
         job_cancelled(dataset_id)
+    else:  # ended meanwhile (the reconciler took it for dead) or deleted: what it wrote goes
+        files_remove(dataset_id)
 
 
 def _normalize(dataset_id: str, sources: list[Source], start: float) -> Normalized:

@@ -246,7 +246,7 @@ def dataset_cancel(dataset_id: str) -> Dataset:
     if row.status not in ACTIVE_STATUSES:
         raise Conflict(f"{row.name} is {row.status}; there is nothing to cancel.")
     now = timezone.now()
-    Dataset.request_cancel(dataset_id)
+    Dataset.request_cancel(dataset_id, active=ACTIVE_STATUSES, what=row.name)
     # A job that has not started will never see the flag: end it here.
     if Dataset.objects.filter(pk=dataset_id, status=DatasetStatus.QUEUED).update(
         status=DatasetStatus.CANCELLED,

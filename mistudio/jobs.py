@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -155,8 +155,16 @@ class Job(models.Model):
         return cls.objects.filter(pk=pk, cancel_flag=True).exists()
 
     @classmethod
-    def request_cancel(cls, pk: str) -> None:
-        cls.objects.filter(pk=pk).update(cancel_flag=True, updated_at=timezone.now())
+    def request_cancel(cls, pk: str, *, active: Iterable[str], what: str) -> None:
+        """Ask row `pk` to stop: set its cancel flag, in one UPDATE that only takes a row in one
+        of the `active` statuses. Conflict (409) when the row has ended meanwhile (read, then a
+        worker finished it): a cancel answered 200 always ends the job cancelled."""
+        n = cls.objects.filter(pk=pk, status__in=list(active)).update(
+            cancel_flag=True, updated_at=timezone.now()
+        )
+        if n == 0:
+            status = cls.objects.filter(pk=pk).values_list("status", flat=True).first()
+            raise Conflict(f"{what} is {status or 'gone'}; there is nothing to cancel.")
 
     @classmethod
     @contextmanager

@@ -43,6 +43,7 @@ from .selectors import device, extraction_get, model_get
 from .sites import extraction_sites
 
 log = logging.getLogger(__name__)
+MERGING = "merging the statistics and writing the manifest"  # the phase of a job's last step
 
 
 def output_dir(extraction_id: str) -> Path:
@@ -386,7 +387,7 @@ def extraction_cancel(extraction_id: str) -> ExtractionJob:
     job = extraction_get(extraction_id)
     if job.status not in EXTRACTION_ACTIVE:
         raise Conflict(f"This extraction is {job.status}; there is nothing to cancel.")
-    ExtractionJob.request_cancel(job.pk)
+    ExtractionJob.request_cancel(job.pk, active=EXTRACTION_ACTIVE, what="This extraction")
     job.parts.filter(status=ExtractionPart.Status.QUEUED).update(
         status=ExtractionPart.Status.CANCELLED
     )
@@ -401,8 +402,11 @@ def extraction_cancel(extraction_id: str) -> ExtractionJob:
 
 
 def _cancelled_now(pk: str, status: str) -> bool:
+    """End the row cancelled here unless a worker merges it (that worker ends it: advance())."""
     return bool(
-        ExtractionJob.objects.filter(pk=pk, status=status).update(
+        ExtractionJob.objects.filter(pk=pk, status=status)
+        .exclude(phase=MERGING)
+        .update(
             status=ExtractionStatus.CANCELLED,
             error_message="Cancelled by the user.",
             finished_at=timezone.now(),

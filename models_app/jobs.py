@@ -56,6 +56,11 @@ def job_finish(model_id: str, status: str, **fields) -> None:
 
 
 def job_fail(model_id: str, message: str) -> None:
+    """End a job `error` with `message`, or `cancelled` when the user had asked to stop (a
+    cancel answered 200 ends cancelled whatever failed after it, the reconciler included)."""
+    if Model.cancel_requested(model_id):
+        job_cancelled(Model.objects.get(pk=model_id))
+        return
     log.warning("model %s failed: %s", model_id, message)
     HubCredential.drop(model_id)
     job_finish(model_id, ModelStatus.ERROR, error_message=message, phase="")

@@ -38,6 +38,7 @@ from mistudio.jobs import beating
 
 from . import exports
 from .extraction import (
+    MERGING,
     extraction_completed,
     extraction_end,
     extraction_files_remove,
@@ -60,11 +61,11 @@ Part = ExtractionPart.Status
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes
 RATE_WINDOW = 5.0  # seconds the rate of a part is measured over (skipped shards do not count)
 WAIT_INTERVAL = 1.0  # seconds between looks at parts held by other workers
-MERGING = "merging the statistics and writing the manifest"
 PART_STALE = (
     "The GPU worker running part {index} stopped sending signs of life twice (it was stopped or"
     " restarted, or lost the database). Partial files were removed; start it again."
 )
+PART_ENDED = "Part {index} of this extraction ended without finishing; start it again."
 PLAN_STALE = (
     "The GPU worker stopped sending signs of life twice while preparing this extraction (it was"
     " stopped or restarted, or lost the database). Partial files were removed; start it again."
@@ -148,6 +149,10 @@ def extraction_work(extraction_id: str, *, in_worker: bool = True) -> None:
             continue
         if job.parts.exists() and not job.parts.exclude(status=Part.COMPLETED).exists():
             _finish(job, in_worker)
+        elif ended := job.parts.exclude(status=Part.COMPLETED).order_by("index").first():
+            _job_fail(
+                job, ended.last_error or PART_ENDED.format(index=ended.index)
+            )  # whoever ended it died first
         return
 
 
@@ -235,9 +240,13 @@ def _stop_requested(job_pk: str) -> bool:
 
 
 def _job_fail(job: ExtractionJob, message: str) -> None:
-    """End the job `failed`. When no part is running, its files go before the row says so (a
-    failed job is never seen with partial files); else the last part to stop removes them."""
+    """End the job `failed` (`cancelled` when the user had asked to stop: a cancel answered 200
+    ends cancelled). When no part is running, its files go before the row says so (a failed
+    job is never seen with partial files); else the last part to stop removes them."""
     job.parts.filter(status=Part.QUEUED).update(status=Part.CANCELLED)
+    if ExtractionJob.stopped_in(job.pk, ExtractionStatus.RUNNING):
+        _job_stopped(job.pk)
+        return
     if not job.parts.filter(status=Part.RUNNING).exists():
         extraction_files_remove(job)
     ExtractionJob.objects.filter(pk=job.pk, status=ExtractionStatus.RUNNING).update(
@@ -250,7 +259,9 @@ def _job_fail(job: ExtractionJob, message: str) -> None:
 def _job_stopped(job_pk: str) -> None:
     """A part stopped (cancel, failure): the last one to stop ends a cancelled job and removes
     every file; queued parts are not taken any more."""
-    job = ExtractionJob.objects.get(pk=job_pk)
+    job = ExtractionJob.objects.filter(pk=job_pk).first()
+    if job is None:  # deleted meanwhile (its files went with it)
+        return
     job.parts.filter(status=Part.QUEUED).update(status=Part.CANCELLED)
     if job.parts.filter(status=Part.RUNNING).exists():
         return
@@ -354,6 +365,11 @@ def parts_reconcile(cutoff) -> int:
             ExtractionJob.touch(job.pk, phase="extracting")
             enqueue_gpu("extraction_part_task", job.pk)
             moved += 1
+        elif not job.parts.filter(status__in=(Part.QUEUED, Part.RUNNING)).exists():
+            # every part ended, and the worker that was to merge (or end) the job died first
+            ExtractionJob.touch(job.pk)
+            enqueue_gpu("extraction_part_task", job.pk)
+            moved += 1
     stale = ExtractionPart.objects.filter(status=Part.RUNNING, heartbeat_at__lt=cutoff)
     for part in stale.select_related("extraction"):
         moved += _part_requeue(part)
@@ -361,11 +377,14 @@ def parts_reconcile(cutoff) -> int:
 
 
 def _replan(job: ExtractionJob) -> int:
+    if ExtractionJob.stopped_in(job.pk, ExtractionStatus.RUNNING):  # cancelled while planning
+        _job_stopped(job.pk)  # no part: ends it cancelled, files removed
+        return 1
     if job.attempt >= 2:
         _job_fail(job, PLAN_STALE)
         return 1
     back = ExtractionJob.objects.filter(pk=job.pk, status=ExtractionStatus.RUNNING,
-                                        attempt=job.attempt)  # fmt: skip
+                                        attempt=job.attempt, cancel_flag=False)  # fmt: skip
     if back.update(status=ExtractionStatus.QUEUED, phase="waiting for the GPU worker"):
         enqueue_gpu("extraction_run_task", job.pk)
         return 1

@@ -108,7 +108,7 @@ def model_cancel(model_id: str) -> Model:
     row = model_get(model_id)
     if row.status not in ACTIVE_STATUSES:
         raise Conflict(f"{row.hf_repo_id} is {row.status}; there is nothing to cancel.")
-    Model.request_cancel(model_id)
+    Model.request_cancel(model_id, active=ACTIVE_STATUSES, what=row.hf_repo_id)
     # A step that has not started yet will never see the flag: end it here.
     waiting = Model.objects.filter(pk=model_id, status=ModelStatus.QUEUED) | Model.objects.filter(
         pk=model_id, status=ModelStatus.QUANTIZING, phase=WAITING_GPU
