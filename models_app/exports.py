@@ -223,11 +223,28 @@ def extraction_export_run(extraction_id: str) -> None:
         shutil.rmtree(out, ignore_errors=True)
         _export_end(row.pk, ExtractionStatus.FAILED, error_message=_export_failure(out, exc))
     else:
-        _export_end(
-            row.pk, ExtractionStatus.COMPLETED, progress=100.0, bytes_written=folder_bytes(folder)
-        )
+        _export_completed(row.pk, out, folder)
     if not ExtractionJob.objects.filter(pk=job.pk).exists():  # deleted while exporting
         shutil.rmtree(job.output_path, ignore_errors=True)
+
+
+def _export_completed(pk: str, out: Path, folder: Path) -> None:
+    """Completed, unless the row ended meanwhile (the reconciler took this worker for dead, or a
+    delete cancelled it): then what it wrote goes, and a cancelled one says so."""
+    if ExtractionExport.advance(
+        pk,
+        from_status=ExtractionStatus.RUNNING,
+        status=ExtractionStatus.COMPLETED,
+        finished_at=timezone.now(),
+        eta_seconds=None,
+        phase="",
+        progress=100.0,
+        bytes_written=folder_bytes(folder),
+    ):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    if ExtractionExport.stopped_in(pk, ExtractionStatus.RUNNING):
+        _export_end(pk, ExtractionStatus.CANCELLED, error_message="Cancelled.")
 
 
 def _export_failure(out: Path, exc: Exception) -> str:

@@ -15,11 +15,18 @@ from datasets_app.models import Dataset, DatasetStatus
 from mistudio.errors import Conflict
 from mistudio.testing._hub_lies import Lie
 from mistudio.testing.tiny_models import build_tiny_model
-from models_app import extraction, parts, reconcile, services, tasks
+from models_app import exports, extraction, parts, reconcile, services, tasks
 from models_app.ml.storage import verify
-from models_app.models import ExtractionJob, ExtractionPart, ExtractionStatus, Model, ModelStatus
+from models_app.models import (
+    ExtractionExport,
+    ExtractionJob,
+    ExtractionPart,
+    ExtractionStatus,
+    Model,
+    ModelStatus,
+)
 
-from .helpers import cache_files, download, text_dataset
+from .helpers import cache_files, download, in_thread, text_dataset, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -165,3 +172,25 @@ def test_a_failed_part_whose_worker_died_before_ending_the_job_fails_it(hub):
     job.refresh_from_db()
     assert (job.status, job.error_message) == ("failed", "disk on fire")
     assert not Path(job.output_path).exists()
+
+
+def test_an_export_taken_for_dead_while_it_still_runs_never_ends_completed(hub):
+    """The reconciler ends a running export whose heartbeat looks stale (failed, folder removed)
+    while its worker still writes: the worker must not write `completed` over it, and what it
+    wrote after goes too. (If the export ended before the reconciler looked, it is whole.)"""
+    job = _start(download("tiny/gpt2"), layers=[0, 1], hook_types=["residual", "mlp"],
+                 max_samples=64, context_size=64)  # fmt: skip
+    tasks.extraction_run_task(job.pk)
+    job.refresh_from_db()
+    exports.extraction_export_start(job.pk)
+    worker = in_thread(tasks.extraction_export_task, job.pk)
+    export = ExtractionExport.objects.filter(pk=job.pk)
+    wait_for(lambda: export.filter(progress__gt=0).exists() or not worker.is_alive(), every=0)
+    _stale(ExtractionExport, job.pk)
+    reconcile.jobs_reconcile()
+    worker.join(timeout=300)
+    row, folder = export.get(), Path(job.output_path) / "saelens"
+    if row.status == ExtractionStatus.COMPLETED:
+        assert folder.is_dir() and row.finished_at is not None
+    else:
+        assert row.status == ExtractionStatus.FAILED and not folder.exists(), row.status
