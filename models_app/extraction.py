@@ -385,8 +385,6 @@ def extraction_cancel(extraction_id: str) -> ExtractionJob:
     """Stop a queued or running extraction: every running part stops between batches, and
     the last to stop removes every file; with no part running, it ends here."""
     job = extraction_get(extraction_id)
-    if job.status not in EXTRACTION_ACTIVE:
-        raise Conflict(f"This extraction is {job.status}; there is nothing to cancel.")
     ExtractionJob.request_cancel(job.pk, active=EXTRACTION_ACTIVE, what="This extraction")
     job.parts.filter(status=ExtractionPart.Status.QUEUED).update(
         status=ExtractionPart.Status.CANCELLED

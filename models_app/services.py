@@ -106,8 +106,6 @@ def model_cancel(model_id: str) -> Model:
     """Cancel a queued or running download. Queued rows end at once; running jobs stop at the next
     chunk and clean up. Raises Conflict when there is nothing to cancel."""
     row = model_get(model_id)
-    if row.status not in ACTIVE_STATUSES:
-        raise Conflict(f"{row.hf_repo_id} is {row.status}; there is nothing to cancel.")
     Model.request_cancel(model_id, active=ACTIVE_STATUSES, what=row.hf_repo_id)
     # A step that has not started yet will never see the flag: end it here.
     waiting = Model.objects.filter(pk=model_id, status=ModelStatus.QUEUED) | Model.objects.filter(

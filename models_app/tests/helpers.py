@@ -63,3 +63,17 @@ def extract(model: Model, dataset, **overrides):
         timeout=600,
         every=0.05,
     )
+
+
+def cancel_when_asked(hub, name: str, model_id: str) -> list[str]:
+    """Make the fake hub cancel download `model_id` (through the service, as the API does) the
+    first time the body of file `name` is asked for; returns a list that then holds `name`."""
+    asked: list[str] = []
+
+    def cancel(path: str) -> None:
+        if path == name and not asked:
+            asked.append(path)
+            services.model_cancel(model_id)
+
+    hub.on_body(cancel)
+    return asked

@@ -26,7 +26,7 @@ from models_app.models import (
     ModelStatus,
 )
 
-from .helpers import cache_files, download, in_thread, text_dataset, wait_for
+from .helpers import cache_files, cancel_when_asked, download, in_thread, text_dataset, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,14 +83,7 @@ def test_a_cancel_then_a_refused_file_ends_cancelled_with_nothing_left(hub, sett
     row = services.model_download(hf_repo_id="tiny/llama-checksum", quantization="FP16")
     name = "model.safetensors"
     hub.lie("tiny/llama-checksum", Lie(bodies={name: (folder / name).read_bytes()[::-1]}))
-    asked: list[str] = []
-
-    def cancel_when_asked(path: str) -> None:
-        if path == name and not asked:
-            asked.append(path)
-            services.model_cancel(row.pk)
-
-    hub.on_body(cancel_when_asked)
+    asked = cancel_when_asked(hub, name, row.pk)
     tasks.model_download_task(row.pk)
     row.refresh_from_db()
     assert asked and (row.status, row.error_message) == ("cancelled", "Cancelled by the user.")

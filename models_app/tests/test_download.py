@@ -16,7 +16,7 @@ from models_app.jobs import LOAD_QUEUED, UNLOAD_QUEUED
 from models_app.ml.layers import find_blocks
 from models_app.models import HubCredential, Model, ModelStatus
 
-from .helpers import cache_files, download, in_thread, wait_for
+from .helpers import cache_files, cancel_when_asked, download, in_thread, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -115,14 +115,7 @@ def test_a_cancel_as_a_file_is_asked_for_ends_the_job_cancelled(
     row = services.model_download(hf_repo_id=repo, quantization="FP16")
     fetched = sorted((f for f in row.files if f["name"] != "config.json"), key=lambda f: f["size"])
     name = fetched[0 if at == "first file" else -1]["name"]  # (smallest first; config: cached)
-    asked: list[str] = []
-
-    def cancel_when_asked(path: str) -> None:
-        if path == name and not asked:
-            asked.append(path)
-            services.model_cancel(row.pk)
-
-    hub.on_body(cancel_when_asked)
+    asked = cancel_when_asked(hub, name, row.pk)
     tasks.model_download_task(row.pk)
     assert asked == [name]
     row.refresh_from_db()
